@@ -1,0 +1,219 @@
+defmodule ExAtlas.Fly.Dispatcher do
+  @moduledoc """
+  Broadcasts Fly.io log and deploy events to subscriber processes.
+
+  Subscribers call `subscribe/1` and match the messages in `handle_info/2`; producers
+  call `dispatch/2`. The messages are whatever the producer dispatches; ExAtlas itself
+  sends these shapes:
+
+      {:ex_atlas_fly_logs, app, entries}
+      {:ex_atlas_fly_deploy, ticket_id, line}
+      {:ex_atlas_fly_backpressure_evict, topic}
+
+  ## Modes
+
+  The mode is read from the application environment on every call:
+
+      config :ex_atlas, :fly, dispatcher: :registry
+
+  * `:registry` (default) - a duplicate-key registry of local pids kept in a Rust NIF.
+    `dispatch/2` copies the message once, queues it and returns; sender threads outside
+    the BEAM schedulers deliver it, so the caller's cost does not grow with the number
+    of subscribers.
+  * `:phoenix_pubsub` - `Phoenix.PubSub.subscribe/2`, `unsubscribe/2` and `broadcast/3`
+    on `config :ex_atlas, :fly, pubsub: MyApp.PubSub`. Falls back to `:registry` when
+    Phoenix.PubSub is not loaded or `:pubsub` is unset.
+  * `{:mfa, {mod, fun, extra}}` - `dispatch/2` calls
+    `apply(mod, fun, [topic, message | extra])`; a raise, throw or exit is logged and
+    `dispatch/2` still returns `:ok`. `subscribe/1` and `unsubscribe/1` do nothing.
+
+  ## Guarantees of the `:registry` mode
+
+  * Messages dispatched by one process reach each subscriber in the order dispatched,
+    across topics too, as a `send/2` loop would deliver them.
+  * Nothing dispatched after `unsubscribe/1` returns reaches the unsubscribed process.
+  * A subscriber that exits is removed from every topic by a process monitor.
+  * Memory is bounded: each sender queue holds at most `:queue_capacity` dispatches
+    (default 1 024). When it is full, `dispatch/2` waits for room on a dirty I/O
+    scheduler; nothing is dropped.
+  * `sync/0` returns once everything the caller dispatched before is in the
+    subscribers' mailboxes.
+
+  ## Other settings
+
+      config :ex_atlas, :fly,
+        enabled: true,          # false: the :ex_atlas application starts no registry
+        sender_threads: 2,      # default: schedulers online
+        queue_capacity: 1_024   # dispatches queued per sender thread
+
+  ## Example
+
+      iex> :ok = ExAtlas.Fly.Dispatcher.subscribe("logs:my-app")
+      iex> :ok = ExAtlas.Fly.Dispatcher.dispatch("logs:my-app", {:ex_atlas_fly_logs, "my-app", []})
+      iex> :ok = ExAtlas.Fly.Dispatcher.sync()
+      iex> receive do
+      ...>   {:ex_atlas_fly_logs, app, entries} -> {app, entries}
+      ...> end
+      {"my-app", []}
+      iex> ExAtlas.Fly.Dispatcher.unsubscribe("logs:my-app")
+      :ok
+  """
+
+  alias ExAtlas.Fly.Dispatcher.Config
+
+  @typedoc "A topic: any binary, for example `\"logs:\" <> app_name`."
+  @type topic :: binary()
+
+  @registry ExAtlas.Fly.Dispatcher.Registry
+
+  @doc """
+  Subscribes the calling process to `topic`.
+
+  Subscribing twice delivers every message twice, as with `Registry` and
+  `keys: :duplicate`. Raises `ArgumentError` when `topic` is not a binary.
+  """
+  @spec subscribe(topic()) :: :ok
+  def subscribe(topic) do
+    check_topic!(topic)
+    {backend, arg} = Config.backend()
+    backend.subscribe(topic, arg)
+  end
+
+  @doc """
+  Removes every subscription of the calling process to `topic`.
+
+  Unsubscribing from a topic the process never subscribed to returns `:ok`.
+  """
+  @spec unsubscribe(topic()) :: :ok
+  def unsubscribe(topic) do
+    check_topic!(topic)
+    {backend, arg} = Config.backend()
+    backend.unsubscribe(topic, arg)
+  end
+
+  @doc """
+  Sends `message` to every subscriber of `topic` and returns `:ok`.
+
+  In `:registry` mode the message is queued for the sender threads and this returns
+  before delivery; use `sync/0` to wait for it.
+  """
+  @spec dispatch(topic(), term()) :: :ok
+  def dispatch(topic, message) do
+    check_topic!(topic)
+    {backend, arg} = Config.backend()
+    backend.dispatch(topic, message, arg)
+  end
+
+  @doc """
+  Subscribes the calling process to `topic` with slow-consumer protection.
+
+  Options: `:threshold` (mailbox length, default `10_000`), `:poll_ms` (default `1_000`)
+  and `:cooldown_ms` (default `0`).
+  """
+  @spec subscribe_with_backpressure(topic(), keyword()) :: :ok
+  def subscribe_with_backpressure(topic, opts \\ []) do
+    check_topic!(topic)
+    ExAtlas.Fly.Dispatcher.Watchdog.subscribe(topic, opts)
+  end
+
+  @doc """
+  Returns once every message the calling process dispatched before is in its
+  subscribers' mailboxes.
+
+  In the `:phoenix_pubsub` and `:mfa` modes dispatch is already synchronous and this
+  returns `:ok` at once.
+  """
+  @spec sync() :: :ok
+  def sync do
+    {backend, arg} = Config.backend()
+    backend.sync(arg)
+  end
+
+  @doc """
+  Number of subscriptions to `topic` (duplicates counted), in constant time.
+
+  Only the `:registry` mode keeps subscribers; the other modes return `0`.
+  """
+  @spec count(topic()) :: non_neg_integer()
+  def count(topic) do
+    check_topic!(topic)
+    {backend, arg} = Config.backend()
+    backend.count(topic, arg)
+  end
+
+  @doc """
+  The subscribers of `topic`, one entry per subscription, like `Registry.lookup/2`.
+
+  Only the `:registry` mode keeps subscribers; the other modes return `[]`.
+  """
+  @spec subscribers(topic()) :: [pid()]
+  def subscribers(topic) do
+    check_topic!(topic)
+    {backend, arg} = Config.backend()
+    backend.subscribers(topic, arg)
+  end
+
+  @doc """
+  True when the configured mode needs the registry process (the `:registry` mode, or
+  `:phoenix_pubsub` falling back to it).
+  """
+  @spec needs_registry?() :: boolean()
+  def needs_registry?, do: Config.registry_mode?()
+
+  @doc false
+  @spec registry_name() :: atom()
+  def registry_name, do: @registry
+
+  @doc """
+  A child specification that starts the registry, for hosts that run it in their own
+  supervision tree (with `config :ex_atlas, :fly, enabled: false`).
+
+  Starting it while a registry already runs is harmless: the child is ignored.
+  Options: `:sender_threads` and `:queue_capacity` (positive integers), overriding the
+  application environment.
+  """
+  @spec child_spec(keyword()) :: Supervisor.child_spec()
+  def child_spec(opts \\ []) do
+    opts = check_child_opts!(opts)
+
+    %{
+      id: __MODULE__,
+      start: {ExAtlas.Fly.Dispatcher.Server, :start_link, [opts]},
+      type: :worker,
+      shutdown: 10_000
+    }
+  end
+
+  @child_opts [:sender_threads, :queue_capacity]
+
+  defp check_child_opts!(opts) when is_list(opts) do
+    Enum.each(opts, fn
+      {key, value} when key in @child_opts and is_integer(value) and value in 1..1_024 ->
+        :ok
+
+      {key, value} when key in @child_opts ->
+        raise ArgumentError,
+              "expected #{inspect(key)} to be an integer from 1 to 1024, got: #{inspect(value)}"
+
+      other ->
+        raise ArgumentError,
+              "unknown ExAtlas.Fly.Dispatcher option #{inspect(other)}; " <>
+                "expected :sender_threads or :queue_capacity"
+    end)
+
+    opts
+  end
+
+  defp check_child_opts!(other) do
+    raise ArgumentError,
+          "expected child_spec options to be a keyword list, got: #{inspect(other)}"
+  end
+
+  @doc false
+  @spec check_topic!(term()) :: :ok
+  def check_topic!(topic) when is_binary(topic), do: :ok
+
+  def check_topic!(topic) do
+    raise ArgumentError, "expected topic to be a binary, got: #{inspect(topic)}"
+  end
+end

@@ -1,0 +1,74 @@
+defmodule ExAtlas.Fly.Dispatcher.Native do
+  @moduledoc false
+  # The NIF bridge: stubs replaced by `native/ex_atlas_dispatcher` when the library loads.
+  # No logic lives here; `ExAtlas.Fly.Dispatcher.Backend.Registry` is the only caller.
+  #
+  # Every function taking a `t:dispatcher/0` raises `ArgumentError` (badarg) when handed
+  # something else, and expects topics already checked to be binaries.
+
+  @on_load :load_nif
+
+  @typedoc "The NIF resource holding one registry and its sender threads."
+  @type dispatcher :: reference()
+  @typedoc "Jobs that did not fit in a full queue; pushed with `push_pending/1`."
+  @type pending :: reference()
+  @type enqueued :: :ok | :closed | {:full, pending()}
+
+  @doc false
+  def load_nif do
+    path = :filename.join(:code.priv_dir(:ex_atlas), ~c"native/ex_atlas_dispatcher")
+
+    case :erlang.load_nif(path, 0) do
+      :ok ->
+        :ok
+
+      {:error, {:reload, _}} ->
+        :ok
+
+      {:error, reason} ->
+        require Logger
+
+        Logger.error(
+          "[ExAtlas.Fly.Dispatcher] could not load the NIF from #{path}: #{inspect(reason)}"
+        )
+
+        {:error, reason}
+    end
+  end
+
+  @spec new(pos_integer(), pos_integer()) :: dispatcher()
+  def new(_threads, _queue_capacity), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec subscribe(dispatcher(), binary()) :: :ok | :closed | :not_alive | :too_many_topics
+  def subscribe(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec unsubscribe(dispatcher(), binary()) :: :ok
+  def unsubscribe(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec unsubscribe_pid(dispatcher(), binary(), pid()) :: non_neg_integer()
+  def unsubscribe_pid(_dispatcher, _topic, _pid), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec dispatch(dispatcher(), binary(), term()) :: enqueued()
+  def dispatch(_dispatcher, _topic, _message), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec sync(dispatcher(), term()) :: enqueued()
+  def sync(_dispatcher, _reply), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec push_pending(pending()) :: :ok | :closed
+  def push_pending(_pending), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec count(dispatcher(), binary()) :: non_neg_integer()
+  def count(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec subscribers(dispatcher(), binary()) :: [pid()]
+  def subscribers(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec topics_of(dispatcher(), pid()) :: [binary()]
+  def topics_of(_dispatcher, _pid), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec stats(dispatcher()) :: [{atom(), non_neg_integer()}]
+  def stats(_dispatcher), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec close(dispatcher()) :: :ok
+  def close(_dispatcher), do: :erlang.nif_error(:nif_not_loaded)
+end

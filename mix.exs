@@ -1,0 +1,115 @@
+defmodule Mix.Tasks.Compile.CargoNif do
+  @shortdoc "Builds the dispatcher NIF with cargo and places it under priv/native"
+  @moduledoc """
+  Builds `native/ex_atlas_dispatcher` with `cargo build --release` when its sources
+  changed and installs the library as `priv/native/ex_atlas_dispatcher.so`.
+
+  hex.pm is out of reach, so this replaces the `rustler` Mix package. It runs from this
+  project's own `mix.exs`, so it works both here and when `:ex_atlas` is a `path:`
+  dependency of another Mix project.
+
+  The library is installed through a temporary file and `File.rename!/2`: overwriting a
+  shared object that the running VM has mapped would crash it.
+  """
+  use Mix.Task.Compiler
+
+  @crate "ex_atlas_dispatcher"
+  @root Path.dirname(__ENV__.file)
+
+  @impl true
+  def run(_args) do
+    target = Path.join([@root, "priv", "native", @crate <> ".so"])
+
+    result =
+      if stale?(target) do
+        build!(target)
+        :ok
+      else
+        :noop
+      end
+
+    # Mix links priv/ into _build only if it existed when the build structure was made;
+    # on a clean checkout we have just created it.
+    Mix.Project.build_structure()
+    {result, []}
+  end
+
+  @impl true
+  def clean do
+    File.rm_rf!(Path.join([@root, "priv", "native"]))
+    :ok
+  end
+
+  defp stale?(target) do
+    sources =
+      [Path.join(@root, "Cargo.toml"), Path.join(@root, "Cargo.lock")] ++
+        Path.wildcard(Path.join(@root, "native/**/{*.rs,Cargo.toml}"))
+
+    Mix.Utils.stale?(Enum.filter(sources, &File.exists?/1), [target])
+  end
+
+  defp build!(target) do
+    cargo = System.find_executable("cargo") || Mix.raise(missing_cargo())
+    Mix.shell().info("==> cargo build --release -p #{@crate}")
+
+    {_, status} =
+      System.cmd(cargo, ["build", "--release", "--locked", "-p", @crate],
+        cd: @root,
+        env: [{"RUSTLER_PRIMARY_NIF_INIT", "1"}],
+        into: IO.stream(:stdio, :line),
+        stderr_to_stdout: true
+      )
+
+    if status != 0, do: Mix.raise("cargo build failed with exit status #{status}")
+
+    built = Path.join([cargo_target_dir(), "release", "lib" <> @crate <> ".so"])
+    File.exists?(built) || Mix.raise("cargo build did not produce #{built}")
+
+    File.mkdir_p!(Path.dirname(target))
+    tmp = target <> ".tmp#{System.unique_integer([:positive])}"
+    File.cp!(built, tmp)
+    File.rename!(tmp, target)
+  end
+
+  defp cargo_target_dir do
+    case System.get_env("CARGO_TARGET_DIR") do
+      nil -> Path.join(@root, "target")
+      "" -> Path.join(@root, "target")
+      dir -> Path.expand(dir, @root)
+    end
+  end
+
+  defp missing_cargo do
+    "cargo was not found on PATH: the ExAtlas dispatcher NIF needs a Rust toolchain " <>
+      "(https://rustup.rs) to build"
+  end
+end
+
+defmodule ExAtlas.MixProject do
+  use Mix.Project
+
+  def project do
+    [
+      app: :ex_atlas,
+      version: "0.6.0",
+      elixir: "~> 1.14",
+      start_permanent: Mix.env() == :prod,
+      compilers: [:cargo_nif] ++ Mix.compilers(),
+      elixirc_paths: elixirc_paths(Mix.env()),
+      deps: [],
+      description: "Fly.io log and deploy event dispatcher on a Rust NIF registry",
+      preferred_cli_env: [bench: :bench],
+      dialyzer: [plt_add_apps: [:mix]]
+    ]
+  end
+
+  def application do
+    [
+      extra_applications: [:logger],
+      mod: {ExAtlas.Application, []}
+    ]
+  end
+
+  defp elixirc_paths(:test), do: ["lib", "test/support"]
+  defp elixirc_paths(_), do: ["lib"]
+end

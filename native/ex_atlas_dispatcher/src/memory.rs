@@ -1,0 +1,51 @@
+//! A global allocator that counts the bytes the library holds, so the NIF can report its
+//! own memory (the benchmark's bytes per subscription, the leak soak's "back to start").
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
+/// `System` plus a live-byte counter.
+pub struct CountingAllocator;
+
+// SAFETY: every method forwards to `System` with the caller's own arguments and only adds
+// bookkeeping on an atomic counter, so `System`'s guarantees carry over unchanged.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let ptr = System.alloc(layout);
+        if !ptr.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        ptr
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let ptr = System.alloc_zeroed(layout);
+        if !ptr.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout);
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let new_ptr = System.realloc(ptr, layout, new_size);
+        if !new_ptr.is_null() {
+            LIVE_BYTES.fetch_add(
+                new_size as isize - layout.size() as isize,
+                Ordering::Relaxed,
+            );
+        }
+        new_ptr
+    }
+}
+
+/// Bytes currently allocated through Rust's allocator by this library.
+pub fn live_bytes() -> usize {
+    LIVE_BYTES.load(Ordering::Relaxed).max(0) as usize
+}
