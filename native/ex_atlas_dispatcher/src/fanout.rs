@@ -1,221 +1,213 @@
-//! Bounded job queues, each drained in order by a sender thread of its own.
+//! Bounded fan-out lanes: how many dispatches each sender may have in flight.
 //!
-//! Plain Rust with no rustler types: the glue decides what a job is and what a thread
-//! does with it. What this module guarantees:
+//! Plain Rust with no rustler types. A dispatch is split by subscriber partition into one
+//! batch per lane; each lane is served by one sender (in the NIF: a sender process that
+//! delivers its batches from dirty-scheduler NIF calls, in the order it received them,
+//! which is what keeps per-dispatcher order). This module only does the bookkeeping that
+//! keeps memory bounded:
 //!
-//! * one queue per thread, first in first out, so jobs pushed to one queue by one caller
-//!   are handled in the order pushed;
-//! * every queue is bounded: `try_push` hands the job back when the queue is full and
-//!   `push` waits for room, so memory never grows past `threads * capacity` jobs;
-//! * a panicking job is contained and the thread carries on with the next one;
-//! * `close` lets the threads finish what is queued and then exit; no thread is joined
-//!   from the caller, so closing never blocks on a slow queue.
+//! * a batch takes one credit of its lane before it is handed to the sender and gives it
+//!   back once delivered, so no lane ever holds more than `capacity` batches;
+//! * `try_reserve` never waits (normal schedulers); `reserve` waits for room (dirty I/O
+//!   schedulers and tests only) and is woken by `release` or `close`;
+//! * after `close`, every reservation is refused and every waiter returns.
 
-use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError, TrySendError};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
-/// A job could not be queued; the job is handed back.
-#[derive(Debug, PartialEq, Eq)]
-pub enum PushError<J> {
-    /// The queue is at its bound.
-    Full(J),
-    /// The queues were closed.
-    Closed(J),
-}
-
-enum Envelope<J> {
-    Job(J),
-    Stop,
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The lane has `capacity` batches in flight.
+    Full,
+    /// The lanes were closed.
+    Closed,
 }
 
 #[derive(Default)]
-struct Counters {
-    handled: AtomicU64,
-    panicked: AtomicU64,
-    running: AtomicUsize,
+struct Lane {
+    in_flight: AtomicUsize,
+    peak: AtomicUsize,
+    waiters: AtomicUsize,
+    delivered: AtomicU64,
+    lock: Mutex<()>,
+    room: Condvar,
 }
 
-/// The sender threads and their queues.
-pub struct Fanout<J> {
-    queues: Vec<Sender<Envelope<J>>>,
+/// One credit counter per lane, with a common bound.
+pub struct Lanes {
+    lanes: Box<[Lane]>,
     capacity: usize,
     closed: AtomicBool,
-    counters: Arc<Counters>,
 }
 
-/// Point-in-time figures about the queues.
+/// Point-in-time figures about the lanes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FanoutStats {
-    /// Sender threads (= queues).
-    pub threads: usize,
-    /// Bound of each queue, in jobs.
+pub struct LaneStats {
+    /// Number of lanes (= senders).
+    pub lanes: usize,
+    /// Bound of each lane, in batches.
     pub capacity: usize,
-    /// Jobs waiting in all queues.
-    pub queued: usize,
-    /// Most jobs waiting in any one queue.
-    pub max_queued: usize,
-    /// Jobs handled since start.
-    pub handled: u64,
-    /// Jobs whose handler panicked (contained).
-    pub panicked: u64,
-    /// Threads still running.
-    pub running: usize,
+    /// Batches in flight over all lanes.
+    pub in_flight: usize,
+    /// Most batches in flight in any lane now.
+    pub max_in_flight: usize,
+    /// Most batches ever in flight in one lane.
+    pub peak: usize,
+    /// Batches delivered since start.
+    pub delivered: u64,
+    /// Callers waiting for room now.
+    pub waiting: usize,
 }
 
-impl<J: Send + 'static> Fanout<J> {
-    /// Starts `threads` sender threads (at least one), each with a queue of `capacity`
-    /// jobs (at least one). `handle(queue_index, job)` runs on the queue's thread.
-    pub fn start<F>(threads: usize, capacity: usize, name: &str, handle: F) -> std::io::Result<Self>
-    where
-        F: Fn(usize, J) + Send + Clone + 'static,
-    {
-        let threads = threads.max(1);
-        let capacity = capacity.max(1);
-        let counters = Arc::new(Counters::default());
-        let mut queues = Vec::with_capacity(threads);
-        let mut spawned: Vec<Sender<Envelope<J>>> = Vec::new();
-        for index in 0..threads {
-            let (tx, rx) = bounded(capacity);
-            let handle = handle.clone();
-            let thread_counters = counters.clone();
-            thread_counters.running.fetch_add(1, Ordering::SeqCst);
-            let started = thread::Builder::new()
-                .name(format!("{name}_{index}"))
-                .spawn(move || run(index, rx, handle, thread_counters));
-            if let Err(error) = started {
-                counters.running.fetch_sub(1, Ordering::SeqCst);
-                // Stop the threads already started before failing.
-                for tx in &spawned {
-                    let _ = tx.send(Envelope::Stop);
-                }
-                return Err(error);
-            }
-            spawned.push(tx.clone());
-            queues.push(tx);
-        }
-        Ok(Fanout {
-            queues,
-            capacity,
+/// Longest a waiter sleeps before looking again; only a safety net, `release` wakes it.
+const RECHECK: Duration = Duration::from_millis(50);
+
+impl Lanes {
+    /// `lanes` lanes (at least one) of `capacity` batches each (at least one).
+    pub fn new(lanes: usize, capacity: usize) -> Self {
+        Lanes {
+            lanes: (0..lanes.max(1)).map(|_| Lane::default()).collect(),
+            capacity: capacity.max(1),
             closed: AtomicBool::new(false),
-            counters,
-        })
-    }
-
-    /// Number of queues (= threads).
-    pub fn threads(&self) -> usize {
-        self.queues.len()
-    }
-
-    /// Queues `job` on queue `queue` (taken modulo the number of queues) without waiting.
-    pub fn try_push(&self, queue: usize, job: J) -> Result<(), PushError<J>> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(PushError::Closed(job));
-        }
-        match self.queue(queue).try_send(Envelope::Job(job)) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(Envelope::Job(job))) => Err(PushError::Full(job)),
-            Err(TrySendError::Disconnected(Envelope::Job(job))) => Err(PushError::Closed(job)),
-            Err(_) => unreachable_stop(),
         }
     }
 
-    /// Queues `job`, waiting for room. Only for threads that may block (dirty schedulers,
-    /// tests), never for a normal scheduler.
-    pub fn push(&self, queue: usize, job: J) -> Result<(), PushError<J>> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(PushError::Closed(job));
+    /// Number of lanes.
+    pub fn len(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Always false: there is at least one lane.
+    pub fn is_empty(&self) -> bool {
+        self.lanes.is_empty()
+    }
+
+    /// Takes one credit of `lane` (modulo the number of lanes) without waiting.
+    pub fn try_reserve(&self, lane: usize) -> Result<(), Refused> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Refused::Closed);
         }
-        match self.queue(queue).send(Envelope::Job(job)) {
-            Ok(()) => Ok(()),
-            Err(error) => match error.into_inner() {
-                Envelope::Job(job) => Err(PushError::Closed(job)),
-                Envelope::Stop => unreachable_stop(),
-            },
+        let lane = self.lane(lane);
+        let mut current = lane.in_flight.load(Ordering::SeqCst);
+        loop {
+            if current >= self.capacity {
+                return Err(Refused::Full);
+            }
+            match lane.in_flight.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => {
+                    lane.peak.fetch_max(current + 1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(actual) => current = actual,
+            }
         }
     }
 
-    /// Refuses new jobs and tells every thread to exit once its queue is drained. Waits
-    /// for room for the stop marker, so call it where blocking is allowed.
-    pub fn close(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
+    /// Takes one credit of `lane`, waiting for room. Only where blocking is allowed.
+    pub fn reserve(&self, lane_index: usize) -> Result<(), Refused> {
+        match self.try_reserve(lane_index) {
+            Err(Refused::Full) => {}
+            other => return other,
+        }
+        let lane = self.lane(lane_index);
+        let mut guard = lane.lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Registered before looking again, so a `release` that lands after our look
+        // sees us and wakes us (both sides use SeqCst).
+        lane.waiters.fetch_add(1, Ordering::SeqCst);
+        let result = loop {
+            match self.try_reserve(lane_index) {
+                Err(Refused::Full) => {
+                    guard = match lane.room.wait_timeout(guard, RECHECK) {
+                        Ok((guard, _)) => guard,
+                        Err(poisoned) => poisoned.into_inner().0,
+                    };
+                }
+                other => break other,
+            }
+        };
+        lane.waiters.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    /// Gives back one credit of `lane` after its batch was delivered.
+    pub fn release(&self, lane: usize) {
+        let lane = self.lane(lane);
+        let previous = lane.in_flight.fetch_sub(1, Ordering::SeqCst);
+        debug_assert!(previous > 0, "release without reserve");
+        if previous == 0 {
+            // Never reached by correct callers; undo instead of wrapping around.
+            lane.in_flight.fetch_add(1, Ordering::SeqCst);
             return;
         }
-        for queue in &self.queues {
-            let _ = queue.send(Envelope::Stop);
+        lane.delivered.fetch_add(1, Ordering::Relaxed);
+        if lane.waiters.load(Ordering::SeqCst) > 0 {
+            let _guard = lane.lock.lock().unwrap_or_else(|p| p.into_inner());
+            lane.room.notify_all();
+        }
+    }
+
+    /// Refuses every later reservation and wakes every waiter.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for lane in self.lanes.iter() {
+            let _guard = lane.lock.lock().unwrap_or_else(|p| p.into_inner());
+            lane.room.notify_all();
         }
     }
 
     /// True once `close` ran.
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Current figures.
-    pub fn stats(&self) -> FanoutStats {
-        let lens = self.queues.iter().map(Sender::len);
-        FanoutStats {
-            threads: self.queues.len(),
+    pub fn stats(&self) -> LaneStats {
+        let in_flight = self
+            .lanes
+            .iter()
+            .map(|l| l.in_flight.load(Ordering::Relaxed));
+        LaneStats {
+            lanes: self.lanes.len(),
             capacity: self.capacity,
-            queued: lens.clone().sum(),
-            max_queued: lens.max().unwrap_or(0),
-            handled: self.counters.handled.load(Ordering::Relaxed),
-            panicked: self.counters.panicked.load(Ordering::Relaxed),
-            running: self.counters.running.load(Ordering::SeqCst),
+            in_flight: in_flight.clone().sum(),
+            max_in_flight: in_flight.max().unwrap_or(0),
+            peak: self
+                .lanes
+                .iter()
+                .map(|l| l.peak.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0),
+            delivered: self
+                .lanes
+                .iter()
+                .map(|l| l.delivered.load(Ordering::Relaxed))
+                .sum(),
+            waiting: self
+                .lanes
+                .iter()
+                .map(|l| l.waiters.load(Ordering::Relaxed))
+                .sum(),
         }
     }
 
-    fn queue(&self, index: usize) -> &Sender<Envelope<J>> {
-        &self.queues[index % self.queues.len()]
+    fn lane(&self, index: usize) -> &Lane {
+        &self.lanes[index % self.lanes.len()]
     }
-}
-
-impl<J> Drop for Fanout<J> {
-    fn drop(&mut self) {
-        // Dropping the senders disconnects the queues: each thread drains what is left
-        // and exits. Nothing is joined here, so a drop never waits on a busy thread.
-        self.closed.store(true, Ordering::Release);
-    }
-}
-
-fn unreachable_stop<T>() -> T {
-    // Only `close` sends `Stop`, and it never hands it back to a caller.
-    panic!("stop marker returned from a push")
-}
-
-fn run<J, F>(index: usize, rx: Receiver<Envelope<J>>, handle: F, counters: Arc<Counters>)
-where
-    F: Fn(usize, J),
-{
-    loop {
-        let envelope = match rx.try_recv() {
-            Ok(envelope) => envelope,
-            Err(TryRecvError::Empty) => match rx.recv() {
-                Ok(envelope) => envelope,
-                Err(_) => break,
-            },
-            Err(TryRecvError::Disconnected) => break,
-        };
-        match envelope {
-            Envelope::Job(job) => {
-                if catch_unwind(AssertUnwindSafe(|| handle(index, job))).is_err() {
-                    counters.panicked.fetch_add(1, Ordering::Relaxed);
-                }
-                counters.handled.fetch_add(1, Ordering::Relaxed);
-            }
-            Envelope::Stop => break,
-        }
-    }
-    counters.running.fetch_sub(1, Ordering::SeqCst);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Barrier, Mutex};
-    use std::time::{Duration, Instant};
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::Instant;
 
     fn wait_until(what: &str, cond: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -226,152 +218,93 @@ mod tests {
     }
 
     #[test]
-    fn each_queue_keeps_the_push_order() {
-        let seen = Arc::new(Mutex::new(vec![Vec::new(); 3]));
-        let sink = seen.clone();
-        let fanout = Fanout::start(3, 8, "order", move |q, job: u32| {
-            sink.lock().unwrap()[q].push(job);
-        })
-        .unwrap();
-        for job in 0..3_000u32 {
-            fanout.push(job as usize % 3, job).unwrap();
+    fn a_lane_holds_at_most_capacity_batches() {
+        let lanes = Lanes::new(2, 3);
+        for _ in 0..3 {
+            lanes.try_reserve(0).unwrap();
         }
-        wait_until("all jobs", || fanout.stats().handled == 3_000);
-        let seen = seen.lock().unwrap();
-        for (q, jobs) in seen.iter().enumerate() {
-            let want: Vec<u32> = (0..3_000).filter(|j| *j as usize % 3 == q).collect();
-            assert_eq!(jobs, &want);
-        }
+        assert_eq!(lanes.try_reserve(0), Err(Refused::Full));
+        assert_eq!(lanes.try_reserve(1), Ok(()), "lanes are independent");
+        lanes.release(0);
+        assert_eq!(lanes.try_reserve(0), Ok(()));
+        let stats = lanes.stats();
+        assert_eq!(stats.in_flight, 4);
+        assert_eq!(stats.max_in_flight, 3);
+        assert_eq!(stats.peak, 3);
+        assert_eq!(stats.delivered, 1);
     }
 
     #[test]
-    fn full_queue_hands_the_job_back_and_push_waits_for_room() {
-        let gate = Arc::new(Barrier::new(2));
-        let thread_gate = gate.clone();
-        let fanout = Fanout::start(1, 2, "full", move |_, job: u32| {
-            if job == 0 {
-                thread_gate.wait();
-            }
-        })
-        .unwrap();
-        fanout.push(0, 0).unwrap(); // taken by the thread, which now waits on the gate
-        wait_until("thread to take job 0", || fanout.stats().queued == 0);
-        fanout.try_push(0, 1).unwrap();
-        fanout.try_push(0, 2).unwrap();
-        assert_eq!(fanout.try_push(0, 3), Err(PushError::Full(3)));
-        assert_eq!(fanout.stats().max_queued, 2);
-        let fanout = Arc::new(fanout);
-        let pusher = {
-            let fanout = fanout.clone();
-            thread::spawn(move || fanout.push(0, 3))
+    fn reserve_waits_until_a_release() {
+        let lanes = Arc::new(Lanes::new(1, 1));
+        lanes.try_reserve(0).unwrap();
+        let waiter = {
+            let lanes = lanes.clone();
+            thread::spawn(move || lanes.reserve(0))
         };
-        thread::sleep(Duration::from_millis(20));
+        wait_until("the waiter to register", || lanes.stats().waiting == 1);
         assert!(
-            !pusher.is_finished(),
-            "push returned while the queue was full"
+            !waiter.is_finished(),
+            "reserve returned while the lane was full"
         );
-        gate.wait();
-        pusher.join().unwrap().unwrap();
-        wait_until("all jobs", || fanout.stats().handled == 4);
+        lanes.release(0);
+        assert_eq!(waiter.join().unwrap(), Ok(()));
+        assert_eq!(lanes.stats().in_flight, 1);
     }
 
     #[test]
-    fn a_panicking_job_does_not_stop_the_thread() {
-        let done = Arc::new(AtomicUsize::new(0));
-        let counter = done.clone();
-        let fanout = Fanout::start(1, 4, "panic", move |_, job: u32| {
-            if job.is_multiple_of(2) {
-                panic!("job {job} fails on purpose");
-            }
-            counter.fetch_add(1, Ordering::SeqCst);
-        })
-        .unwrap();
-        for job in 0..10 {
-            fanout.push(0, job).unwrap();
-        }
-        wait_until("all jobs", || fanout.stats().handled == 10);
-        assert_eq!(done.load(Ordering::SeqCst), 5);
-        assert_eq!(fanout.stats().panicked, 5);
+    fn close_refuses_reservations_and_wakes_waiters() {
+        let lanes = Arc::new(Lanes::new(1, 1));
+        lanes.try_reserve(0).unwrap();
+        let waiter = {
+            let lanes = lanes.clone();
+            thread::spawn(move || lanes.reserve(0))
+        };
+        wait_until("the waiter to register", || lanes.stats().waiting == 1);
+        lanes.close();
+        assert_eq!(waiter.join().unwrap(), Err(Refused::Closed));
+        assert_eq!(lanes.try_reserve(0), Err(Refused::Closed));
+        assert!(lanes.is_closed());
     }
 
     #[test]
-    fn close_drains_then_stops_every_thread_and_refuses_new_jobs() {
-        let done = Arc::new(AtomicUsize::new(0));
-        let counter = done.clone();
-        let fanout = Fanout::start(2, 16, "close", move |_, _job: u32| {
-            thread::sleep(Duration::from_micros(200));
-            counter.fetch_add(1, Ordering::SeqCst);
-        })
-        .unwrap();
-        for job in 0..20 {
-            fanout.push(job as usize, job).unwrap();
-        }
-        fanout.close();
-        assert_eq!(fanout.try_push(0, 99), Err(PushError::Closed(99)));
-        assert_eq!(fanout.push(1, 98), Err(PushError::Closed(98)));
-        wait_until("threads to exit", || fanout.stats().running == 0);
-        assert_eq!(done.load(Ordering::SeqCst), 20);
-    }
-
-    #[test]
-    fn dropping_the_fanout_lets_threads_finish_and_exit() {
-        let done = Arc::new(AtomicUsize::new(0));
-        let counter = done.clone();
-        let fanout = Fanout::start(2, 64, "drop", move |_, _job: u32| {
-            counter.fetch_add(1, Ordering::SeqCst);
-        })
-        .unwrap();
-        let counters = fanout.counters.clone();
-        for job in 0..50 {
-            fanout.push(job as usize, job).unwrap();
-        }
-        drop(fanout);
-        wait_until("threads to exit", || {
-            counters.running.load(Ordering::SeqCst) == 0
-        });
-        assert_eq!(done.load(Ordering::SeqCst), 50);
-    }
-
-    #[test]
-    fn concurrent_producers_keep_their_own_order_per_queue() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = seen.clone();
-        let fanout = Arc::new(
-            Fanout::start(2, 4, "producers", move |q, job: (u32, u32)| {
-                sink.lock().unwrap().push((q, job));
+    fn many_producers_never_exceed_the_bound_and_lose_no_credit() {
+        const CAPACITY: usize = 4;
+        let lanes = Arc::new(Lanes::new(2, CAPACITY));
+        let (tx, rx) = std::sync::mpsc::channel::<usize>();
+        let consumer = {
+            let lanes = lanes.clone();
+            thread::spawn(move || {
+                let mut seen = 0;
+                for lane in rx {
+                    assert!(lanes.stats().max_in_flight <= CAPACITY);
+                    lanes.release(lane);
+                    seen += 1;
+                }
+                seen
             })
-            .unwrap(),
-        );
-        let producers: Vec<_> = (0..4u32)
-            .map(|producer| {
-                let fanout = fanout.clone();
+        };
+        let producers: Vec<_> = (0..4)
+            .map(|p| {
+                let lanes = lanes.clone();
+                let tx = tx.clone();
                 thread::spawn(move || {
-                    for seq in 0..2_000u32 {
-                        fanout
-                            .push((producer + seq) as usize % 2, (producer, seq))
-                            .unwrap();
+                    for i in 0..5_000usize {
+                        let lane = (p + i) % 2;
+                        lanes.reserve(lane).unwrap();
+                        tx.send(lane).unwrap();
                     }
                 })
             })
             .collect();
+        drop(tx);
         for p in producers {
             p.join().unwrap();
         }
-        wait_until("all jobs", || fanout.stats().handled == 8_000);
-        let seen = seen.lock().unwrap();
-        for producer in 0..4u32 {
-            for q in 0..2usize {
-                let seqs: Vec<u32> = seen
-                    .iter()
-                    .filter(|(queue, (p, _))| *queue == q && *p == producer)
-                    .map(|(_, (_, s))| *s)
-                    .collect();
-                assert!(
-                    seqs.windows(2).all(|w| w[0] < w[1]),
-                    "producer {producer} queue {q} out of order"
-                );
-                assert_eq!(seqs.len(), 1_000);
-            }
-        }
+        assert_eq!(consumer.join().unwrap(), 20_000);
+        let stats = lanes.stats();
+        assert_eq!(stats.in_flight, 0);
+        assert!(stats.peak <= CAPACITY);
+        assert_eq!(stats.delivered, 20_000);
     }
 }

@@ -14,116 +14,69 @@ static ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
 mod nif {
     use crate::{fanout, memory, registry};
 
-    use fanout::{Fanout, PushError};
+    use fanout::{Lanes, Refused};
     use registry::{Part, Registry, SubscribeError};
-    use rustler::env::SavedTerm;
-    use rustler::types::binary::NewBinary;
     use rustler::sys::ErlNifPid;
-    use rustler::{
-        Atom, Binary, Encoder, Env, LocalPid, Monitor, NifResult, OwnedEnv, Resource, ResourceArc,
-        Term,
-    };
+    use rustler::types::binary::NewBinary;
+    use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, Resource, ResourceArc, Term};
+    use smallvec::SmallVec;
     use std::panic::{catch_unwind, AssertUnwindSafe};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex, MutexGuard};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Mutex, MutexGuard};
+
+    /// Batches up to this many pids are delivered by a normal-scheduler NIF call (a
+    /// bounded cost of well under 1 ms); larger ones go to a dirty CPU scheduler.
+    const INLINE_SENDS: usize = 64;
+    /// Pids delivered per dirty NIF call before handing control back to the sender
+    /// process, so a huge topic never holds a dirty scheduler for long.
+    const DIRTY_SLICE: usize = 16_384;
 
     mod atoms {
         rustler::atoms! {
             ok,
             full,
             closed,
+            dirty,
+            more,
             not_alive,
             too_many_topics,
+            already_set,
             topics,
             subscriptions,
             subscribers,
             monitors,
+            lanes,
             threads,
-            queue_capacity,
             queued,
             max_queued,
-            handled,
-            panicked,
-            running,
+            queue_capacity,
+            in_flight,
+            max_in_flight,
+            peak_in_flight,
+            delivered_batches,
+            waiting,
             allocated_bytes,
-        }
-    }
-
-    /// A term copied once into an environment of its own, read by every sender thread that
-    /// delivers it.
-    struct Message {
-        env: OwnedEnv,
-        term: SavedTerm,
-    }
-
-    // SAFETY: after `Message::copy` returns, nothing writes to `env` again: sender threads
-    // only load the saved term and pass it to `enif_send` with a NULL message env, which
-    // copies from it (read-only). The env is freed once, by the drop of the last `Arc`.
-    unsafe impl Sync for Message {}
-
-    impl Message {
-        fn copy(term: Term<'_>) -> Message {
-            let env = OwnedEnv::new();
-            let term = env.save(term);
-            Message { env, term }
-        }
-
-        /// Sends the message to every pid. Runs on a sender thread (not managed by the VM),
-        /// where `Env::send` copies the term into each receiver's heap.
-        fn send_to(&self, pids: impl Iterator<Item = u64>) {
-            self.env.run(|env| {
-                let term = self.term.load(env);
-                for pid in pids {
-                    // A dead receiver is not an error: the monitor removes it shortly.
-                    let _ = env.send(&pid_from_raw(pid), term);
-                }
-            });
-        }
-    }
-
-    enum Job {
-        /// Deliver `message` to every pid of one partition's snapshot.
-        Deliver { message: Arc<Message>, part: Part },
-        /// One per queue: the last queue to reach it sends `message` to `to`, which tells
-        /// `to` that everything it queued before has been delivered.
-        Reply {
-            message: Arc<Message>,
-            to: u64,
-            remaining: Arc<AtomicUsize>,
-        },
-    }
-
-    fn handle_job(_queue: usize, job: Job) {
-        match job {
-            Job::Deliver { message, part } => message.send_to(part.pids()),
-            Job::Reply {
-                message,
-                to,
-                remaining,
-            } => {
-                if remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    message.send_to(std::iter::once(to));
-                }
-            }
+            ex_atlas_deliver = "$ex_atlas_deliver",
         }
     }
 
     struct State {
         registry: Registry<Monitor>,
+        senders: SmallVec<[LocalPid; 4]>,
         closed: bool,
     }
 
-    /// One dispatcher: the registry plus its sender threads. Held by the Elixir side as a
-    /// resource; process monitors belong to it.
+    /// One dispatcher: the registry plus the bounds of its fan-out lanes. Held by the
+    /// Elixir side as a resource; process monitors belong to it.
     pub struct Dispatcher {
         state: Mutex<State>,
-        fanout: Fanout<Job>,
+        lanes: Lanes,
     }
 
     impl Dispatcher {
         fn lock(&self) -> MutexGuard<'_, State> {
-            // A panic while the lock was held cannot leave the registry half-updated in a way
-            // that matters more than refusing every later call would, so keep serving.
+            // Every critical section leaves the registry consistent before anything
+            // that could panic, so a poisoned lock is still safe to use.
             self.state
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -142,68 +95,88 @@ mod nif {
         }
     }
 
-    /// Jobs of one dispatch or sync that did not fit; the caller pushes them from a dirty
-    /// scheduler, where waiting for room is allowed.
+    /// One lane's share of one dispatch: a snapshot of the subscribers in that lane's
+    /// partition, travelling to the lane's sender process with the message.
+    pub struct Batch {
+        part: Part,
+        lane: usize,
+        cursor: AtomicUsize,
+        released: AtomicBool,
+    }
+
+    #[rustler::resource_impl]
+    impl Resource for Batch {}
+
+    /// The batches of one dispatch that did not fit, in lane order, for
+    /// `push_pending/3` to hand over from a dirty I/O scheduler.
     pub struct Pending {
-        dispatcher: ResourceArc<Dispatcher>,
-        jobs: Mutex<Vec<(usize, Job)>>,
+        batches: Mutex<Vec<(usize, Part)>>,
     }
 
     #[rustler::resource_impl]
     impl Resource for Pending {}
 
     fn pid_to_raw(pid: &LocalPid) -> u64 {
-        // SAFETY: `ErlNifPid` is `#[repr(C)]` around a single `ERL_NIF_TERM` (a u64), so the
-        // two have the same size and layout and every bit pattern of either is valid.
+        // SAFETY: `ErlNifPid` is `#[repr(C)]` around a single `ERL_NIF_TERM` (a u64), so
+        // the two have the same size and layout and every bit pattern of either is valid.
         unsafe { std::mem::transmute::<ErlNifPid, u64>(*pid.as_c_arg()) }
     }
 
     fn pid_from_raw(raw: u64) -> LocalPid {
-        // SAFETY: see `pid_to_raw`; `raw` always comes from `pid_to_raw` of a local pid, an
-        // immediate term that stays valid for the life of the VM.
+        // SAFETY: see `pid_to_raw`; `raw` always comes from `pid_to_raw` of a local pid,
+        // an immediate term that stays valid for the life of the VM.
         LocalPid::from_c_arg(unsafe { std::mem::transmute::<u64, ErlNifPid>(raw) })
     }
 
-    /// Queues `jobs` in order without waiting. Returns `ok`, `closed`, or `{full, pending}`
-    /// with the jobs that did not fit, in order, for `push_pending/1`.
-    fn enqueue<'a>(
+    /// Hands one batch to its lane's sender process. The credit is already taken.
+    fn hand_over<'a>(
         env: Env<'a>,
-        dispatcher: &ResourceArc<Dispatcher>,
-        jobs: impl IntoIterator<Item = (usize, Job)>,
-    ) -> Term<'a> {
-        let mut jobs = jobs.into_iter();
-        while let Some((queue, job)) = jobs.next() {
-            match dispatcher.fanout.try_push(queue, job) {
-                Ok(()) => {}
-                Err(PushError::Closed(_)) => return atoms::closed().encode(env),
-                Err(PushError::Full(job)) => {
-                    let mut rest = vec![(queue, job)];
-                    rest.extend(jobs);
-                    let pending = ResourceArc::new(Pending {
-                        dispatcher: dispatcher.clone(),
-                        jobs: Mutex::new(rest),
-                    });
-                    return (atoms::full(), pending).encode(env);
-                }
-            }
+        dispatcher: &Dispatcher,
+        senders: &[LocalPid],
+        lane: usize,
+        part: Part,
+        message: Term<'a>,
+    ) -> bool {
+        let batch = ResourceArc::new(Batch {
+            part,
+            lane,
+            cursor: AtomicUsize::new(0),
+            released: AtomicBool::new(false),
+        });
+        let sent = senders
+            .get(lane)
+            .map(|sender| {
+                env.send(sender, (atoms::ex_atlas_deliver(), batch, message))
+                    .is_ok()
+            })
+            .unwrap_or(false);
+        if !sent {
+            dispatcher.lanes.release(lane);
         }
-        atoms::ok().encode(env)
+        sent
     }
 
-    #[rustler::nif(schedule = "DirtyIo")]
-    fn new(threads: usize, queue_capacity: usize) -> NifResult<ResourceArc<Dispatcher>> {
-        let partitions = threads.max(1);
-        let fanout = Fanout::start(partitions, queue_capacity, "ex_atlas_send", handle_job)
-            .map_err(|error| {
-                rustler::Error::Term(Box::new(format!("thread spawn failed: {error}")))
-            })?;
-        Ok(ResourceArc::new(Dispatcher {
+    #[rustler::nif]
+    fn new(lanes: usize, queue_capacity: usize) -> ResourceArc<Dispatcher> {
+        let lanes = Lanes::new(lanes, queue_capacity);
+        ResourceArc::new(Dispatcher {
             state: Mutex::new(State {
-                registry: Registry::new(partitions),
+                registry: Registry::new(lanes.len()),
+                senders: SmallVec::new(),
                 closed: false,
             }),
-            fanout,
-        }))
+            lanes,
+        })
+    }
+
+    #[rustler::nif]
+    fn set_senders(dispatcher: ResourceArc<Dispatcher>, senders: Vec<LocalPid>) -> Atom {
+        let mut state = dispatcher.lock();
+        if !state.senders.is_empty() || senders.len() != dispatcher.lanes.len() {
+            return atoms::already_set();
+        }
+        state.senders.extend(senders);
+        atoms::ok()
     }
 
     #[rustler::nif]
@@ -265,53 +238,113 @@ mod nif {
         topic: Binary<'a>,
         message: Term<'a>,
     ) -> Term<'a> {
-        let snapshot = {
+        let (snapshot, senders) = {
             let state = dispatcher.lock();
             if state.closed {
                 return atoms::closed().encode(env);
             }
-            state.registry.snapshot(topic.as_slice())
+            (
+                state.registry.snapshot(topic.as_slice()),
+                state.senders.clone(),
+            )
         };
-        if snapshot.is_empty() {
-            return atoms::ok().encode(env);
+        let mut batches = snapshot.into_iter();
+        while let Some((lane, part)) = batches.next() {
+            match dispatcher.lanes.try_reserve(lane) {
+                Ok(()) => {
+                    if !hand_over(env, &dispatcher, &senders, lane, part, message) {
+                        return atoms::closed().encode(env);
+                    }
+                }
+                Err(Refused::Closed) => return atoms::closed().encode(env),
+                Err(Refused::Full) => {
+                    let mut rest = vec![(lane, part)];
+                    rest.extend(batches);
+                    let pending = ResourceArc::new(Pending {
+                        batches: Mutex::new(rest),
+                    });
+                    return (atoms::full(), pending).encode(env);
+                }
+            }
         }
-        let message = Arc::new(Message::copy(message));
-        let jobs = snapshot.into_iter().map(|(queue, part)| {
-            let message = message.clone();
-            (queue, Job::Deliver { message, part })
-        });
-        enqueue(env, &dispatcher, jobs)
-    }
-
-    #[rustler::nif]
-    fn sync<'a>(env: Env<'a>, dispatcher: ResourceArc<Dispatcher>, reply: Term<'a>) -> Term<'a> {
-        if dispatcher.lock().closed {
-            return atoms::closed().encode(env);
-        }
-        let to = pid_to_raw(&env.pid());
-        let threads = dispatcher.fanout.threads();
-        let message = Arc::new(Message::copy(reply));
-        let remaining = Arc::new(AtomicUsize::new(threads));
-        let jobs = (0..threads).map(|queue| {
-            let job = Job::Reply {
-                message: message.clone(),
-                to,
-                remaining: remaining.clone(),
-            };
-            (queue, job)
-        });
-        enqueue(env, &dispatcher, jobs)
+        atoms::ok().encode(env)
     }
 
     #[rustler::nif(schedule = "DirtyIo")]
-    fn push_pending(pending: ResourceArc<Pending>) -> Atom {
-        let jobs = std::mem::take(&mut *pending.jobs.lock().unwrap_or_else(|p| p.into_inner()));
-        for (queue, job) in jobs {
-            if pending.dispatcher.fanout.push(queue, job).is_err() {
+    fn push_pending<'a>(
+        env: Env<'a>,
+        dispatcher: ResourceArc<Dispatcher>,
+        pending: ResourceArc<Pending>,
+        message: Term<'a>,
+    ) -> Atom {
+        let batches =
+            std::mem::take(&mut *pending.batches.lock().unwrap_or_else(|p| p.into_inner()));
+        let senders = dispatcher.lock().senders.clone();
+        for (lane, part) in batches {
+            if dispatcher.lanes.reserve(lane).is_err()
+                || !hand_over(env, &dispatcher, &senders, lane, part, message)
+            {
                 return atoms::closed();
             }
         }
         atoms::ok()
+    }
+
+    /// Sends `message` to up to `limit` pids of `batch` from its cursor; gives the lane
+    /// its credit back when the batch is done. Returns true when done.
+    fn deliver_some(
+        env: Env<'_>,
+        dispatcher: &Dispatcher,
+        batch: &Batch,
+        message: Term<'_>,
+        limit: usize,
+    ) -> bool {
+        let start = batch.cursor.load(Ordering::Acquire);
+        let mut sent = 0;
+        for pid in batch.part.pids_from(start).take(limit) {
+            // A dead receiver is not an error: its monitor removes it shortly.
+            let _ = env.send(&pid_from_raw(pid), message);
+            sent += 1;
+        }
+        let next = start + sent;
+        batch.cursor.store(next, Ordering::Release);
+        let done = next >= batch.part.len();
+        if done && !batch.released.swap(true, Ordering::AcqRel) {
+            dispatcher.lanes.release(batch.lane);
+        }
+        done
+    }
+
+    #[rustler::nif]
+    fn deliver<'a>(
+        env: Env<'a>,
+        dispatcher: ResourceArc<Dispatcher>,
+        batch: ResourceArc<Batch>,
+        message: Term<'a>,
+    ) -> Atom {
+        let remaining = batch
+            .part
+            .len()
+            .saturating_sub(batch.cursor.load(Ordering::Acquire));
+        if remaining > INLINE_SENDS {
+            return atoms::dirty();
+        }
+        deliver_some(env, &dispatcher, &batch, message, INLINE_SENDS);
+        atoms::ok()
+    }
+
+    #[rustler::nif(schedule = "DirtyCpu")]
+    fn deliver_dirty<'a>(
+        env: Env<'a>,
+        dispatcher: ResourceArc<Dispatcher>,
+        batch: ResourceArc<Batch>,
+        message: Term<'a>,
+    ) -> Atom {
+        if deliver_some(env, &dispatcher, &batch, message, DIRTY_SLICE) {
+            atoms::ok()
+        } else {
+            atoms::more()
+        }
     }
 
     #[rustler::nif]
@@ -349,24 +382,27 @@ mod nif {
     #[rustler::nif]
     fn stats(dispatcher: ResourceArc<Dispatcher>) -> Vec<(Atom, u64)> {
         let registry = dispatcher.lock().registry.stats();
-        let queues = dispatcher.fanout.stats();
+        let lanes = dispatcher.lanes.stats();
         vec![
             (atoms::topics(), registry.topics as u64),
             (atoms::subscriptions(), registry.subscriptions as u64),
             (atoms::subscribers(), registry.subscribers as u64),
             (atoms::monitors(), registry.subscribers as u64),
-            (atoms::threads(), queues.threads as u64),
-            (atoms::queue_capacity(), queues.capacity as u64),
-            (atoms::queued(), queues.queued as u64),
-            (atoms::max_queued(), queues.max_queued as u64),
-            (atoms::handled(), queues.handled),
-            (atoms::panicked(), queues.panicked),
-            (atoms::running(), queues.running as u64),
+            (atoms::lanes(), lanes.lanes as u64),
+            (atoms::threads(), lanes.lanes as u64),
+            (atoms::queue_capacity(), lanes.capacity as u64),
+            (atoms::in_flight(), lanes.in_flight as u64),
+            (atoms::queued(), lanes.in_flight as u64),
+            (atoms::max_in_flight(), lanes.max_in_flight as u64),
+            (atoms::max_queued(), lanes.max_in_flight as u64),
+            (atoms::peak_in_flight(), lanes.peak as u64),
+            (atoms::delivered_batches(), lanes.delivered),
+            (atoms::waiting(), lanes.waiting as u64),
             (atoms::allocated_bytes(), memory::live_bytes() as u64),
         ]
     }
 
-    #[rustler::nif(schedule = "DirtyIo")]
+    #[rustler::nif(schedule = "DirtyCpu")]
     fn close(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>) -> Atom {
         let monitors = {
             let mut state = dispatcher.lock();
@@ -376,7 +412,7 @@ mod nif {
         for monitor in &monitors {
             dispatcher.demonitor(Some(env), monitor);
         }
-        dispatcher.fanout.close();
+        dispatcher.lanes.close();
         atoms::ok()
     }
 
@@ -385,14 +421,13 @@ mod nif {
         true
     }
 
-    /// Keeps this library mapped for the life of the VM. Sender threads may still be running
-    /// our code when the module is purged, and rustler has no `unload` callback to stop them;
-    /// unmapping the code under them would crash the VM.
+    /// Keeps this library mapped for the life of the VM: a batch may still be in a
+    /// sender's hands when the module is purged, and rustler has no `unload` callback.
     fn pin_library() {
         // SAFETY: `dladdr` only reads the address of one of our own functions and fills
-        // `info`; `dlopen` with RTLD_NOLOAD opens nothing new, it only takes another reference
-        // to the already loaded library (the path `dladdr` returned) and marks it
-        // RTLD_NODELETE. The handle is deliberately never closed.
+        // `info`; `dlopen` with RTLD_NOLOAD opens nothing new, it only takes another
+        // reference to the already loaded library (the path `dladdr` returned) and marks
+        // it RTLD_NODELETE. The handle is deliberately never closed.
         unsafe {
             let mut info: libc::Dl_info = std::mem::zeroed();
             let here = pin_library as *const () as *const libc::c_void;

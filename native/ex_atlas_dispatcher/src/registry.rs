@@ -58,6 +58,22 @@ impl Part {
         self.chunks().flat_map(|chunk| chunk.iter().copied())
     }
 
+    /// The pids from position `start` on, in the order of `pids()`. Constant time to
+    /// start: every chunk but the last is full.
+    pub fn pids_from(&self, start: usize) -> impl Iterator<Item = Pid> + '_ {
+        let first_chunk = start / CHUNK;
+        let skip = start % CHUNK;
+        self.chunks
+            .iter()
+            .skip(first_chunk)
+            .enumerate()
+            .flat_map(move |(i, chunk)| {
+                chunk[if i == 0 { skip.min(chunk.len()) } else { 0 }..]
+                    .iter()
+                    .copied()
+            })
+    }
+
     fn push(&mut self, pid: Pid) -> Slot {
         let chunks = Arc::make_mut(&mut self.chunks);
         if chunks.last().is_none_or(|chunk| chunk.len() >= CHUNK) {
@@ -650,6 +666,32 @@ mod tests {
                 assert_eq!(reg.count(&name), want.len());
                 reg.check_invariants().unwrap();
             }
+        }
+    }
+
+    #[test]
+    fn pids_from_resumes_anywhere() {
+        let mut reg = Registry::new(1);
+        let n = CHUNK as u64 * 2 + 17;
+        for pid in 0..n {
+            reg.subscribe(b"t", pid, ok_monitor(pid)).unwrap();
+        }
+        let snap = reg.snapshot(b"t");
+        let part = &snap[0].1;
+        let all: Vec<Pid> = part.pids().collect();
+        for start in [
+            0,
+            1,
+            CHUNK - 1,
+            CHUNK,
+            CHUNK + 5,
+            2 * CHUNK,
+            n as usize - 1,
+            n as usize,
+            n as usize + 3,
+        ] {
+            let rest: Vec<Pid> = part.pids_from(start).collect();
+            assert_eq!(rest, all[start.min(all.len())..].to_vec(), "start {start}");
         }
     }
 

@@ -10,9 +10,10 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
 
   @typedoc "The NIF resource holding one registry and its sender threads."
   @type dispatcher :: reference()
-  @typedoc "Jobs that did not fit in a full queue; pushed with `push_pending/1`."
+  @typedoc "Batches of one dispatch that did not fit in a full lane; see `push_pending/3`."
   @type pending :: reference()
-  @type enqueued :: :ok | :closed | {:full, pending()}
+  @typedoc "One lane's share of one dispatch, delivered by that lane's sender process."
+  @type batch :: reference()
 
   @doc false
   def load_nif do
@@ -37,7 +38,10 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   end
 
   @spec new(pos_integer(), pos_integer()) :: dispatcher()
-  def new(_threads, _queue_capacity), do: :erlang.nif_error(:nif_not_loaded)
+  def new(_lanes, _queue_capacity), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec set_senders(dispatcher(), [pid()]) :: :ok | :already_set
+  def set_senders(_dispatcher, _senders), do: :erlang.nif_error(:nif_not_loaded)
 
   @spec subscribe(dispatcher(), binary()) :: :ok | :closed | :not_alive | :too_many_topics
   def subscribe(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
@@ -48,14 +52,17 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   @spec unsubscribe_pid(dispatcher(), binary(), pid()) :: non_neg_integer()
   def unsubscribe_pid(_dispatcher, _topic, _pid), do: :erlang.nif_error(:nif_not_loaded)
 
-  @spec dispatch(dispatcher(), binary(), term()) :: enqueued()
+  @spec dispatch(dispatcher(), binary(), term()) :: :ok | :closed | {:full, pending()}
   def dispatch(_dispatcher, _topic, _message), do: :erlang.nif_error(:nif_not_loaded)
 
-  @spec sync(dispatcher(), term()) :: enqueued()
-  def sync(_dispatcher, _reply), do: :erlang.nif_error(:nif_not_loaded)
+  @spec push_pending(dispatcher(), pending(), term()) :: :ok | :closed
+  def push_pending(_dispatcher, _pending, _message), do: :erlang.nif_error(:nif_not_loaded)
 
-  @spec push_pending(pending()) :: :ok | :closed
-  def push_pending(_pending), do: :erlang.nif_error(:nif_not_loaded)
+  @spec deliver(dispatcher(), batch(), term()) :: :ok | :dirty
+  def deliver(_dispatcher, _batch, _message), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec deliver_dirty(dispatcher(), batch(), term()) :: :ok | :more
+  def deliver_dirty(_dispatcher, _batch, _message), do: :erlang.nif_error(:nif_not_loaded)
 
   @spec count(dispatcher(), binary()) :: non_neg_integer()
   def count(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)

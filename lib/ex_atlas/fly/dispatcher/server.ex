@@ -1,19 +1,18 @@
 defmodule ExAtlas.Fly.Dispatcher.Server do
   @moduledoc false
-  # Owns the NIF dispatcher: creates it, publishes it in :persistent_term so callers reach
-  # it without a message round trip, and closes it (threads stop, monitors go) on exit.
+  # Owns the NIF dispatcher and its sender processes: creates them, publishes them in
+  # :persistent_term so callers reach them without a message round trip, and closes the
+  # dispatcher (monitors released, waiting dispatchers woken) when it stops.
 
   use GenServer
 
-  alias ExAtlas.Fly.Dispatcher.{Config, Native}
+  alias ExAtlas.Fly.Dispatcher.{Config, Native, Sender}
 
   @key {__MODULE__, :dispatcher}
 
   @spec start_link(keyword()) :: GenServer.on_start() | :ignore
   def start_link(opts) do
-    name = Keyword.get(opts, :name, ExAtlas.Fly.Dispatcher.registry_name())
-
-    case GenServer.start_link(__MODULE__, opts, name: name) do
+    case GenServer.start_link(__MODULE__, opts, name: ExAtlas.Fly.Dispatcher.registry_name()) do
       # A host that also lists the dispatcher in its own tree while `:ex_atlas` started
       # one keeps running on the existing registry.
       {:error, {:already_started, _pid}} -> :ignore
@@ -21,26 +20,35 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
     end
   end
 
-  @doc "The running dispatcher resource, or nil."
-  @spec lookup() :: Native.dispatcher() | nil
+  @doc "The running dispatcher and its senders (a tuple, one per lane), or nil."
+  @spec lookup() :: {Native.dispatcher(), tuple()} | nil
   def lookup, do: :persistent_term.get(@key, nil)
 
   @impl true
   def init(opts) do
     Process.flag(:trap_exit, true)
-    threads = Keyword.get_lazy(opts, :sender_threads, &Config.sender_threads/0)
+    lanes = Keyword.get_lazy(opts, :sender_threads, &Config.sender_threads/0)
     capacity = Keyword.get_lazy(opts, :queue_capacity, &Config.queue_capacity/0)
-    dispatcher = Native.new(threads, capacity)
-    :persistent_term.put(@key, dispatcher)
-    {:ok, dispatcher}
+    dispatcher = Native.new(lanes, capacity)
+
+    senders =
+      for _ <- 1..lanes do
+        {:ok, pid} = Sender.start_link(dispatcher)
+        pid
+      end
+
+    :ok = Native.set_senders(dispatcher, senders)
+    published = {dispatcher, List.to_tuple(senders)}
+    :persistent_term.put(@key, published)
+    {:ok, published}
   end
 
   @impl true
-  def handle_call(:dispatcher, _from, dispatcher), do: {:reply, dispatcher, dispatcher}
+  def handle_info({:EXIT, _pid, reason}, state), do: {:stop, reason, state}
 
   @impl true
-  def terminate(_reason, dispatcher) do
-    if lookup() == dispatcher, do: :persistent_term.erase(@key)
+  def terminate(_reason, {dispatcher, _senders} = published) do
+    if lookup() == published, do: :persistent_term.erase(@key)
     Native.close(dispatcher)
   end
 end

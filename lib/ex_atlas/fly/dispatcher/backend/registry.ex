@@ -4,9 +4,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   @behaviour ExAtlas.Fly.Dispatcher.Backend
 
-  alias ExAtlas.Fly.Dispatcher.{Native, Server}
-
-  @sync_tag :"$ex_atlas_fly_dispatcher_synced"
+  alias ExAtlas.Fly.Dispatcher.{Native, Sender, Server}
 
   @impl true
   def subscribe(topic, _arg) do
@@ -24,16 +22,42 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   @impl true
   def dispatch(topic, message, _arg) do
-    settle(Native.dispatch(dispatcher!(), topic, message))
+    dispatcher = dispatcher!()
+
+    case Native.dispatch(dispatcher, topic, message) do
+      :ok ->
+        :ok
+
+      # A full lane hands back the batches that did not fit: hand them over from a
+      # dirty I/O scheduler, where waiting for room blocks only this caller.
+      {:full, pending} ->
+        settle(Native.push_pending(dispatcher, pending, message))
+
+      :closed ->
+        raise not_started()
+    end
   end
 
+  # Every sender handles a caller's requests in the order the caller made them, so once
+  # each has answered, everything the caller dispatched before is delivered.
   @impl true
   def sync(_arg) do
+    {_dispatcher, senders} = running!()
     ref = make_ref()
-    settle(Native.sync(dispatcher!(), {@sync_tag, ref}))
+    senders = Tuple.to_list(senders)
+    monitors = Enum.map(senders, &Process.monitor/1)
+    Enum.each(senders, &Sender.request_sync(&1, ref))
+    tag = Sender.synced_tag()
 
-    receive do
-      {@sync_tag, ^ref} -> :ok
+    try do
+      Enum.each(monitors, fn _ ->
+        receive do
+          {^tag, ^ref} -> :ok
+          {:DOWN, monitor, :process, _, _} when is_reference(monitor) -> raise not_started()
+        end
+      end)
+    after
+      Enum.each(monitors, &Process.demonitor(&1, [:flush]))
     end
   end
 
@@ -56,13 +80,13 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   @doc "The running dispatcher resource; raises `ArgumentError` when none runs."
   @spec dispatcher!() :: Native.dispatcher()
   def dispatcher! do
-    Server.lookup() || raise not_started()
+    {dispatcher, _senders} = running!()
+    dispatcher
   end
 
-  # A full queue hands back the jobs that did not fit: push them from a dirty I/O
-  # scheduler, where waiting for room blocks only this caller.
+  defp running!, do: Server.lookup() || raise(not_started())
+
   defp settle(:ok), do: :ok
-  defp settle({:full, pending}), do: settle(Native.push_pending(pending))
   defp settle(:closed), do: raise(not_started())
 
   defp not_started do
