@@ -20,7 +20,8 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.MFA do
   catch
     kind, reason ->
       Logger.error(
-        "[ExAtlas.Fly.Dispatcher] dispatch through #{format_mfa(mfa)} failed: " <>
+        "[ExAtlas.Fly.Dispatcher] dispatch to topic #{inspect(topic)} through " <>
+          "#{format_mfa(mfa)} failed: " <>
           Exception.format(kind, reason, __STACKTRACE__),
         topic: topic,
         mfa: format_mfa(mfa)

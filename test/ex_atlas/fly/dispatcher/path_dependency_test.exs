@@ -1,0 +1,118 @@
+defmodule ExAtlas.Fly.Dispatcher.PathDependencyTest do
+  # ExAtlas as a `path:` dependency of another Mix project. The host in
+  # test/fixtures/host_app is copied to a temporary directory, its dependency path is
+  # rewritten to an absolute one, and it is compiled and run by a separate `mix`
+  # (MIX_ENV=dev, none of this run's MIX_* variables) that must dispatch through the NIF.
+  #
+  # Runs in CI (about 10-60 s, most of it a cold cargo build); alone:
+  # `mix test --only path_dependency`.
+  use ExUnit.Case, async: false
+
+  @moduletag :path_dependency
+  @moduletag timeout: 600_000
+
+  @repo_root Path.expand("../../../..", __DIR__)
+  @fixture Path.join(@repo_root, "test/fixtures/host_app")
+
+  # Variables of this test run that must not leak into the host's own build.
+  @cleared ~w(MIX_BUILD_ROOT MIX_BUILD_PATH MIX_EXS MIX_DEPS_PATH MIX_LOCKFILE MIX_TARGET
+              MIX_PROJECT MIX_NO_DEPS CARGO_TARGET_DIR)
+
+  setup do
+    dir = Path.join(System.tmp_dir!(), "ex_atlas_host_#{System.unique_integer([:positive])}")
+    File.mkdir_p!(dir)
+    on_exit(fn -> File.rm_rf!(dir) end)
+    %{dir: dir}
+  end
+
+  test "a host app builds ExAtlas from this repository and dispatches through the NIF",
+       %{dir: dir} do
+    host = copy_host_app!(dir, @repo_root)
+
+    compile_output = mix!(host, ["compile"])
+    refute compile_output =~ "warning:", compile_output
+
+    assert_round_trip(host, mix!(host, ["run", "-e", "HostApp.run()"]))
+  end
+
+  test "a host app builds the NIF of a pristine checkout (no priv/, no target/) itself",
+       %{dir: dir} do
+    dep = Path.join(dir, "ex_atlas")
+    copy_sources!(dep)
+    host = copy_host_app!(dir, dep)
+
+    # The cargo build runs inside the host's `mix compile`, for the dependency.
+    compile_output = mix!(host, ["compile"], [{"CARGO_TARGET_DIR", Path.join(dir, "target")}])
+    assert compile_output =~ "cargo build --release -p ex_atlas_dispatcher", compile_output
+    refute compile_output =~ "warning:", compile_output
+    assert File.exists?(Path.join(dep, "priv/native/ex_atlas_dispatcher.so"))
+
+    assert_round_trip(host, mix!(host, ["run", "-e", "HostApp.run()"]))
+
+    # Up to date now: a second compile builds nothing.
+    refute mix!(host, ["compile"]) =~ "cargo build"
+  end
+
+  defp assert_round_trip(host, output) do
+    assert output =~ "registry mode: true"
+    assert output =~ "count: 3"
+
+    for n <- 1..3 do
+      assert output =~ "viewer #{n} received: host-app hello from the host"
+    end
+
+    refute output =~ "missed"
+
+    # Only the NIF keeps these figures.
+    assert output =~ "nif subscriptions: 3 topics: 1"
+
+    # The dependency was built into the host's own _build, which links the library's priv/.
+    assert output =~ "nif library: #{host}/_build/dev/lib/ex_atlas/priv/native"
+
+    assert File.exists?(
+             Path.join(host, "_build/dev/lib/ex_atlas/priv/native/ex_atlas_dispatcher.so")
+           )
+  end
+
+  defp copy_host_app!(dir, dep_path) do
+    host = Path.join(dir, "host_app")
+
+    for file <- ["mix.exs", "lib/host_app.ex"] do
+      File.mkdir_p!(Path.dirname(Path.join(host, file)))
+      File.cp!(Path.join(@fixture, file), Path.join(host, file))
+    end
+
+    mix_exs = Path.join(host, "mix.exs")
+    original = File.read!(mix_exs)
+    rewritten = String.replace(original, ~s(path: "../../.."), "path: #{inspect(dep_path)}")
+    assert rewritten != original, "the fixture's path dependency was not found"
+    File.write!(mix_exs, rewritten)
+    host
+  end
+
+  # What a checkout of the library holds, without any build output.
+  defp copy_sources!(dep) do
+    File.mkdir_p!(dep)
+
+    for file <- ["mix.exs", "Cargo.toml", "Cargo.lock"] do
+      File.cp!(Path.join(@repo_root, file), Path.join(dep, file))
+    end
+
+    File.cp_r!(Path.join(@repo_root, "lib"), Path.join(dep, "lib"))
+
+    crate = "native/ex_atlas_dispatcher"
+    File.mkdir_p!(Path.join(dep, crate))
+    File.cp!(Path.join([@repo_root, crate, "Cargo.toml"]), Path.join([dep, crate, "Cargo.toml"]))
+    File.cp_r!(Path.join([@repo_root, crate, "src"]), Path.join([dep, crate, "src"]))
+    refute File.exists?(Path.join(dep, "priv"))
+  end
+
+  defp mix!(dir, args, extra_env \\ []) do
+    env = [{"MIX_ENV", "dev"} | Enum.map(@cleared, &{&1, nil})] ++ extra_env
+    mix = System.find_executable("mix") || flunk("mix is not on PATH")
+
+    {output, status} = System.cmd(mix, args, cd: dir, env: env, stderr_to_stdout: true)
+    assert status == 0, "mix #{Enum.join(args, " ")} in #{dir} failed (#{status}):\n#{output}"
+    output
+  end
+end

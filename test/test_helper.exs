@@ -1,0 +1,2 @@
+# Soak tests run for minutes; run them with `mix test --only soak`.
+ExUnit.start(exclude: [:soak])
