@@ -88,7 +88,8 @@ defmodule ExAtlas.Fly.Dispatcher do
   def unsubscribe(topic) do
     check_topic!(topic)
     {backend, arg} = Config.backend()
-    backend.unsubscribe(topic, arg)
+    :ok = backend.unsubscribe(topic, arg)
+    ExAtlas.Fly.Dispatcher.Watchdog.unsubscribed(topic)
   end
 
   @doc """
@@ -105,10 +106,41 @@ defmodule ExAtlas.Fly.Dispatcher do
   end
 
   @doc """
-  Subscribes the calling process to `topic` with slow-consumer protection.
+  Subscribes the calling process to `topic` and evicts it if it falls behind.
 
-  Options: `:threshold` (mailbox length, default `10_000`), `:poll_ms` (default `1_000`)
-  and `:cooldown_ms` (default `0`).
+  In `:registry` mode the caller's mailbox length (`Process.info(pid, :message_queue_len)`)
+  is read every `:poll_ms`. When it stays above `:threshold` on consecutive polls for at
+  least `:cooldown_ms`, the subscriber is evicted:
+
+    1. all of its subscriptions to `topic` are removed from the registry, as its own
+       `unsubscribe/1` would: nothing dispatched afterwards reaches it (messages already
+       being delivered may still arrive);
+    2. it receives `{:ex_atlas_fly_backpressure_evict, topic}`, once; calling
+       `unsubscribe/1` from `handle_info/2` then is harmless;
+    3. `[ExAtlas.Fly.Dispatcher] evicting slow subscriber` is logged at warning level with
+       the metadata `topic:`, `subscriber:`, `queue_len:` and `threshold:`.
+
+  A poll at or below the threshold resets the cooldown. The watch ends, leaving nothing
+  behind, when the subscriber exits, calls `unsubscribe/1` for `topic`, or is evicted. Each
+  topic is watched on its own. Calling this twice for one topic subscribes twice (each
+  message arrives twice, as with `subscribe/1`) under one watch that takes the latest
+  options; eviction removes both subscriptions and sends one sentinel.
+
+  One process of ExAtlas's supervision tree, started with the registry, polls every
+  watched subscriber. It is not linked to them: a crash on either side leaves the other
+  running.
+
+  Options (`ArgumentError` on an unknown key or a bad value):
+
+    * `:threshold` - mailbox length that counts as behind, a positive integer (`10_000`);
+    * `:poll_ms` - milliseconds between polls, a positive integer up to `4_294_967_295`
+      (`1_000`);
+    * `:cooldown_ms` - how long the mailbox must stay above the threshold before the
+      eviction, a non-negative integer (`0`: the first poll above it evicts).
+
+  In the `:phoenix_pubsub` and `{:mfa, _}` modes this is `subscribe/1` plus a warning,
+  `[ExAtlas.Fly.Dispatcher] subscribe_with_backpressure/2 only works in :registry mode;
+  falling back to plain subscribe/1`. Raises `ArgumentError` when `topic` is not a binary.
   """
   @spec subscribe_with_backpressure(topic(), keyword()) :: :ok
   def subscribe_with_backpressure(topic, opts \\ []) do
@@ -165,8 +197,9 @@ defmodule ExAtlas.Fly.Dispatcher do
   def registry_name, do: @registry
 
   @doc """
-  A child specification that starts the registry, for hosts that run it in their own
-  supervision tree (with `config :ex_atlas, :fly, enabled: false`).
+  A child specification that starts the registry and its slow-consumer watchdog (see
+  `subscribe_with_backpressure/2`) under a small supervisor, for hosts that run them in
+  their own supervision tree (with `config :ex_atlas, :fly, enabled: false`).
 
   Starting it while a registry already runs is harmless: the child is ignored.
   Options: `:sender_threads` and `:queue_capacity` (positive integers), overriding the
@@ -178,9 +211,8 @@ defmodule ExAtlas.Fly.Dispatcher do
 
     %{
       id: __MODULE__,
-      start: {ExAtlas.Fly.Dispatcher.Server, :start_link, [opts]},
-      type: :worker,
-      shutdown: 10_000
+      start: {ExAtlas.Fly.Dispatcher.Supervisor, :start_link, [opts]},
+      type: :supervisor
     }
   end
 
