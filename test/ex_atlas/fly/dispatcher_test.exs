@@ -178,6 +178,21 @@ defmodule ExAtlas.Fly.DispatcherTest do
       assert {:messages, []} = Process.info(self(), :messages)
     end
 
+    test "leaves the caller's own :DOWN messages alone" do
+      {pid, ref} = spawn_monitor(fn -> :ok end)
+      # Wait for the exit without receiving the :DOWN message.
+      ExAtlas.Test.FlyEnv.eventually(fn -> not Process.alive?(pid) end)
+
+      ExAtlas.Test.FlyEnv.eventually(fn ->
+        Process.info(self(), :message_queue_len) != {:message_queue_len, 0}
+      end)
+
+      assert :ok = Dispatcher.sync()
+
+      assert {:messages, [{:DOWN, ^ref, :process, ^pid, :normal}]} =
+               Process.info(self(), :messages)
+    end
+
     test "does not consume messages that were already in the mailbox" do
       send(self(), :before)
       topic = unique_topic()

@@ -43,21 +43,27 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   @impl true
   def sync(_arg) do
     {_dispatcher, senders} = running!()
-    ref = make_ref()
-    senders = Tuple.to_list(senders)
-    monitors = Enum.map(senders, &Process.monitor/1)
-    Enum.each(senders, &Sender.request_sync(&1, ref))
     tag = Sender.synced_tag()
 
+    # One ref and one monitor per sender, matched exactly: the caller's own messages
+    # (a host's :DOWN messages included) stay in its mailbox untouched.
+    waits =
+      for sender <- Tuple.to_list(senders) do
+        ref = make_ref()
+        monitor = Process.monitor(sender)
+        :ok = Sender.request_sync(sender, ref)
+        {ref, monitor}
+      end
+
     try do
-      Enum.each(monitors, fn _ ->
+      Enum.each(waits, fn {ref, monitor} ->
         receive do
           {^tag, ^ref} -> :ok
-          {:DOWN, monitor, :process, _, _} when is_reference(monitor) -> raise not_started()
+          {:DOWN, ^monitor, :process, _, _} -> raise not_started()
         end
       end)
     after
-      Enum.each(monitors, &Process.demonitor(&1, [:flush]))
+      Enum.each(waits, fn {_ref, monitor} -> Process.demonitor(monitor, [:flush]) end)
     end
   end
 
