@@ -1,0 +1,270 @@
+defmodule ExAtlas.Fly.Dispatcher.Reliability.SchedulerTest do
+  # Item 5 of the reliability suite: with a very large topic, no NIF call keeps a normal
+  # scheduler busy for long. `:erlang.system_monitor/2` reports every time a process ran
+  # uninterrupted for 2 ms or more (`long_schedule`); a NIF whose cost grows with the
+  # topic would show up at every call.
+  #
+  # long_schedule measures wall-clock time, so it also sees the OS taking a core away from
+  # a scheduler thread. On a shared two-core machine that happens whatever runs: killing
+  # 100 000 processes that never subscribed gave 23-32 events here, and processes that only
+  # wait in `receive` get events while the dirty schedulers deliver. The test is built so
+  # that such noise cannot decide it while a slow NIF still must:
+  #
+  # * the probe process yields before and after every API call, so each call runs in a
+  #   scheduling slice of its own, and a slow call is seen at every call;
+  # * slices in which the probe only woke up inside `sync/0`'s `receive`, saw one of the
+  #   senders' replies and went back to waiting contain no NIF call and are not counted;
+  # * a phase with a counted event runs again, up to 3 attempts, and fails only if every
+  #   attempt had one: a slow NIF is slow at every call, the OS is not;
+  # * for the mass kill, the exits themselves are counted against a rate: a `down`
+  #   callback taking 2 ms would put nearly every one of the exits over the threshold,
+  #   noise a few hundredths of a percent of them (printed beside a baseline of processes
+  #   that never subscribed, killed the same way).
+  use ExUnit.Case, async: false
+
+  import ExAtlas.Test.Reliability
+
+  alias ExAtlas.Fly.Dispatcher
+  alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
+
+  @moduletag timeout: :infinity
+
+  @short 10_000
+  @soak 100_000
+  @attempts 3
+  @rounds 50
+  @threshold_ms 2
+  # At most this share of the killed processes may see a long_schedule (1 %).
+  @kill_rate_limit 100
+  @topic "scheduler"
+
+  test "#{@short} subscribers: API calls and killing them all cause no long_schedule" do
+    safety(@short)
+  end
+
+  @tag :soak
+  test "#{@soak} subscribers: API calls and killing them all cause no long_schedule (soak)" do
+    safety(@soak)
+  end
+
+  defp safety(n) do
+    assert :erlang.system_monitor() == :undefined,
+           "another process holds the system monitor: #{inspect(:erlang.system_monitor())}"
+
+    :erlang.system_monitor(self(), [{:long_schedule, @threshold_ms}])
+
+    try do
+      subscribers = spawn_subscribers(n, true)
+
+      {api_attempts, api_other} =
+        attempt("API calls with #{n} subscribers on the topic", fn _ -> nil end, fn nil ->
+          probe = spawn_probe(@rounds)
+          await_probe(probe)
+          {[probe], []}
+        end)
+
+      baseline = baseline_kill_events(n)
+
+      prepare = fn
+        1 -> subscribers
+        _ -> spawn_subscribers(n, true)
+      end
+
+      {kill_attempts, kill_other} =
+        attempt("killing #{n} subscribers at once", prepare, fn pids ->
+          # The probe keeps calling the API while the monitors fire.
+          probe = spawn_probe(@rounds)
+          killer = kill(pids)
+          await_probe(probe)
+
+          eventually(
+            "the registry dropped every killed subscriber",
+            fn -> Dispatcher.count(@topic) == 0 end,
+            120_000
+          )
+
+          {[probe], [killer | pids]}
+        end)
+
+      IO.puts(
+        "\nscheduler safety, #{n} subscribers: API phase clean in attempt #{api_attempts}, " <>
+          "kill phase in attempt #{kill_attempts}; long_schedule events of exiting " <>
+          "never-subscribed processes (baseline): #{baseline}; of other processes " <>
+          "(senders, subscribers receiving, ExUnit): #{api_other + kill_other}"
+      )
+    after
+      :erlang.system_monitor(:undefined)
+    end
+  end
+
+  # Runs `prepare.(attempt)` unwatched, then `phase` on its result, until an attempt where
+  # the probe processes `phase` names saw no counted event and the mass processes it names
+  # stayed under the rate. Returns the attempt number and the count of other events.
+  defp attempt(what, prepare, phase, number \\ 1, failures \\ []) do
+    context = prepare.(number)
+    flush_events()
+    {probes, masses} = phase.(context)
+    events = flush_events()
+    probes = MapSet.new(probes)
+    masses = MapSet.new(masses)
+
+    probe_events = for {pid, info} = event <- events, pid in probes, not waiting?(info), do: event
+    mass_events = for {pid, _} = event <- events, pid in masses, do: event
+    other = length(events) - length(probe_events) - length(mass_events)
+    limit = div(MapSet.size(masses), @kill_rate_limit)
+
+    cond do
+      probe_events == [] and length(mass_events) <= limit ->
+        for {probe_events, mass_events} <- Enum.reverse(failures) do
+          IO.puts(
+            "\n#{what}: an attempt saw long_schedule and ran again: probe " <>
+              "#{inspect(probe_events)}, #{length(mass_events)} exiting processes (limit #{limit})"
+          )
+        end
+
+        {number, other}
+
+      number < @attempts ->
+        attempt(what, prepare, phase, number + 1, [{probe_events, mass_events} | failures])
+
+      true ->
+        report =
+          for {probe_events, mass_events} <-
+                Enum.reverse([{probe_events, mass_events} | failures]) do
+            "probe: #{inspect(probe_events)}; exiting processes: #{length(mass_events)} " <>
+              "(limit #{limit}), first: #{inspect(Enum.take(mass_events, 5))}"
+          end
+
+        flunk(
+          "#{what}: long_schedule (>= #{@threshold_ms} ms) in all #{@attempts} attempts:\n" <>
+            Enum.join(report, "\n")
+        )
+    end
+  end
+
+  # The probe woke up in sync/0's receive for one sender's reply and went back to waiting
+  # for the others: no NIF ran in that slice.
+  defp waiting?(info) do
+    sync_receive?(info[:in]) and sync_receive?(info[:out])
+  end
+
+  defp sync_receive?({RegistryBackend, fun, _}), do: String.starts_with?("#{fun}", "-sync/")
+  defp sync_receive?(_), do: false
+
+  defp baseline_kill_events(n) do
+    pids = spawn_subscribers(n, false)
+    flush_events()
+    killer = kill(pids)
+    watched = MapSet.new([killer | pids])
+    Enum.count(flush_events(), fn {pid, _} -> pid in watched end)
+  end
+
+  # Kills `pids` from a process of its own and returns its pid once all are dead.
+  defp kill(pids) do
+    refs = Enum.map(pids, &Process.monitor/1)
+    killer = spawn(fn -> Enum.each(pids, &Process.exit(&1, :kill)) end)
+
+    for ref <- refs do
+      receive do
+        {:DOWN, ^ref, :process, _, _} -> :ok
+      after
+        120_000 -> flunk("a killed process did not go down")
+      end
+    end
+
+    killer
+  end
+
+  defp flush_events(acc \\ []) do
+    receive do
+      {:monitor, pid, :long_schedule, info} -> flush_events([{pid, info} | acc])
+    after
+      0 -> Enum.reverse(acc)
+    end
+  end
+
+  defp spawn_subscribers(n, subscribe?) do
+    pids =
+      spawn_ready(n, fn ready ->
+        if subscribe?, do: :ok = Dispatcher.subscribe(@topic)
+        ready.()
+        drain()
+      end)
+
+    for pid <- pids, do: Process.unlink(pid)
+    if subscribe?, do: assert(Dispatcher.count(@topic) == n)
+    pids
+  end
+
+  defp drain do
+    receive do
+      _ -> drain()
+    end
+  end
+
+  # A process that only calls the API: subscribe (a duplicate every other round), dispatch,
+  # count, sync and unsubscribe, each in a scheduling slice of its own.
+  defp spawn_probe(rounds) do
+    parent = self()
+
+    spawn(fn ->
+      for round <- 1..rounds do
+        op_subscribe()
+        if rem(round, 2) == 0, do: op_subscribe()
+        op_dispatch(round)
+        op_count()
+        op_sync()
+        op_unsubscribe()
+        flush_mailbox()
+      end
+
+      send(parent, {:probed, self()})
+    end)
+  end
+
+  defp op_subscribe do
+    :erlang.yield()
+    :ok = Dispatcher.subscribe(@topic)
+    :erlang.yield()
+  end
+
+  defp op_dispatch(round) do
+    :erlang.yield()
+    :ok = Dispatcher.dispatch(@topic, {:probe, round})
+    :erlang.yield()
+  end
+
+  defp op_count do
+    :erlang.yield()
+    true = Dispatcher.count(@topic) > 0
+    :erlang.yield()
+  end
+
+  defp op_sync do
+    :erlang.yield()
+    :ok = Dispatcher.sync()
+    :erlang.yield()
+  end
+
+  defp op_unsubscribe do
+    :erlang.yield()
+    :ok = Dispatcher.unsubscribe(@topic)
+    :erlang.yield()
+  end
+
+  defp await_probe(probe) do
+    receive do
+      {:probed, ^probe} -> :ok
+    after
+      300_000 -> flunk("the probe did not finish")
+    end
+  end
+
+  defp flush_mailbox do
+    receive do
+      _ -> flush_mailbox()
+    after
+      0 -> :ok
+    end
+  end
+end
