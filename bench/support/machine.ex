@@ -12,9 +12,22 @@ defmodule FanoutBench.Machine do
       otp:
         "Erlang/OTP #{:erlang.system_info(:otp_release)} (erts #{:erlang.system_info(:version)})",
       elixir: "Elixir #{System.version()}",
+      vm_flags: vm_flags(),
       commit: commit(),
       load_average_at_start: load_average()
     ]
+  end
+
+  # Emulator flags such as +sbwt are not visible from inside the VM; the environment
+  # variables that usually carry them are.
+  defp vm_flags do
+    flags =
+      for var <- ["ERL_FLAGS", "ERL_AFLAGS", "ERL_ZFLAGS"],
+          value = System.get_env(var),
+          value not in [nil, ""],
+          do: "#{var}=#{inspect(value)}"
+
+    if flags == [], do: "none (ERL_FLAGS etc. unset)", else: Enum.join(flags, " ")
   end
 
   @doc "The 1, 5 and 15 minute load averages."

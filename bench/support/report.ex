@@ -629,6 +629,9 @@ defmodule FanoutBench.Report do
     ]
   end
 
+  defp csv_cell(value) when is_float(value) and abs(value) < 100,
+    do: :erlang.float_to_binary(value, decimals: 4)
+
   defp csv_cell(value) when is_float(value), do: :erlang.float_to_binary(value, decimals: 1)
 
   defp csv_cell(value) when is_binary(value) do
