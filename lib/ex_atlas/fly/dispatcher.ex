@@ -202,8 +202,8 @@ defmodule ExAtlas.Fly.Dispatcher do
   their own supervision tree (with `config :ex_atlas, :fly, enabled: false`).
 
   Starting it while a registry already runs is harmless: the child is ignored.
-  Options: `:sender_threads` and `:queue_capacity` (positive integers), overriding the
-  application environment.
+  Options, overriding the application environment: `:sender_threads` (1 to 1 024),
+  `:queue_capacity` (1 to 1 000 000) and `:delivery` (`:dirty` or `:scheduler`).
   """
   @spec child_spec(keyword()) :: Supervisor.child_spec()
   def child_spec(opts \\ []) do
@@ -216,21 +216,21 @@ defmodule ExAtlas.Fly.Dispatcher do
     }
   end
 
-  @child_opts [:sender_threads, :queue_capacity]
-
   defp check_child_opts!(opts) when is_list(opts) do
     Enum.each(opts, fn
-      {key, value} when key in @child_opts and is_integer(value) and value in 1..1_024 ->
-        :ok
+      {:sender_threads, value} ->
+        Config.check_sender_threads!(value, ":sender_threads")
 
-      {key, value} when key in @child_opts ->
-        raise ArgumentError,
-              "expected #{inspect(key)} to be an integer from 1 to 1024, got: #{inspect(value)}"
+      {:queue_capacity, value} ->
+        Config.check_queue_capacity!(value, ":queue_capacity")
+
+      {:delivery, value} ->
+        Config.check_delivery!(value, ":delivery")
 
       other ->
         raise ArgumentError,
               "unknown ExAtlas.Fly.Dispatcher option #{inspect(other)}; " <>
-                "expected :sender_threads or :queue_capacity"
+                "expected :sender_threads, :queue_capacity or :delivery"
     end)
 
     opts

@@ -24,9 +24,9 @@ mod nif {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Mutex, MutexGuard};
 
-    /// Batches up to this many pids are delivered by a normal-scheduler NIF call (a
-    /// bounded cost of well under 1 ms); larger ones go to a dirty CPU scheduler.
-    const INLINE_SENDS: usize = 64;
+    /// Most pids one normal-scheduler `deliver` call sends: a bounded cost (a few
+    /// hundred microseconds at worst) that keeps every call far under 1 ms.
+    const MAX_SCHEDULER_SLICE: usize = 256;
     /// Pids delivered per dirty NIF call before handing control back to the sender
     /// process, so a huge topic never holds a dirty scheduler for long.
     const DIRTY_SLICE: usize = 16_384;
@@ -36,7 +36,6 @@ mod nif {
             ok,
             full,
             closed,
-            dirty,
             more,
             not_alive,
             too_many_topics,
@@ -156,17 +155,24 @@ mod nif {
         sent
     }
 
+    /// Most lanes `new/2` accepts, as `config :ex_atlas, :fly, sender_threads:` does.
+    /// Checked here too: a huge count made the allocation abort the whole VM.
+    const MAX_LANES: usize = 1_024;
+
     #[rustler::nif]
-    fn new(lanes: usize, queue_capacity: usize) -> ResourceArc<Dispatcher> {
+    fn new(lanes: usize, queue_capacity: usize) -> rustler::NifResult<ResourceArc<Dispatcher>> {
+        if !(1..=MAX_LANES).contains(&lanes) {
+            return Err(rustler::Error::BadArg);
+        }
         let lanes = Lanes::new(lanes, queue_capacity);
-        ResourceArc::new(Dispatcher {
+        Ok(ResourceArc::new(Dispatcher {
             state: Mutex::new(State {
                 registry: Registry::new(lanes.len()),
                 senders: SmallVec::new(),
                 closed: false,
             }),
             lanes,
-        })
+        }))
     }
 
     #[rustler::nif]
@@ -315,22 +321,21 @@ mod nif {
         done
     }
 
+    /// Sends `message` to up to `limit` (at most 256) more pids of `batch`.
     #[rustler::nif]
     fn deliver<'a>(
         env: Env<'a>,
         dispatcher: ResourceArc<Dispatcher>,
         batch: ResourceArc<Batch>,
         message: Term<'a>,
+        limit: usize,
     ) -> Atom {
-        let remaining = batch
-            .part
-            .len()
-            .saturating_sub(batch.cursor.load(Ordering::Acquire));
-        if remaining > INLINE_SENDS {
-            return atoms::dirty();
+        let limit = limit.clamp(1, MAX_SCHEDULER_SLICE);
+        if deliver_some(env, &dispatcher, &batch, message, limit) {
+            atoms::ok()
+        } else {
+            atoms::more()
         }
-        deliver_some(env, &dispatcher, &batch, message, INLINE_SENDS);
-        atoms::ok()
     }
 
     #[rustler::nif(schedule = "DirtyCpu")]

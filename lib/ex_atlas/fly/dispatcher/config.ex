@@ -6,6 +6,7 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
   alias ExAtlas.Fly.Dispatcher.Backend
 
   @default_queue_capacity 1_024
+  @default_delivery :dirty
 
   @type mode :: :registry | :phoenix_pubsub | {:mfa, {module(), atom(), list()}}
 
@@ -77,25 +78,54 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
   @spec registry_mode?() :: boolean()
   def registry_mode?, do: match?({Backend.Registry, _}, backend())
 
-  @doc "Sender threads: `:sender_threads` or the number of online schedulers."
+  @doc "Fan-out lanes (one sender process each): `:sender_threads`, default schedulers online."
   @spec sender_threads() :: pos_integer()
   def sender_threads do
-    positive!(:sender_threads, Keyword.get(fly(), :sender_threads, default_threads()))
+    fly()
+    |> Keyword.get(:sender_threads, default_threads())
+    |> check_sender_threads!("`config :ex_atlas, :fly, sender_threads: ...`")
   end
 
-  @doc "Jobs each sender queue holds before a dispatcher waits for room."
+  @doc "Dispatches each lane holds in flight before a dispatcher waits for room."
   @spec queue_capacity() :: pos_integer()
   def queue_capacity do
-    positive!(:queue_capacity, Keyword.get(fly(), :queue_capacity, @default_queue_capacity))
+    fly()
+    |> Keyword.get(:queue_capacity, @default_queue_capacity)
+    |> check_queue_capacity!("`config :ex_atlas, :fly, queue_capacity: ...`")
+  end
+
+  @doc "How sender processes deliver: `:dirty` or `:scheduler` (see the Sender module)."
+  @spec delivery() :: :dirty | :scheduler
+  def delivery do
+    fly()
+    |> Keyword.get(:delivery, @default_delivery)
+    |> check_delivery!("`config :ex_atlas, :fly, delivery: ...`")
+  end
+
+  @doc false
+  @spec check_sender_threads!(term(), String.t()) :: pos_integer()
+  def check_sender_threads!(value, _where) when is_integer(value) and value in 1..1_024,
+    do: value
+
+  def check_sender_threads!(value, where),
+    do: bad!(where, "an integer from 1 to 1024", value)
+
+  @doc false
+  @spec check_queue_capacity!(term(), String.t()) :: pos_integer()
+  def check_queue_capacity!(value, _where) when is_integer(value) and value in 1..1_000_000,
+    do: value
+
+  def check_queue_capacity!(value, where),
+    do: bad!(where, "an integer from 1 to 1000000", value)
+
+  @doc false
+  @spec check_delivery!(term(), String.t()) :: :dirty | :scheduler
+  def check_delivery!(value, _where) when value in [:dirty, :scheduler], do: value
+  def check_delivery!(value, where), do: bad!(where, ":dirty or :scheduler", value)
+
+  defp bad!(where, expected, value) do
+    raise ArgumentError, "expected #{where} to be #{expected}, got: #{inspect(value)}"
   end
 
   defp default_threads, do: :erlang.system_info(:schedulers_online)
-
-  defp positive!(_key, value) when is_integer(value) and value > 0 and value <= 1_024, do: value
-
-  defp positive!(key, value) do
-    raise ArgumentError,
-          "expected `config :ex_atlas, :fly, #{key}: ...` to be an integer from 1 to 1024, " <>
-            "got: #{inspect(value)}"
-  end
 end

@@ -58,8 +58,8 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   @spec push_pending(dispatcher(), pending(), term()) :: :ok | :closed
   def push_pending(_dispatcher, _pending, _message), do: :erlang.nif_error(:nif_not_loaded)
 
-  @spec deliver(dispatcher(), batch(), term()) :: :ok | :dirty
-  def deliver(_dispatcher, _batch, _message), do: :erlang.nif_error(:nif_not_loaded)
+  @spec deliver(dispatcher(), batch(), term(), pos_integer()) :: :ok | :more
+  def deliver(_dispatcher, _batch, _message, _limit), do: :erlang.nif_error(:nif_not_loaded)
 
   @spec deliver_dirty(dispatcher(), batch(), term()) :: :ok | :more
   def deliver_dirty(_dispatcher, _batch, _message), do: :erlang.nif_error(:nif_not_loaded)

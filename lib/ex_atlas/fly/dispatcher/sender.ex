@@ -5,10 +5,16 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
   # in the order it received them, which is what gives every subscriber the messages of
   # one dispatching process in dispatch order.
   #
-  # Delivery runs in NIF calls that send with this process's environment: up to 64 pids
-  # on a normal scheduler, larger batches in slices on a dirty CPU scheduler. That path
-  # lets the VM build each copy straight on the receiver's heap, where a thread of our
-  # own would go through heap fragments and a locked allocator (about 3x slower here).
+  # Delivery runs in NIF calls that send with this process's environment, which lets the
+  # VM build each copy straight on the receiver's heap; a thread of our own would go
+  # through heap fragments and unmanaged-thread locking (about 3x slower, measured).
+  # Two ways, set by `config :ex_atlas, :fly, delivery: ...`:
+  #
+  #   * `:dirty` - the first 64 pids on a normal scheduler, the rest in slices of 16 384
+  #     on a dirty CPU scheduler: no normal scheduler ever runs work that grows with the
+  #     subscribers.
+  #   * `:scheduler` - slices of at most 256 pids per NIF call on this process's normal
+  #     scheduler; the process is preempted between slices like any send loop.
 
   use GenServer
 
@@ -18,8 +24,11 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
   @sync :"$ex_atlas_sync"
   @synced :"$ex_atlas_synced"
 
-  @spec start_link(Native.dispatcher()) :: GenServer.on_start()
-  def start_link(dispatcher), do: GenServer.start_link(__MODULE__, dispatcher)
+  @inline_before_dirty 64
+  @scheduler_slice 256
+
+  @spec start_link({Native.dispatcher(), :dirty | :scheduler}) :: GenServer.on_start()
+  def start_link({_dispatcher, _delivery} = arg), do: GenServer.start_link(__MODULE__, arg)
 
   @doc """
   Asks `sender` to reply `{#{inspect(@synced)}, ref}` to the caller once it has handled
@@ -36,26 +45,36 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
   def synced_tag, do: @synced
 
   @impl true
-  def init(dispatcher) do
+  def init(state) do
     # Batches can pile up behind a slow lane; keep them out of the heap that every
     # garbage collection of this process scans.
     Process.flag(:message_queue_data, :off_heap)
-    {:ok, dispatcher}
+    {:ok, state}
   end
 
   @impl true
-  def handle_info({@deliver, batch, message}, dispatcher) do
-    case Native.deliver(dispatcher, batch, message) do
-      :ok -> :ok
-      :dirty -> deliver_dirty(dispatcher, batch, message)
-    end
-
-    {:noreply, dispatcher}
+  def handle_info({@deliver, batch, message}, {dispatcher, delivery} = state) do
+    deliver(delivery, dispatcher, batch, message)
+    {:noreply, state}
   end
 
-  def handle_info({@sync, from, ref}, dispatcher) do
+  def handle_info({@sync, from, ref}, state) do
     send(from, {@synced, ref})
-    {:noreply, dispatcher}
+    {:noreply, state}
+  end
+
+  defp deliver(:scheduler, dispatcher, batch, message) do
+    case Native.deliver(dispatcher, batch, message, @scheduler_slice) do
+      :ok -> :ok
+      :more -> deliver(:scheduler, dispatcher, batch, message)
+    end
+  end
+
+  defp deliver(:dirty, dispatcher, batch, message) do
+    case Native.deliver(dispatcher, batch, message, @inline_before_dirty) do
+      :ok -> :ok
+      :more -> deliver_dirty(dispatcher, batch, message)
+    end
   end
 
   defp deliver_dirty(dispatcher, batch, message) do

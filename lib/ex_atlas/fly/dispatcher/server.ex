@@ -29,11 +29,12 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
     Process.flag(:trap_exit, true)
     lanes = Keyword.get_lazy(opts, :sender_threads, &Config.sender_threads/0)
     capacity = Keyword.get_lazy(opts, :queue_capacity, &Config.queue_capacity/0)
+    delivery = Keyword.get_lazy(opts, :delivery, &Config.delivery/0)
     dispatcher = Native.new(lanes, capacity)
 
     senders =
       for _ <- 1..lanes do
-        {:ok, pid} = Sender.start_link(dispatcher)
+        {:ok, pid} = Sender.start_link({dispatcher, delivery})
         pid
       end
 
