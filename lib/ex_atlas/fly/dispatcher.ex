@@ -217,6 +217,12 @@ defmodule ExAtlas.Fly.Dispatcher do
   end
 
   defp check_child_opts!(opts) when is_list(opts) do
+    # Enum.each/2 would fail with FunctionClauseError at an improper tail.
+    if List.improper?(opts) do
+      raise ArgumentError,
+            "expected child_spec options to be a keyword list, got: #{inspect(opts)}"
+    end
+
     Enum.each(opts, fn
       {:sender_threads, value} ->
         Config.check_sender_threads!(value, ":sender_threads")
