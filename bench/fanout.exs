@@ -4,8 +4,20 @@
 #     MIX_ENV=prod mix run bench/fanout.exs            # full run, writes bench/results/fanout.*
 #     MIX_ENV=prod mix run bench/fanout.exs --quick    # seconds; writes to a temp dir (CI)
 #
-# Options: --sizes 1,10,100  --reps N  --threads 1,2  --topics T  --out DIR
-# A 100 000-subscriber run needs the default process limit (+P 262144) and a few GiB.
+# Options: --sizes 1,10,100  --reps N  --threads 1,2  --topics T  --out DIR  --chart svg|png
+# A 100 000-subscriber run needs the default process limit (+P 262144) and a few GiB; the
+# full run takes about two minutes on 2 cores. Emulator flags go through ERL_FLAGS, e.g.
+# ERL_FLAGS="+sbwt none +sbwtdcpu none +sbwtdio none" (recorded in the results' header).
+#
+# What it measures, in one VM, on the same subscriber processes (bench/support/*.ex):
+#   * fan-out to N = 1 .. 100 000 subscribers of one topic: caller-blocked and end-to-end
+#     time (median, p99), deliveries/s and, from N = 1 000, CPU time per delivery by VM
+#     thread class; for the NIF, Registry.dispatch/3 (the original), :pg and a send loop;
+#   * many topics (10 000 x 10): one dispatch at a time, and a burst over all topics;
+#   * subscribe/unsubscribe throughput from 1 and 2 processes, NIF vs Registry;
+#   * memory per subscription: NIF allocated_bytes vs the Registry's ETS tables;
+#   * one pass per sender_threads value (the :ex_atlas application restarts between);
+#   * the targets of issue 5 with PASS/MISS.
 
 # The parallel compiler resolves the support files' references to each other.
 {:ok, _modules, _warnings} =

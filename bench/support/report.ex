@@ -520,9 +520,13 @@ defmodule FanoutBench.Report do
       "",
       "`MIX_ENV=prod mix run bench/fanout.exs#{if opts.quick, do: " --quick", else: ""}` " <>
         "(sizes #{Enum.join(opts.sizes, ", ")}; sender_threads #{Enum.join(opts.threads, ", ")}). " <>
-        "Message `{:ex_atlas_fly_logs, app, entries}` with 20 small maps; the same " <>
-        "subscriber processes serve all four contenders, which run round-robin inside " <>
-        "each repetition.",
+        "Message `{:ex_atlas_fly_logs, app, entries}` with 20 small maps (`app` is " <>
+        "\"app1\"..\"app4\", one per contender, so each subscriber counts what it got " <>
+        "from whom); the same subscriber processes serve all four contenders, which run " <>
+        "round-robin inside each repetition. End to end = until the last of the N " <>
+        "subscribers has bumped its counter and told the waiting process. The machine " <>
+        "may be shared: the load averages below and the run-queue wait in the CPU tables " <>
+        "show how much.",
       "",
       "| | |",
       "|:---|:---|",
@@ -531,6 +535,9 @@ defmodule FanoutBench.Report do
       end),
       "",
       "![caller-blocked and end-to-end time against N](fanout.#{opts.chart})",
+      "",
+      "_Chart: medians of the pass with sender_threads = " <>
+        "#{primary_pass(passes).threads}; dashed: the NIF in the other passes._",
       "",
       "## Targets",
       "",
