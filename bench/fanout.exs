@@ -4,7 +4,8 @@
 #     MIX_ENV=prod mix run bench/fanout.exs            # full run, writes bench/results/fanout.*
 #     MIX_ENV=prod mix run bench/fanout.exs --quick    # seconds; writes to a temp dir (CI)
 #
-# Options: --sizes 1,10,100  --reps N  --threads 1,2  --topics T  --out DIR  --chart svg|png
+# Options: --sizes 1,10,100  --reps N  --threads 1,2  --delivery dirty|scheduler  --topics T
+#          --out DIR  --chart svg|png
 # A 100 000-subscriber run needs the default process limit (+P 262144) and a few GiB; the
 # full run takes about two minutes on 2 cores. Emulator flags go through ERL_FLAGS, e.g.
 # ERL_FLAGS="+sbwt none +sbwtdcpu none +sbwtdio none" (recorded in the results' header).

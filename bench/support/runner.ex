@@ -19,7 +19,8 @@ defmodule FanoutBench.Runner do
     threads: :string,
     topics: :integer,
     out: :string,
-    chart: :string
+    chart: :string,
+    delivery: :string
   ]
 
   @doc "Runs the benchmark with command-line `argv`; `bench_dir` is where fanout.exs lives."
@@ -59,7 +60,7 @@ defmodule FanoutBench.Runner do
     passes =
       for threads <- opts.threads do
         IO.puts("\n== pass: sender_threads = #{threads} ==")
-        restart_with_threads(threads)
+        restart_with_threads(threads, opts.delivery)
         nif_memory = subscribe_nif(pids, size_topics, many_topic, many_count)
         check_counts!(opts)
         pass = run_pass(ctx, opts, threads, many_topics, nif_memory, peer_memory)
@@ -199,14 +200,16 @@ defmodule FanoutBench.Runner do
     :ok
   end
 
-  defp restart_with_threads(threads) do
+  defp restart_with_threads(threads, delivery) do
     case Application.stop(:ex_atlas) do
       :ok -> :ok
       {:error, {:not_started, :ex_atlas}} -> :ok
     end
 
     fly = Application.get_env(:ex_atlas, :fly, [])
-    Application.put_env(:ex_atlas, :fly, Keyword.put(fly, :sender_threads, threads))
+    fly = Keyword.put(fly, :sender_threads, threads)
+    fly = if delivery, do: Keyword.put(fly, :delivery, delivery), else: fly
+    Application.put_env(:ex_atlas, :fly, fly)
     {:ok, _} = Application.ensure_all_started(:ex_atlas)
     %{threads: ^threads} = ExAtlas.Fly.Dispatcher.Backend.Registry.stats()
     :ok
@@ -224,7 +227,8 @@ defmodule FanoutBench.Runner do
 
     IO.puts(
       "  sizes: #{Enum.join(opts.sizes, ", ")}; sender_threads passes: " <>
-        "#{Enum.join(opts.threads, ", ")}; output: #{opts.out}"
+        "#{Enum.join(opts.threads, ", ")}; delivery: " <>
+        "#{opts.delivery || ExAtlas.Fly.Dispatcher.Config.delivery()}; output: #{opts.out}"
     )
   end
 
@@ -237,7 +241,8 @@ defmodule FanoutBench.Runner do
       Mix.raise(
         "unknown arguments #{inspect(rest ++ Enum.map(invalid, &elem(&1, 0)))}; usage: " <>
           "mix run bench/fanout.exs [--quick] [--sizes 1,10,100] [--reps N] " <>
-          "[--threads 1,2] [--topics T] [--out DIR] [--chart svg|png]"
+          "[--threads 1,2] [--delivery dirty|scheduler] [--topics T] [--out DIR] " <>
+          "[--chart svg|png]"
       )
     end
 
@@ -251,6 +256,14 @@ defmodule FanoutBench.Runner do
 
     chart = Keyword.get(parsed, :chart, "svg")
 
+    delivery =
+      case Keyword.get(parsed, :delivery) do
+        nil -> nil
+        "dirty" -> :dirty
+        "scheduler" -> :scheduler
+        other -> Mix.raise("expected --delivery to be dirty or scheduler, got: #{inspect(other)}")
+      end
+
     if chart not in ["svg", "png"],
       do: Mix.raise("expected --chart to be svg or png, got: #{inspect(chart)}")
 
@@ -263,6 +276,7 @@ defmodule FanoutBench.Runner do
       quick: quick,
       sizes: sizes,
       threads: threads,
+      delivery: delivery,
       topics: topics,
       out: Path.expand(Keyword.get(parsed, :out, default_out)),
       chart: chart,
