@@ -1,0 +1,385 @@
+defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
+  # Item 7 of the reliability suite: the registry's life around it. The application stops
+  # and starts under load, the code is reloaded and purged under load, and a VM with full
+  # lanes shuts down. Callers may get ArgumentError while the registry is down; nothing
+  # else may happen to them, nothing may crash the VM, and afterwards everything works.
+  use ExUnit.Case, async: false
+
+  import ExAtlas.Test.Reliability
+
+  require Logger
+
+  alias ExAtlas.Fly.Dispatcher
+  alias ExAtlas.Fly.Dispatcher.{Native, Sender}
+
+  @moduletag timeout: :infinity
+
+  @topic "lifecycle"
+
+  setup do
+    on_exit(fn ->
+      # Whatever a test left behind, the next one gets a running application.
+      {:ok, _} = Application.ensure_all_started(:ex_atlas)
+    end)
+  end
+
+  describe "stopping and starting the application" do
+    test "5 restarts while 4 producers dispatch and 4 churners subscribe" do
+      restarts(5)
+    end
+
+    @tag :soak
+    test "100 restarts while 4 producers dispatch and 4 churners subscribe (soak)" do
+      restarts(100)
+    end
+  end
+
+  defp restarts(count) do
+    workers = start_workers(4, 4)
+
+    for _ <- 1..count do
+      Process.sleep(20)
+      quietly(fn -> :ok = Application.stop(:ex_atlas) end)
+      Process.sleep(20)
+      {:ok, _} = Application.ensure_all_started(:ex_atlas)
+    end
+
+    Process.sleep(20)
+    outcomes = stop_workers(workers)
+    IO.puts("\nlifecycle, #{count} restarts under load: #{inspect(outcomes)}")
+
+    # Callers saw the registry come and go, and nothing but ArgumentError while it was away.
+    assert outcomes.ok > 0
+    assert outcomes.other == 0, "workers died: #{inspect(outcomes.died)}"
+    assert_working_registry()
+    assert_one_set_of_senders()
+  end
+
+  describe "reloading and purging the code" do
+    test "every module reloaded and soft-purged under load; the NIF bridge refuses the upgrade" do
+      workers = start_workers(2, 2)
+      subscriber = spawn_subscriber()
+      modules = Application.spec(:ex_atlas, :modules)
+
+      results =
+        quietly(fn ->
+          for module <- modules do
+            result = :code.load_file(module)
+            await_soft_purge(module)
+            {module, result}
+          end
+        end)
+
+      # The bridge keeps its loaded code: a second load of the library is refused (no
+      # upgrade callback), so the old module stays current and keeps its NIFs.
+      assert {Native, {:error, :on_load_failure}} in results
+      for {module, result} <- results, module != Native, do: assert(result == {:module, module})
+
+      outcomes = stop_workers(workers)
+      assert outcomes.other == 0 and outcomes.argument_error == 0, inspect(outcomes)
+      # The registry the code was reloaded under still holds its subscribers.
+      assert Dispatcher.count(@topic <> ":kept") == 1
+      assert_delivered(subscriber)
+      assert_working_registry()
+    end
+
+    test "the NIF bridge deleted, purged and loaded afresh: the VM survives, a restart heals" do
+      subscriber = spawn_subscriber()
+
+      # The current code becomes old and is purged, then a fresh copy loads the library
+      # again. Nobody calls the bridge meanwhile: a call to the deleted module would load
+      # it on its own (interactive mode) and race the load below, and concurrent loads of
+      # a module with @on_load can hang the code server in OTP 25 (erlang/otp#7466).
+      quietly(fn ->
+        :code.purge(Native)
+        true = :code.delete(Native)
+        :code.purge(Native)
+        {:module, Native} = :code.load_file(Native)
+      end)
+
+      # The dispatcher made by the old copy is a resource of the old library's type, which
+      # the new copy does not accept: every call with it raises ArgumentError, under load too.
+      assert_raise ArgumentError, fn -> Dispatcher.count(@topic) end
+      workers = start_workers(2, 2)
+      Process.sleep(100)
+      outcomes = stop_workers(workers)
+      assert outcomes.other == 0 and outcomes.ok == 0, inspect(outcomes)
+
+      # The old registry's monitors still fire into the old library's code, which stays
+      # mapped: a subscriber of it dying must not take the VM down.
+      kill_all([subscriber])
+
+      # A restart gives a working registry on the fresh code. The old dispatcher cannot be
+      # closed by the new code (its terminate/2 raises, logged), so it goes with its last
+      # reference.
+      quietly(fn ->
+        :ok = Application.stop(:ex_atlas)
+        {:ok, _} = Application.ensure_all_started(:ex_atlas)
+      end)
+
+      assert_working_registry()
+      assert_one_set_of_senders()
+    end
+  end
+
+  describe "VM shutdown with full lanes" do
+    test "init:stop/0 and System.halt/0 both end the VM promptly" do
+      ebin = Path.join(:code.lib_dir(:ex_atlas), "ebin")
+
+      runs =
+        for mode <- ["init_stop", "halt"] do
+          Task.async(fn -> {mode, run_vm(ebin, mode, 120_000)} end)
+        end
+
+      for {mode, {status, output}} <- Task.await_many(runs, :infinity) do
+        assert output =~ "FULL", "#{mode}: the lanes were not full before the stop:\n#{output}"
+        assert status == 0, "#{mode}: exit status #{status}:\n#{output}"
+
+        IO.puts(
+          "\nlifecycle, VM #{mode} with full lanes: exited 0; #{first_line(output, "FULL")}"
+        )
+      end
+    end
+  end
+
+  # --- workers -------------------------------------------------------------------------
+
+  # Producers dispatch and sync, churners subscribe (plain and with backpressure) and
+  # unsubscribe, all counting what happened; anything but :ok or ArgumentError stops them.
+  defp start_workers(producers, churners) do
+    parent = self()
+
+    for kind <- List.duplicate(:producer, producers) ++ List.duplicate(:churner, churners) do
+      spawn_monitor(fn -> work(kind, parent, %{ok: 0, argument_error: 0}) end)
+    end
+  end
+
+  defp work(kind, parent, counts) do
+    receive do
+      {:stop, ^parent} -> send(parent, {:worked, self(), counts})
+    after
+      0 ->
+        result =
+          try do
+            step(kind)
+            :ok
+          rescue
+            ArgumentError -> :argument_error
+          end
+
+        # The mailbox gets what this process subscribed to; keep it small.
+        flush()
+        work(kind, parent, Map.update!(counts, result, &(&1 + 1)))
+    end
+  end
+
+  defp step(:producer) do
+    :ok = Dispatcher.dispatch(@topic, {:lifecycle, self()})
+    if :rand.uniform(10) == 1, do: :ok = Dispatcher.sync()
+  end
+
+  defp step(:churner) do
+    if :rand.uniform(2) == 1,
+      do: :ok = Dispatcher.subscribe(@topic),
+      else: :ok = Dispatcher.subscribe_with_backpressure(@topic, threshold: 1_000)
+
+    true = Dispatcher.count(@topic) >= 0
+    :ok = Dispatcher.unsubscribe(@topic)
+  end
+
+  defp flush do
+    receive do
+      {:lifecycle, _} -> flush()
+      {:ex_atlas_fly_backpressure_evict, _} -> flush()
+    after
+      0 -> :ok
+    end
+  end
+
+  # Returns the summed counts; a worker that died of anything else counts in :other.
+  defp stop_workers(workers) do
+    for {pid, _} <- workers, do: send(pid, {:stop, self()})
+
+    Enum.reduce(workers, %{ok: 0, argument_error: 0, other: 0, died: []}, fn {pid, ref}, acc ->
+      receive do
+        {:worked, ^pid, counts} ->
+          receive(do: ({:DOWN, ^ref, :process, ^pid, _} -> :ok))
+
+          %{
+            acc
+            | ok: acc.ok + counts.ok,
+              argument_error: acc.argument_error + counts.argument_error
+          }
+
+        {:DOWN, ^ref, :process, ^pid, reason} ->
+          %{acc | other: acc.other + 1, died: [reason | acc.died]}
+      after
+        60_000 -> flunk("worker #{inspect(pid)} is stuck")
+      end
+    end)
+  end
+
+  # --- checks --------------------------------------------------------------------------
+
+  defp assert_working_registry do
+    topic = @topic <> ":after"
+    :ok = Dispatcher.subscribe(topic)
+    :ok = Dispatcher.dispatch(topic, {:works, topic})
+    :ok = Dispatcher.sync()
+    assert_received {:works, ^topic}
+    assert Dispatcher.count(topic) == 1
+    :ok = Dispatcher.unsubscribe(topic)
+    assert Dispatcher.count(topic) == 0
+  end
+
+  # Restarts left no sender process of an earlier registry behind.
+  defp assert_one_set_of_senders do
+    senders =
+      for pid <- Process.list(),
+          {:dictionary, dictionary} <- [Process.info(pid, :dictionary)],
+          dictionary[:"$initial_call"] == {Sender, :init, 1},
+          do: pid
+
+    assert length(senders) == stats().lanes
+  end
+
+  defp spawn_subscriber do
+    parent = self()
+
+    pid =
+      spawn(fn ->
+        :ok = Dispatcher.subscribe(@topic <> ":kept")
+        send(parent, {:subscribed, self()})
+        forward(parent)
+      end)
+
+    assert_receive {:subscribed, ^pid}, 5_000
+    pid
+  end
+
+  defp forward(parent) do
+    receive do
+      message -> send(parent, {:forwarded, self(), message}) && forward(parent)
+    end
+  end
+
+  defp assert_delivered(subscriber) do
+    :ok = Dispatcher.dispatch(@topic <> ":kept", :still_subscribed)
+    :ok = Dispatcher.sync()
+    assert_receive {:forwarded, ^subscriber, :still_subscribed}, 5_000
+    kill_all([subscriber])
+  end
+
+  defp await_soft_purge(module) do
+    eventually(
+      "old code of #{inspect(module)} purged",
+      fn -> :code.soft_purge(module) end,
+      30_000
+    )
+  end
+
+  defp quietly(fun) do
+    ExUnit.CaptureLog.capture_log(fn ->
+      send(self(), {:quietly, fun.()})
+      # Reports of other processes (the code server's on_load warning) arrive a moment later.
+      Process.sleep(50)
+      Logger.flush()
+    end)
+
+    assert_received {:quietly, result}
+    result
+  end
+
+  # --- a VM of its own ---------------------------------------------------------------
+
+  # Starts `elixir` on the build's ebin, fills the lanes with a tiny capacity, prints the
+  # stats with FULL, stops the VM the given way and returns {exit status, output}.
+  defp run_vm(ebin, mode, timeout) do
+    script =
+      Path.join(
+        System.tmp_dir!(),
+        "ex_atlas_full_#{mode}_#{System.unique_integer([:positive])}.exs"
+      )
+
+    File.write!(script, vm_script(mode))
+    elixir = System.find_executable("elixir") || flunk("elixir not on PATH")
+
+    port =
+      Port.open({:spawn_executable, elixir}, [
+        :binary,
+        :exit_status,
+        :stderr_to_stdout,
+        args: ["-pa", ebin, script]
+      ])
+
+    {:os_pid, os_pid} = Port.info(port, :os_pid)
+    deadline = System.monotonic_time(:millisecond) + timeout
+
+    try do
+      collect_vm(port, os_pid, deadline, "")
+    after
+      File.rm(script)
+    end
+  end
+
+  defp collect_vm(port, os_pid, deadline, output) do
+    receive do
+      {^port, {:data, data}} -> collect_vm(port, os_pid, deadline, output <> data)
+      {^port, {:exit_status, status}} -> {status, output}
+    after
+      max(deadline - System.monotonic_time(:millisecond), 0) ->
+        System.cmd("kill", ["-9", Integer.to_string(os_pid)])
+        flunk("the VM did not exit within the timeout; output so far:\n#{output}")
+    end
+  end
+
+  defp vm_script(mode) do
+    """
+    Application.put_env(:ex_atlas, :fly, queue_capacity: 2, sender_threads: 2)
+    {:ok, _} = Application.ensure_all_started(:ex_atlas)
+    alias ExAtlas.Fly.Dispatcher
+    alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
+
+    parent = self()
+    # Subscribers that never read: every delivery stays in a mailbox.
+    for _ <- 1..20_000 do
+      spawn(fn ->
+        :ok = Dispatcher.subscribe("full")
+        send(parent, :subscribed)
+        Process.sleep(:infinity)
+      end)
+    end
+    for _ <- 1..20_000, do: receive(do: (:subscribed -> :ok))
+
+    # Producers that never stop: every lane at its bound, the producers waiting for room.
+    for id <- 1..8 do
+      spawn(fn ->
+        Stream.iterate(1, &(&1 + 1))
+        |> Enum.each(&Dispatcher.dispatch("full", {:full, id, &1, :binary.copy("x", 200)}))
+      end)
+    end
+
+    full = fn full ->
+      stats = RegistryBackend.stats()
+      if stats.max_queued >= stats.queue_capacity and stats.waiting > 0,
+        do: stats,
+        else: Process.sleep(5) && full.(full)
+    end
+
+    IO.puts("FULL " <> inspect(Map.take(full.(full), [:queued, :max_queued, :queue_capacity, :waiting])))
+
+    case "#{mode}" do
+      "init_stop" ->
+        :init.stop()
+        Process.sleep(:infinity)
+
+      "halt" ->
+        System.halt()
+    end
+    """
+  end
+
+  defp first_line(output, prefix) do
+    output |> String.split("\n") |> Enum.find("", &String.starts_with?(&1, prefix))
+  end
+end
