@@ -4,6 +4,8 @@
 pub mod fanout;
 pub mod memory;
 pub mod registry;
+#[cfg(test)]
+mod stress_tests;
 
 #[global_allocator]
 static ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
