@@ -178,13 +178,20 @@ mod nif {
     }
 
     #[rustler::nif]
-    fn set_senders(dispatcher: ResourceArc<Dispatcher>, senders: Vec<LocalPid>) -> Atom {
+    fn set_senders(
+        dispatcher: ResourceArc<Dispatcher>,
+        senders: Term<'_>,
+    ) -> rustler::NifResult<Atom> {
+        // rustler's list decoder panics at an improper tail; enif_get_list_length refuses
+        // one with badarg instead.
+        senders.list_length()?;
+        let senders: Vec<LocalPid> = senders.decode()?;
         let mut state = dispatcher.lock();
         if !state.senders.is_empty() || senders.len() != dispatcher.lanes.len() {
-            return atoms::already_set();
+            return Ok(atoms::already_set());
         }
         state.senders.extend(senders);
-        atoms::ok()
+        Ok(atoms::ok())
     }
 
     #[rustler::nif]
