@@ -33,7 +33,7 @@ defmodule ExAtlas.Fly.Dispatcher do
     across topics too, as a `send/2` loop would deliver them.
   * Nothing dispatched after `unsubscribe/1` returns reaches the unsubscribed process.
   * A subscriber that exits is removed from every topic by a process monitor.
-  * Memory is bounded: each sender queue holds at most `:queue_capacity` dispatches
+  * Memory is bounded: each lane holds at most `:queue_capacity` dispatches in flight
     (default 1 024). When it is full, `dispatch/2` waits for room on a dirty I/O
     scheduler; nothing is dropped.
   * `sync/0` returns once everything the caller dispatched before is in the
@@ -43,8 +43,18 @@ defmodule ExAtlas.Fly.Dispatcher do
 
       config :ex_atlas, :fly,
         enabled: true,          # false: the :ex_atlas application starts no registry
-        sender_threads: 2,      # default: schedulers online
-        queue_capacity: 1_024   # dispatches queued per sender thread
+        sender_threads: 2,      # fan-out lanes, one sender process each; default: schedulers online
+        queue_capacity: 1_024,  # dispatches in flight per lane before dispatch/2 waits
+        delivery: :scheduler    # or :dirty, see below
+
+  Each lane's sender process delivers its batches through NIF calls that send with the
+  sender's own process environment (which lets the VM copy straight onto each receiver's
+  heap). With `delivery: :scheduler` (default) a call sends to at most 256 pids on the
+  sender's normal scheduler, so no call comes near 1 ms and the sender is preempted
+  between calls like any send loop. With `delivery: :dirty` everything past the first 64
+  pids of a batch is sent from dirty CPU schedulers, so no normal scheduler ever does work
+  that grows with the subscribers; on a 2-core machine it delivers about a third more
+  slowly, because the dirty threads then compete with the schedulers for the cores.
 
   ## Example
 

@@ -25,6 +25,7 @@ mod nif {
     use std::panic::{catch_unwind, AssertUnwindSafe};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Mutex, MutexGuard};
+    use std::time::Instant;
 
     /// Most pids one normal-scheduler `deliver` call sends: a bounded cost (a few
     /// hundred microseconds at worst) that keeps every call far under 1 ms.
@@ -340,7 +341,13 @@ mod nif {
         limit: usize,
     ) -> Atom {
         let limit = limit.clamp(1, MAX_SCHEDULER_SLICE);
-        if deliver_some(env, &dispatcher, &batch, message, limit) {
+        let started = Instant::now();
+        let done = deliver_some(env, &dispatcher, &batch, message, limit);
+        // Tell the VM how much of the ~1 ms timeslice this took, so the sender is
+        // preempted on time even when the message is too small to cost reductions.
+        let percent = (started.elapsed().as_micros() / 10).clamp(1, 100) as i32;
+        rustler::schedule::consume_timeslice(env, percent);
+        if done {
             atoms::ok()
         } else {
             atoms::more()

@@ -6,7 +6,8 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
   alias ExAtlas.Fly.Dispatcher.Backend
 
   @default_queue_capacity 1_024
-  @default_delivery :dirty
+  # Picked from bench/fanout.exs: see the `delivery:` notes in ExAtlas.Fly.Dispatcher.
+  @default_delivery :scheduler
 
   @type mode :: :registry | :phoenix_pubsub | {:mfa, {module(), atom(), list()}}
 
