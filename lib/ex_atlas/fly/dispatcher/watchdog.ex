@@ -4,9 +4,12 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   #
   # One process (this GenServer, started beside the registry by
   # `ExAtlas.Fly.Dispatcher.Supervisor`) watches every subscription. Measured on the 2-core
-  # machine with 10 000 idle subscribers polled every second (bench/results/watchdog.md):
-  # one poller cost about 0.4-0.8% of one scheduler and 3 MB, one process per subscription
-  # 1.2-3.5% and 27-70 MB. So: one poller, with one timer per distinct `:poll_ms`.
+  # machine with 10 000 idle subscribers polled every second (bench/watchdog.exs, figures
+  # in bench/results/watchdog.md): one poller took 0.4-0.9% of one scheduler, 0.4% of a
+  # core in CPU time and about 1 MiB; one process per subscription 1.1-3.9% of a
+  # scheduler, 1.5-32% of a core (10 000 wake-ups a second keep schedulers spinning) and
+  # 28-68 MiB. So: one poller, with one timer per distinct `:poll_ms`. Its cost grows
+  # linearly: 100 000 watches at poll_ms 1 000 took 3.4% of a scheduler (one run).
   #
   # State:
   #   * `groups`: poll_ms => %{timer: ref, polls: n, watches: %{{pid, topic} => watch}};
@@ -15,7 +18,9 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   #     never a link, so neither side's crash takes the other down.
   #   * an ETS table (named, protected) {pid, topic} => poll_ms: the index that finds a
   #     watch's group, and that `unsubscribed/1` reads in the caller so unwatched callers of
-  #     `unsubscribe/1` never message this process.
+  #     `unsubscribe/1` never message this process;
+  #   * an :atomics counting the watches, so that while there are none `unsubscribe/1`
+  #     does not even look in the table.
   #
   # A watch is per (subscriber, topic). Subscribing twice with backpressure to one topic
   # makes two registry entries (two deliveries per dispatch) and one watch with the latest
@@ -33,6 +38,9 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   alias ExAtlas.Fly.Dispatcher.Config
 
   @table __MODULE__
+  # The number of watches, in an :atomics published once per watchdog start, so callers of
+  # unsubscribe/1 skip the ETS lookup while nothing is watched.
+  @count_key {__MODULE__, :watches}
   @defaults [threshold: 10_000, poll_ms: 1_000, cooldown_ms: 0]
   # `:erlang.start_timer/3` refuses times near 2^62 ms; a poll every 2^32 - 1 ms (49 days)
   # is already far past any useful interval.
@@ -62,7 +70,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
         _ = Backend.Registry.dispatcher!()
         watchdog = GenServer.whereis(__MODULE__) || raise not_started()
         :ok = Backend.Registry.subscribe(topic, arg)
-        GenServer.call(watchdog, {:watch, self(), topic, opts})
+        watch(watchdog, topic, opts)
 
       {backend, arg} ->
         :ok = backend.subscribe(topic, arg)
@@ -77,15 +85,26 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
     end
   end
 
+  defp watch(watchdog, topic, opts) do
+    GenServer.call(watchdog, {:watch, self(), topic, opts})
+  catch
+    # The watchdog stopped during the call, almost always because the application (and
+    # the registry, with the caller's new entry) is stopping: callers see ArgumentError,
+    # as from every other call then. After a crash of the watchdog alone, the entry stays,
+    # unwatched; the caller was told the call failed.
+    :exit, {reason, _} when reason != :timeout -> raise not_started()
+  end
+
   @doc """
   Ends the caller's watch on `topic`, if any; called by `unsubscribe/1` after the registry
-  removed the caller. Costs one ETS lookup when the caller is not watched.
+  removed the caller. Costs one :atomics read while nothing is watched, plus one ETS lookup
+  while something is; the watchdog hears only from watched callers.
   """
   @spec unsubscribed(binary()) :: :ok
   def unsubscribed(topic) do
     key = {self(), topic}
 
-    if :ets.whereis(@table) != :undefined and safe_member?(key) do
+    if any_watches?() and watched?(key) do
       try do
         GenServer.call(__MODULE__, {:unwatch, key})
       catch
@@ -97,9 +116,17 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
     end
   end
 
-  defp safe_member?(key) do
+  defp any_watches? do
+    case :persistent_term.get(@count_key, nil) do
+      nil -> false
+      count -> :atomics.get(count, 1) > 0
+    end
+  end
+
+  defp watched?(key) do
     :ets.member(@table, key)
   rescue
+    # No table: no watchdog runs (the application is stopped).
     ArgumentError -> false
   end
 
@@ -186,7 +213,9 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   @impl true
   def init([]) do
     table = :ets.new(@table, [:set, :protected, :named_table, read_concurrency: true])
-    {:ok, %{table: table, groups: %{}, subscribers: %{}}}
+    count = :atomics.new(1, signed: false)
+    :persistent_term.put(@count_key, count)
+    {:ok, %{table: table, count: count, groups: %{}, subscribers: %{}}}
   end
 
   @impl true
@@ -202,6 +231,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
           {watch.above_since, drop_from_group(state, old_poll, key)}
 
         [] ->
+          :atomics.add(state.count, 1, 1)
           {nil, add_subscriber(state, pid, topic)}
       end
 
@@ -260,6 +290,8 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   def handle_info({:DOWN, ref, :process, pid, _reason}, state) do
     case state.subscribers do
       %{^pid => {^ref, topics}} ->
+        state = %{state | subscribers: Map.delete(state.subscribers, pid)}
+
         state =
           Enum.reduce(Map.keys(topics), state, fn topic, acc -> unwatch(acc, {pid, topic}) end)
 
@@ -334,6 +366,8 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   defp unwatch(state, {pid, topic} = key) do
     case :ets.take(state.table, key) do
       [{^key, poll_ms}] ->
+        :atomics.sub(state.count, 1, 1)
+
         state
         |> drop_from_group(poll_ms, key)
         |> drop_subscriber(pid, topic)
@@ -379,7 +413,9 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   defp drop_subscriber(state, pid, topic) do
     case state.subscribers do
       %{^pid => {ref, topics}} when map_size(topics) == 1 ->
-        Process.demonitor(ref, [:flush])
+        # No :flush: it would scan the whole mailbox, and after a mass exit or unsubscribe
+        # that is thousands of messages per call. A :DOWN already queued is ignored above.
+        Process.demonitor(ref)
         %{state | subscribers: Map.delete(state.subscribers, pid)}
 
       %{^pid => {ref, topics}} ->

@@ -309,6 +309,7 @@ defmodule ExAtlas.Fly.Dispatcher.WatchdogTest do
       assert Process.info(dog, :monitors) == {:monitors, []}
       assert {:links, [_supervisor]} = Process.info(dog, :links)
       assert :ets.info(Watchdog, :size) == 0
+      assert :atomics.get(:persistent_term.get({Watchdog, :watches}), 1) == 0
       assert :erlang.read_timer(long_timer) == false
       assert %{groups: groups, subscribers: subscribers_left} = :sys.get_state(dog)
       assert groups == %{} and subscribers_left == %{}
@@ -340,6 +341,38 @@ defmodule ExAtlas.Fly.Dispatcher.WatchdogTest do
       assert Process.whereis(Watchdog) == dog
       assert Process.alive?(dog)
       assert {:links, [_supervisor]} = Process.info(dog, :links)
+    end
+
+    test "a watchdog that stops during the call: ArgumentError, then a fresh one works" do
+      dog = watchdog()
+      topic = unique_topic("restart")
+      parent = self()
+      :ok = :sys.suspend(dog)
+
+      caller =
+        spawn(fn ->
+          result =
+            try do
+              Dispatcher.subscribe_with_backpressure(topic, poll_ms: 10)
+            rescue
+              error in ArgumentError -> {:raised, error.message}
+            end
+
+          send(parent, {:result, self(), result})
+        end)
+
+      # The call is waiting in the suspended watchdog's mailbox.
+      eventually(fn -> Process.info(dog, :message_queue_len) == {:message_queue_len, 1} end)
+      Process.exit(dog, :kill)
+      assert_receive {:result, ^caller, {:raised, message}}, 5_000
+      assert message =~ "watchdog is not running"
+
+      # Its supervisor starts a fresh watchdog beside the same registry.
+      eventually(fn -> watchdog() not in [nil, dog] end)
+      pid = spawn_watched(topic <> ":after", threshold: 5, poll_ms: 10)
+      flood(topic <> ":after", 20)
+      assert_eviction_logged(topic <> ":after", pid, 5)
+      send(pid, :stop)
     end
 
     test "options are validated: wrong values and unknown keys raise ArgumentError" do
