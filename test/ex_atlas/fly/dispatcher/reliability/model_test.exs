@@ -251,6 +251,8 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.ModelTest do
   # Item 1 of the reliability suite: a PropEr stateful property. See RegistryModel above.
   use ExUnit.Case, async: false
 
+  import ExAtlas.Test.FlyEnv, only: [restart_app: 1]
+
   alias ExAtlas.Fly.Dispatcher.Reliability.RegistryModel, as: Model
 
   @moduletag timeout: :infinity
@@ -265,6 +267,13 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.ModelTest do
   @tag :soak
   test "random command sequences match the pure model (#{@soak[:numtests]} sequences, soak)" do
     check(@soak)
+  end
+
+  # Both delivery paths (`config :ex_atlas, :fly, delivery:`): the default above, the
+  # other one here.
+  test "random command sequences match the pure model with the other delivery path" do
+    restart_app(delivery: other_delivery())
+    check(@short)
   end
 
   defp check(opts) do
@@ -336,5 +345,9 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.ModelTest do
     #{Enum.join(lines, "\n")}
     outcome when re-run: #{inspect(outcome)}#{Enum.join(mismatch)}
     """
+  end
+
+  defp other_delivery do
+    if ExAtlas.Fly.Dispatcher.Config.delivery() == :dirty, do: :scheduler, else: :dirty
   end
 end

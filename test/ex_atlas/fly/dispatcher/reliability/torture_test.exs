@@ -19,6 +19,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.TortureTest do
   use ExUnit.Case, async: false
 
   import ExAtlas.Test.Reliability
+  import ExAtlas.Test.FlyEnv, only: [restart_app: 1]
 
   alias ExAtlas.Fly.Dispatcher
 
@@ -39,6 +40,13 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.TortureTest do
     torture(@soak_ms)
   end
 
+  # Both delivery paths (`config :ex_atlas, :fly, delivery:`): the default above, the
+  # other one here.
+  test "#{@dispatchers} dispatchers, #{@subscribers} churning subscribers, #{@short_ms} ms, the other delivery path" do
+    restart_app(delivery: other_delivery())
+    torture(@short_ms)
+  end
+
   defp topic(index), do: "torture:#{index}"
 
   defp torture(duration) do
@@ -46,7 +54,10 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.TortureTest do
     parent = self()
     deadline = System.monotonic_time(:millisecond) + duration
 
-    subscribers = MapSet.new(1..@subscribers, fn _ -> spawn_subscriber(parent, tickets) end)
+    # Half the population lives to the end, so "exactly once" is checked in full for them;
+    # the other half exits along the way and is replaced by newcomers that exit too.
+    subscribers =
+      MapSet.new(1..@subscribers, fn i -> spawn_subscriber(parent, tickets, rem(i, 2) == 0) end)
 
     for id <- 1..@dispatchers do
       spawn_link(fn -> dispatcher(id, parent, tickets, deadline) end)
@@ -63,7 +74,8 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.TortureTest do
     summary = verify(logs, reports)
 
     IO.puts(
-      "\ntorture #{duration} ms: #{summary.dispatches} dispatches, " <>
+      "\ntorture #{duration} ms (delivery #{inspect(ExAtlas.Fly.Dispatcher.Config.delivery())}): " <>
+        "#{summary.dispatches} dispatches, " <>
         "#{summary.received} deliveries to #{summary.subscribers} subscribers " <>
         "(#{summary.exited} exited during the run), #{summary.windows} windows, " <>
         "#{summary.must} had to arrive, #{summary.boundary} boundary deliveries"
@@ -88,7 +100,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.TortureTest do
 
           live =
             if System.monotonic_time(:millisecond) < deadline,
-              do: MapSet.put(live, spawn_subscriber(self(), report.tickets)),
+              do: MapSet.put(live, spawn_subscriber(self(), report.tickets, true)),
               else: live
 
           run(live, logs, [report | reports], deadline)
@@ -133,7 +145,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.TortureTest do
 
   # --- subscribers -----------------------------------------------------------------
 
-  defp spawn_subscriber(parent, tickets) do
+  defp spawn_subscriber(parent, tickets, mortal?) do
     spawn(fn ->
       state = %{
         parent: parent,
@@ -143,9 +155,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.TortureTest do
         received: [],
         last: %{},
         violations: [],
-        # Half the population lives to the end, so "exactly once" is checked in full for
-        # them; the other half exits along the way.
-        mortal: :rand.uniform(2) == 1
+        mortal: mortal?
       }
 
       churn(state)
@@ -193,14 +203,20 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.TortureTest do
     wait(state, System.monotonic_time(:millisecond) + :rand.uniform(6) - 1)
   end
 
+  # Handles deliveries until `until`, then churns on even if more are queued: a steady
+  # stream of deliveries must not starve the churn (what is queued waits for the next wait).
   defp wait(state, until) do
-    timeout = max(until - System.monotonic_time(:millisecond), 0)
+    timeout = until - System.monotonic_time(:millisecond)
 
-    receive do
-      {:torture, sender, s, index} -> wait(record(state, sender, s, index), until)
-      :stop -> finish(state, false)
-    after
-      timeout -> churn(state)
+    if timeout <= 0 do
+      churn(state)
+    else
+      receive do
+        {:torture, sender, s, index} -> wait(record(state, sender, s, index), until)
+        :stop -> finish(state, false)
+      after
+        timeout -> churn(state)
+      end
     end
   end
 
@@ -352,5 +368,9 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.TortureTest do
     if s > ticket,
       do: first_after(sorted, ticket, low, mid),
       else: first_after(sorted, ticket, mid + 1, high)
+  end
+
+  defp other_delivery do
+    if ExAtlas.Fly.Dispatcher.Config.delivery() == :dirty, do: :scheduler, else: :dirty
   end
 end
