@@ -13,6 +13,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.BadInputTest do
   alias ExAtlas.Fly.Dispatcher.Native
 
   @moduletag timeout: :infinity
+  @moduletag :capture_log
 
   @short 10_000
   @subscribed_topic "bad-input:subscribed"

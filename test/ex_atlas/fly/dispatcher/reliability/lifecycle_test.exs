@@ -13,6 +13,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
   alias ExAtlas.Fly.Dispatcher.{Native, Sender}
 
   @moduletag timeout: :infinity
+  @moduletag :capture_log
 
   @topic "lifecycle"
 
