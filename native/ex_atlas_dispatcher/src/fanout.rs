@@ -136,6 +136,11 @@ impl Lanes {
         result
     }
 
+    /// True when `lane` has no batch in flight: everything handed to it was delivered.
+    pub fn is_idle(&self, lane: usize) -> bool {
+        self.lane(lane).in_flight.load(Ordering::SeqCst) == 0
+    }
+
     /// Gives back one credit of `lane` after its batch was delivered.
     pub fn release(&self, lane: usize) {
         let lane = self.lane(lane);
@@ -220,11 +225,14 @@ mod tests {
     #[test]
     fn a_lane_holds_at_most_capacity_batches() {
         let lanes = Lanes::new(2, 3);
+        assert!(lanes.is_idle(0) && lanes.is_idle(1));
         for _ in 0..3 {
             lanes.try_reserve(0).unwrap();
         }
         assert_eq!(lanes.try_reserve(0), Err(Refused::Full));
         assert_eq!(lanes.try_reserve(1), Ok(()), "lanes are independent");
+        assert!(!lanes.is_idle(0));
+        assert!(!lanes.is_idle(1));
         lanes.release(0);
         assert_eq!(lanes.try_reserve(0), Ok(()));
         let stats = lanes.stats();

@@ -30,6 +30,9 @@ mod nif {
     /// Most pids one normal-scheduler `deliver` call sends: a bounded cost (a few
     /// hundred microseconds at worst) that keeps every call far under 1 ms.
     const MAX_SCHEDULER_SLICE: usize = 256;
+    /// A dispatch to at most this many subscriptions is sent by the caller itself (a few
+    /// microseconds) when the lanes involved have nothing in flight.
+    const INLINE_DISPATCH: usize = 16;
     /// Pids delivered per dirty NIF call before handing control back to the sender
     /// process, so a huge topic never holds a dirty scheduler for long.
     const DIRTY_SLICE: usize = 16_384;
@@ -264,8 +267,18 @@ mod nif {
                 state.senders.clone(),
             )
         };
+        let small = snapshot.iter().map(|(_, part)| part.len()).sum::<usize>() <= INLINE_DISPATCH;
         let mut batches = snapshot.into_iter();
         while let Some((lane, part)) = batches.next() {
+            // A lane with nothing in flight has delivered everything this caller handed
+            // it before, so sending a small batch right here keeps per-caller order and
+            // saves the hop through the sender process.
+            if small && dispatcher.lanes.is_idle(lane) {
+                for pid in part.pids() {
+                    let _ = env.send(&pid_from_raw(pid), message);
+                }
+                continue;
+            }
             match dispatcher.lanes.try_reserve(lane) {
                 Ok(()) => {
                     if !hand_over(env, &dispatcher, &senders, lane, part, message) {

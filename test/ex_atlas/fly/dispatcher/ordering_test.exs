@@ -86,6 +86,46 @@ defmodule ExAtlas.Fly.Dispatcher.OrderingTest do
     end
   end
 
+  # A dispatch to a few subscriptions is sent by the caller itself when the lanes involved
+  # have nothing in flight; it must never overtake a batch of a larger dispatch that the
+  # same caller queued just before.
+  test "small dispatches sent inline never overtake the caller's queued batches" do
+    big = unique_topic("big")
+    small = unique_topic("small")
+    parent = self()
+    rounds = 400
+    expected = Enum.to_list(1..(2 * rounds))
+
+    # Six subscribers get both topics (every number, in order); 300 more make `big` large
+    # enough to always go through the sender processes.
+    both =
+      for _ <- 1..6 do
+        pid = spawn_link(fn -> subscriber([big, small], expected, parent) end)
+        assert_receive {:subscribed, ^pid}, 5_000
+        pid
+      end
+
+    only_big = for n <- 1..(2 * rounds), rem(n, 2) == 1, do: n
+
+    crowd =
+      for _ <- 1..300 do
+        pid = spawn_link(fn -> subscriber([big], only_big, parent) end)
+        assert_receive {:subscribed, ^pid}, 5_000
+        pid
+      end
+
+    for r <- 1..rounds do
+      :ok = Dispatcher.dispatch(big, {:seq, 1, 2 * r - 1})
+      :ok = Dispatcher.dispatch(small, {:seq, 1, 2 * r})
+    end
+
+    :ok = Dispatcher.sync()
+
+    for pid <- both ++ crowd, do: send(pid, :report)
+    for pid <- both, do: assert_receive({:report, ^pid, %{1 => {:ok, 800}}}, 30_000)
+    for pid <- crowd, do: assert_receive({:report, ^pid, %{1 => {:ok, 400}}}, 30_000)
+  end
+
   defp duplicate_evens(numbers) do
     Enum.flat_map(numbers, fn n -> if rem(n, 2) == 0, do: [n, n], else: [n] end)
   end
