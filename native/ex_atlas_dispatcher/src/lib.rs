@@ -17,14 +17,14 @@ mod nif {
     use crate::{fanout, memory, registry};
 
     use fanout::{Lanes, Refused};
-    use registry::{Part, Registry, SubscribeError};
+    use registry::{ClosedError, Part, Sharded, SubscribeError};
     use rustler::sys::ErlNifPid;
     use rustler::types::binary::NewBinary;
     use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, Resource, ResourceArc, Term};
     use smallvec::SmallVec;
     use std::panic::{catch_unwind, AssertUnwindSafe};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::{Mutex, MutexGuard};
+    use std::sync::{Mutex, OnceLock};
     use std::time::Instant;
 
     /// Most pids one normal-scheduler `deliver` call sends: a bounded cost (a few
@@ -65,26 +65,18 @@ mod nif {
         }
     }
 
-    struct State {
-        registry: Registry<Monitor>,
-        senders: SmallVec<[LocalPid; 4]>,
-        closed: bool,
-    }
-
-    /// One dispatcher: the registry plus the bounds of its fan-out lanes. Held by the
-    /// Elixir side as a resource; process monitors belong to it.
+    /// One dispatcher: the registry (one shard per lane) plus the bounds of its fan-out
+    /// lanes and the lanes' sender processes. Held by the Elixir side as a resource;
+    /// process monitors belong to it.
     pub struct Dispatcher {
-        state: Mutex<State>,
+        registry: Sharded<Monitor>,
         lanes: Lanes,
+        senders: OnceLock<SmallVec<[LocalPid; 4]>>,
     }
 
     impl Dispatcher {
-        fn lock(&self) -> MutexGuard<'_, State> {
-            // Every critical section leaves the registry consistent before anything
-            // that could panic, so a poisoned lock is still safe to use.
-            self.state
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        fn senders(&self) -> &[LocalPid] {
+            self.senders.get().map_or(&[], |senders| senders.as_slice())
         }
     }
 
@@ -95,7 +87,7 @@ mod nif {
         fn down<'a>(&'a self, _env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
             // rustler catches panics here too, but do not rely on the version for that.
             let _ = catch_unwind(AssertUnwindSafe(|| {
-                self.lock().registry.remove_subscriber(pid_to_raw(&pid));
+                self.registry.remove_subscriber(pid_to_raw(&pid));
             }));
         }
     }
@@ -172,12 +164,9 @@ mod nif {
         }
         let lanes = Lanes::new(lanes, queue_capacity);
         Ok(ResourceArc::new(Dispatcher {
-            state: Mutex::new(State {
-                registry: Registry::new(lanes.len()),
-                senders: SmallVec::new(),
-                closed: false,
-            }),
+            registry: Sharded::new(lanes.len()),
             lanes,
+            senders: OnceLock::new(),
         }))
     }
 
@@ -190,30 +179,28 @@ mod nif {
         // one with badarg instead.
         senders.list_length()?;
         let senders: Vec<LocalPid> = senders.decode()?;
-        let mut state = dispatcher.lock();
-        if !state.senders.is_empty() || senders.len() != dispatcher.lanes.len() {
+        if senders.len() != dispatcher.lanes.len() {
             return Ok(atoms::already_set());
         }
-        state.senders.extend(senders);
-        Ok(atoms::ok())
+        match dispatcher.senders.set(senders.into_iter().collect()) {
+            Ok(()) => Ok(atoms::ok()),
+            Err(_) => Ok(atoms::already_set()),
+        }
     }
 
     #[rustler::nif]
     fn subscribe(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>, topic: Binary<'_>) -> Atom {
         let pid = env.pid();
-        let mut state = dispatcher.lock();
-        if state.closed {
-            return atoms::closed();
-        }
-        let result = state
+        let result = dispatcher
             .registry
             .subscribe(topic.as_slice(), pid_to_raw(&pid), || {
                 dispatcher.monitor(Some(env), &pid)
             });
         match result {
-            Ok(()) => atoms::ok(),
-            Err(SubscribeError::NotAlive) => atoms::not_alive(),
-            Err(SubscribeError::TooManyTopics) => atoms::too_many_topics(),
+            Ok(Ok(())) => atoms::ok(),
+            Ok(Err(SubscribeError::NotAlive)) => atoms::not_alive(),
+            Ok(Err(SubscribeError::TooManyTopics)) => atoms::too_many_topics(),
+            Err(ClosedError) => atoms::closed(),
         }
     }
 
@@ -224,10 +211,7 @@ mod nif {
         topic: &[u8],
         pid: &LocalPid,
     ) -> usize {
-        let removed = dispatcher
-            .lock()
-            .registry
-            .unsubscribe(topic, pid_to_raw(pid));
+        let removed = dispatcher.registry.unsubscribe(topic, pid_to_raw(pid));
         if let Some(monitor) = removed.released {
             dispatcher.demonitor(Some(env), &monitor);
         }
@@ -257,16 +241,10 @@ mod nif {
         topic: Binary<'a>,
         message: Term<'a>,
     ) -> Term<'a> {
-        let (snapshot, senders) = {
-            let state = dispatcher.lock();
-            if state.closed {
-                return atoms::closed().encode(env);
-            }
-            (
-                state.registry.snapshot(topic.as_slice()),
-                state.senders.clone(),
-            )
+        let Ok(snapshot) = dispatcher.registry.snapshot(topic.as_slice()) else {
+            return atoms::closed().encode(env);
         };
+        let senders = dispatcher.senders();
         let small = snapshot.iter().map(|(_, part)| part.len()).sum::<usize>() <= INLINE_DISPATCH;
         let mut batches = snapshot.into_iter();
         while let Some((lane, part)) = batches.next() {
@@ -281,7 +259,7 @@ mod nif {
             }
             match dispatcher.lanes.try_reserve(lane) {
                 Ok(()) => {
-                    if !hand_over(env, &dispatcher, &senders, lane, part, message) {
+                    if !hand_over(env, &dispatcher, senders, lane, part, message) {
                         return atoms::closed().encode(env);
                     }
                 }
@@ -308,10 +286,10 @@ mod nif {
     ) -> Atom {
         let batches =
             std::mem::take(&mut *pending.batches.lock().unwrap_or_else(|p| p.into_inner()));
-        let senders = dispatcher.lock().senders.clone();
+        let senders = dispatcher.senders();
         for (lane, part) in batches {
             if dispatcher.lanes.reserve(lane).is_err()
-                || !hand_over(env, &dispatcher, &senders, lane, part, message)
+                || !hand_over(env, &dispatcher, senders, lane, part, message)
             {
                 return atoms::closed();
             }
@@ -383,12 +361,15 @@ mod nif {
 
     #[rustler::nif]
     fn count(dispatcher: ResourceArc<Dispatcher>, topic: Binary<'_>) -> usize {
-        dispatcher.lock().registry.count(topic.as_slice())
+        dispatcher.registry.count(topic.as_slice())
     }
 
     #[rustler::nif(schedule = "DirtyCpu")]
     fn subscribers(dispatcher: ResourceArc<Dispatcher>, topic: Binary<'_>) -> Vec<LocalPid> {
-        let snapshot = dispatcher.lock().registry.snapshot(topic.as_slice());
+        let snapshot = dispatcher
+            .registry
+            .snapshot(topic.as_slice())
+            .unwrap_or_default();
         snapshot
             .iter()
             .flat_map(|(_, part)| part.pids())
@@ -402,7 +383,7 @@ mod nif {
         dispatcher: ResourceArc<Dispatcher>,
         pid: LocalPid,
     ) -> Vec<Term<'a>> {
-        let names = dispatcher.lock().registry.topics_of(pid_to_raw(&pid));
+        let names = dispatcher.registry.topics_of(pid_to_raw(&pid));
         names
             .iter()
             .map(|name| {
@@ -413,9 +394,10 @@ mod nif {
             .collect()
     }
 
-    #[rustler::nif]
+    // Counting distinct topics walks every topic name: dirty, like any O(topics) call.
+    #[rustler::nif(schedule = "DirtyCpu")]
     fn stats(dispatcher: ResourceArc<Dispatcher>) -> Vec<(Atom, u64)> {
-        let registry = dispatcher.lock().registry.stats();
+        let registry = dispatcher.registry.stats();
         let lanes = dispatcher.lanes.stats();
         vec![
             (atoms::topics(), registry.topics as u64),
@@ -438,11 +420,7 @@ mod nif {
 
     #[rustler::nif(schedule = "DirtyCpu")]
     fn close(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>) -> Atom {
-        let monitors = {
-            let mut state = dispatcher.lock();
-            state.closed = true;
-            state.registry.drain_monitors()
-        };
+        let monitors = dispatcher.registry.close();
         for monitor in &monitors {
             dispatcher.demonitor(Some(env), monitor);
         }

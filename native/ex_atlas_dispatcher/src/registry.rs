@@ -18,7 +18,8 @@
 
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// An opaque subscriber id (the raw term of a local pid in the NIF).
 pub type Pid = u64;
@@ -475,6 +476,152 @@ impl<M> Registry<M> {
     }
 }
 
+/// Why a sharded call was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClosedError;
+
+struct Shard<M> {
+    registry: Registry<M>,
+    closed: bool,
+}
+
+/// One [`Registry`] per partition, each behind its own lock: a subscriber lives in the
+/// shard of its partition, so processes subscribing concurrently mostly take different
+/// locks, and a dispatch takes each shard's lock once, briefly, for its snapshot.
+pub struct Sharded<M> {
+    shards: Box<[Mutex<Shard<M>>]>,
+}
+
+impl<M> Sharded<M> {
+    /// `shards` shards (at least one), one per fan-out lane.
+    pub fn new(shards: usize) -> Self {
+        Sharded {
+            shards: (0..shards.max(1))
+                .map(|_| {
+                    Mutex::new(Shard {
+                        registry: Registry::new(1),
+                        closed: false,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Number of shards (= partitions).
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    fn lock(&self, index: usize) -> MutexGuard<'_, Shard<M>> {
+        // Every critical section leaves its registry consistent before anything that could
+        // panic, so a poisoned lock is still safe to use.
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn shard_of(&self, pid: Pid) -> MutexGuard<'_, Shard<M>> {
+        self.lock(partition_of(pid, self.shards.len()))
+    }
+
+    /// [`Registry::subscribe`] in `pid`'s shard; refused once [`Sharded::close`] ran.
+    pub fn subscribe(
+        &self,
+        topic: &[u8],
+        pid: Pid,
+        monitor: impl FnOnce() -> Option<M>,
+    ) -> Result<Result<(), SubscribeError>, ClosedError> {
+        let mut shard = self.shard_of(pid);
+        if shard.closed {
+            return Err(ClosedError);
+        }
+        Ok(shard.registry.subscribe(topic, pid, monitor))
+    }
+
+    /// [`Registry::unsubscribe`] in `pid`'s shard.
+    pub fn unsubscribe(&self, topic: &[u8], pid: Pid) -> Removed<M> {
+        self.shard_of(pid).registry.unsubscribe(topic, pid)
+    }
+
+    /// [`Registry::remove_subscriber`] in `pid`'s shard.
+    pub fn remove_subscriber(&self, pid: Pid) -> Removed<M> {
+        self.shard_of(pid).registry.remove_subscriber(pid)
+    }
+
+    /// Subscriptions to `topic` over all shards.
+    pub fn count(&self, topic: &[u8]) -> usize {
+        (0..self.shards.len())
+            .map(|i| self.lock(i).registry.count(topic))
+            .sum()
+    }
+
+    /// The non-empty parts of `topic`, each with its shard index (= lane).
+    pub fn snapshot(&self, topic: &[u8]) -> Result<Snapshot, ClosedError> {
+        let mut snapshot = Snapshot::new();
+        for index in 0..self.shards.len() {
+            let shard = self.lock(index);
+            if shard.closed {
+                return Err(ClosedError);
+            }
+            if let Some((_, part)) = shard.registry.snapshot(topic).into_iter().next() {
+                snapshot.push((index, part));
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// [`Registry::topics_of`] in `pid`'s shard.
+    pub fn topics_of(&self, pid: Pid) -> Vec<Arc<[u8]>> {
+        self.shard_of(pid).registry.topics_of(pid)
+    }
+
+    /// Counters over all shards; a topic present in several shards counts once. Walks
+    /// every topic name: for diagnostics, not for hot paths.
+    pub fn stats(&self) -> Stats {
+        let mut names: HashSet<Arc<[u8]>> = HashSet::new();
+        let mut stats = Stats::default();
+        for index in 0..self.shards.len() {
+            let shard = self.lock(index);
+            let own = shard.registry.stats();
+            stats.subscriptions += own.subscriptions;
+            stats.subscribers += own.subscribers;
+            names.extend(shard.registry.by_name.keys().cloned());
+        }
+        stats.topics = names.len();
+        stats
+    }
+
+    /// Refuses every later subscription and snapshot, empties every shard and hands back
+    /// every monitor so the caller can release them.
+    pub fn close(&self) -> Vec<M> {
+        let mut monitors = Vec::new();
+        for index in 0..self.shards.len() {
+            let mut shard = self.lock(index);
+            shard.closed = true;
+            monitors.extend(shard.registry.drain_monitors());
+        }
+        monitors
+    }
+
+    /// Checks every shard's invariants and that each pid sits in its own shard; for tests.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for index in 0..self.shards.len() {
+            let shard = self.lock(index);
+            shard.registry.check_invariants()?;
+            if let Some(pid) = shard
+                .registry
+                .subscribers
+                .keys()
+                .find(|pid| partition_of(**pid, self.shards.len()) != index)
+            {
+                return Err(format!("pid {pid} in shard {index}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -693,6 +840,56 @@ mod tests {
             let rest: Vec<Pid> = part.pids_from(start).collect();
             assert_eq!(rest, all[start.min(all.len())..].to_vec(), "start {start}");
         }
+    }
+
+    #[test]
+    fn sharded_registry_keeps_pids_in_their_shard_and_counts_topics_once() {
+        let reg: Sharded<u64> = Sharded::new(3);
+        for pid in 0..300u64 {
+            reg.subscribe(b"a", pid, || Some(pid)).unwrap().unwrap();
+            if pid % 2 == 0 {
+                reg.subscribe(b"b", pid, || panic!("monitored twice"))
+                    .unwrap()
+                    .unwrap();
+            }
+        }
+        reg.check_invariants().unwrap();
+        assert_eq!(reg.count(b"a"), 300);
+        assert_eq!(reg.count(b"b"), 150);
+        assert_eq!(
+            reg.stats(),
+            Stats {
+                topics: 2,
+                subscriptions: 450,
+                subscribers: 300
+            }
+        );
+        let snapshot = reg.snapshot(b"a").unwrap();
+        assert_eq!(snapshot.len(), 3, "300 pids touch every shard");
+        for (index, part) in &snapshot {
+            assert!(part.pids().all(|pid| partition_of(pid, 3) == *index));
+        }
+        assert_eq!(
+            reg.unsubscribe(b"b", 4),
+            Removed {
+                count: 1,
+                released: None
+            }
+        );
+        assert_eq!(
+            reg.remove_subscriber(4),
+            Removed {
+                count: 1,
+                released: Some(4)
+            }
+        );
+        assert_eq!(reg.topics_of(6).len(), 2);
+        let mut monitors = reg.close();
+        monitors.sort_unstable();
+        assert_eq!(monitors.len(), 299);
+        assert_eq!(reg.subscribe(b"a", 1, || Some(1)), Err(ClosedError));
+        assert!(reg.snapshot(b"a").is_err());
+        assert_eq!(reg.stats(), Stats::default());
     }
 
     #[test]
