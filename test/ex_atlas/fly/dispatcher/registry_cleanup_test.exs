@@ -82,17 +82,7 @@ defmodule ExAtlas.Fly.Dispatcher.RegistryCleanupTest do
 
     assert all_zero?(RegistryBackend.stats())
 
-    # Demonitoring is a signal to the subscriber; it is handled when the process runs.
-    for pid <- pids, do: send(pid, :wake_up)
-
-    eventually(fn ->
-      Enum.all?(pids, fn pid ->
-        {:monitored_by, monitors} = Process.info(pid, :monitored_by)
-        dispatcher not in monitors
-      end)
-    end)
-
-    for pid <- pids, do: Process.exit(pid, :kill)
+    assert_no_longer_monitored(pids, dispatcher)
   end
 
   test "closing the registry (application stop) removes its monitors from live subscribers" do
@@ -100,6 +90,12 @@ defmodule ExAtlas.Fly.Dispatcher.RegistryCleanupTest do
     dispatcher = RegistryBackend.dispatcher!()
     stop_app()
 
+    assert_no_longer_monitored(pids, dispatcher)
+  end
+
+  # Demonitoring is a signal to the subscriber; it is handled when the process runs, so
+  # wake each one up before looking. Kills them afterwards.
+  defp assert_no_longer_monitored(pids, dispatcher) do
     for pid <- pids, do: send(pid, :wake_up)
 
     eventually(fn ->
