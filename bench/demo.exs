@@ -100,7 +100,7 @@ defmodule ExAtlas.Demo do
     #{config.entries} log lines per batch
       machine: #{System.schedulers_online()} schedulers, \
     Elixir #{System.version()}, OTP #{System.otp_release()}; \
-    NIF: #{stats[:threads]} senders, #{stats[:queue_capacity]} dispatches in flight each
+    NIF: #{stats[:lanes]} senders, #{stats[:queue_capacity]} dispatches in flight each
     """)
 
     implementations = [

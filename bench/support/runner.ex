@@ -211,7 +211,7 @@ defmodule FanoutBench.Runner do
     fly = if delivery, do: Keyword.put(fly, :delivery, delivery), else: fly
     Application.put_env(:ex_atlas, :fly, fly)
     {:ok, _} = Application.ensure_all_started(:ex_atlas)
-    %{threads: ^threads} = ExAtlas.Fly.Dispatcher.Backend.Registry.stats()
+    %{lanes: ^threads} = ExAtlas.Fly.Dispatcher.Backend.Registry.stats()
     :ok
   end
 

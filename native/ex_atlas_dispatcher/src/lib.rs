@@ -51,9 +51,6 @@ mod nif {
             subscribers,
             monitors,
             lanes,
-            threads,
-            queued,
-            max_queued,
             queue_capacity,
             in_flight,
             max_in_flight,
@@ -252,9 +249,7 @@ mod nif {
             // it before, so sending a small batch right here keeps per-caller order and
             // saves the hop through the sender process.
             if small && dispatcher.lanes.is_idle(lane) {
-                for pid in part.pids() {
-                    let _ = env.send(&pid_from_raw(pid), message);
-                }
+                send_each(env, part.pids(), message);
                 continue;
             }
             match dispatcher.lanes.try_reserve(lane) {
@@ -297,6 +292,17 @@ mod nif {
         atoms::ok()
     }
 
+    /// Sends `message` to every pid from the calling process's env; returns how many.
+    fn send_each(env: Env<'_>, pids: impl Iterator<Item = u64>, message: Term<'_>) -> usize {
+        let mut sent = 0;
+        for pid in pids {
+            // A dead receiver is not an error: its monitor removes it shortly.
+            let _ = env.send(&pid_from_raw(pid), message);
+            sent += 1;
+        }
+        sent
+    }
+
     /// Sends `message` to up to `limit` pids of `batch` from its cursor; gives the lane
     /// its credit back when the batch is done. Returns true when done.
     fn deliver_some(
@@ -307,13 +313,7 @@ mod nif {
         limit: usize,
     ) -> bool {
         let start = batch.cursor.load(Ordering::Acquire);
-        let mut sent = 0;
-        for pid in batch.part.pids_from(start).take(limit) {
-            // A dead receiver is not an error: its monitor removes it shortly.
-            let _ = env.send(&pid_from_raw(pid), message);
-            sent += 1;
-        }
-        let next = start + sent;
+        let next = start + send_each(env, batch.part.pids_from(start).take(limit), message);
         batch.cursor.store(next, Ordering::Release);
         let done = next >= batch.part.len();
         if done && !batch.released.swap(true, Ordering::AcqRel) {
@@ -405,12 +405,9 @@ mod nif {
             (atoms::subscribers(), registry.subscribers as u64),
             (atoms::monitors(), registry.subscribers as u64),
             (atoms::lanes(), lanes.lanes as u64),
-            (atoms::threads(), lanes.lanes as u64),
             (atoms::queue_capacity(), lanes.capacity as u64),
             (atoms::in_flight(), lanes.in_flight as u64),
-            (atoms::queued(), lanes.in_flight as u64),
             (atoms::max_in_flight(), lanes.max_in_flight as u64),
-            (atoms::max_queued(), lanes.max_in_flight as u64),
             (atoms::peak_in_flight(), lanes.peak as u64),
             (atoms::delivered_batches(), lanes.delivered),
             (atoms::waiting(), lanes.waiting as u64),

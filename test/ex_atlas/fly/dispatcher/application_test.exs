@@ -95,7 +95,7 @@ defmodule ExAtlas.Fly.Dispatcher.ApplicationTest do
 
     test "child_spec/1 takes :sender_threads and :queue_capacity" do
       start_supervised!({Dispatcher, sender_threads: 3, queue_capacity: 7})
-      assert %{threads: 3, queue_capacity: 7} = RegistryBackend.stats()
+      assert %{lanes: 3, queue_capacity: 7} = RegistryBackend.stats()
       assert_working_registry()
     end
 
@@ -147,7 +147,7 @@ defmodule ExAtlas.Fly.Dispatcher.ApplicationTest do
     end
 
     test "the application uses the configured sender threads and capacity" do
-      assert %{threads: 2, queue_capacity: 1} = RegistryBackend.stats()
+      assert %{lanes: 2, queue_capacity: 1} = RegistryBackend.stats()
     end
 
     test "nothing is lost, duplicated or reordered while dispatchers wait for room" do
@@ -222,7 +222,7 @@ defmodule ExAtlas.Fly.Dispatcher.ApplicationTest do
       {:stop, from} -> send(from, {:max_queued_seen, max_seen})
     after
       0 ->
-        %{max_queued: max_queued} = RegistryBackend.stats()
+        %{max_in_flight: max_queued} = RegistryBackend.stats()
         Process.sleep(1)
         sample_queues(parent, max(max_seen, max_queued))
     end

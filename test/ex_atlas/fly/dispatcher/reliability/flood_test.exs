@@ -131,8 +131,8 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.FloodTest do
         sample = %{
           dispatched: count,
           delivered: stats.delivered_batches,
-          queued: stats.queued,
-          max_queued: stats.max_queued,
+          queued: stats.in_flight,
+          max_queued: stats.max_in_flight,
           rss: rss_kb()
         }
 

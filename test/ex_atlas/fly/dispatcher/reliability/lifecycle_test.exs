@@ -362,12 +362,12 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
 
     full = fn full ->
       stats = RegistryBackend.stats()
-      if stats.max_queued >= stats.queue_capacity and stats.waiting > 0,
+      if stats.max_in_flight >= stats.queue_capacity and stats.waiting > 0,
         do: stats,
         else: Process.sleep(5) && full.(full)
     end
 
-    IO.puts("FULL " <> inspect(Map.take(full.(full), [:queued, :max_queued, :queue_capacity, :waiting])))
+    IO.puts("FULL " <> inspect(Map.take(full.(full), [:in_flight, :max_in_flight, :queue_capacity, :waiting])))
 
     case "#{mode}" do
       "init_stop" ->
