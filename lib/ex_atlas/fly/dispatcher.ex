@@ -17,9 +17,9 @@ defmodule ExAtlas.Fly.Dispatcher do
       config :ex_atlas, :fly, dispatcher: :registry
 
   * `:registry` (default) - a duplicate-key registry of local pids kept in a Rust NIF.
-    `dispatch/2` copies the message once, queues it and returns; sender threads outside
-    the BEAM schedulers deliver it, so the caller's cost does not grow with the number
-    of subscribers.
+    `dispatch/2` hands a shared snapshot of the topic's subscribers and the message to
+    one sender process per lane and returns; the senders deliver it, so the caller's
+    cost does not grow with the number of subscribers.
   * `:phoenix_pubsub` - `Phoenix.PubSub.subscribe/2`, `unsubscribe/2` and `broadcast/3`
     on `config :ex_atlas, :fly, pubsub: MyApp.PubSub`. Falls back to `:registry` when
     Phoenix.PubSub is not loaded or `:pubsub` is unset.
@@ -105,8 +105,9 @@ defmodule ExAtlas.Fly.Dispatcher do
   @doc """
   Sends `message` to every subscriber of `topic` and returns `:ok`.
 
-  In `:registry` mode the message is queued for the sender threads and this returns
-  before delivery; use `sync/0` to wait for it.
+  In `:registry` mode the message is handed to the sender processes and this returns
+  before delivery (a dispatch to at most 16 subscriptions whose lanes are idle is sent
+  before returning); use `sync/0` to wait for delivery.
   """
   @spec dispatch(topic(), term()) :: :ok
   def dispatch(topic, message) do

@@ -8,7 +8,7 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
 
   @on_load :load_nif
 
-  @typedoc "The NIF resource holding one registry and its sender threads."
+  @typedoc "The NIF resource holding one registry, its lanes and its senders' pids."
   @type dispatcher :: reference()
   @typedoc "Batches of one dispatch that did not fit in a full lane; see `push_pending/3`."
   @type pending :: reference()

@@ -1,6 +1,6 @@
 defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   @moduledoc false
-  # The default mode: the Rust NIF registry with fan-out on its own sender threads.
+  # The default mode: the Rust NIF registry, with fan-out by one sender process per lane.
 
   @behaviour ExAtlas.Fly.Dispatcher.Backend
 
