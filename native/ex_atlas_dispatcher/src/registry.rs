@@ -6,10 +6,11 @@
 //!
 //! Layout, chosen so that no operation scales with the size of a topic:
 //!
-//! * Each topic's subscribers are split into `partitions` parts by a hash of the pid, so
-//!   one fan-out thread always serves the same subscriber (that keeps per-sender order
-//!   while several threads share one dispatch).
-//! * A part is a list of fixed-size chunks shared copy-on-write with dispatch snapshots:
+//! * [`Sharded`] keeps one [`Registry`] per fan-out lane, picked by a hash of the pid, so
+//!   one sender always serves the same subscriber (that keeps per-sender order while
+//!   several senders share one dispatch) and concurrent subscribers mostly take
+//!   different locks.
+//! * Within a registry, a topic's subscribers are a [`Part`]: a list of fixed-size chunks shared copy-on-write with dispatch snapshots:
 //!   a snapshot is one `Arc` clone per part, and a later change copies at most one chunk
 //!   and the (short) chunk index, never the whole subscriber list.
 //! * Every subscription knows its slot (topic, chunk, slot) through its subscriber's
@@ -31,7 +32,7 @@ pub const CHUNK: usize = 512;
 
 type Chunk = Arc<Vec<Pid>>;
 
-/// One partition of a topic's subscriber list, cheap to clone (shared chunks).
+/// A topic's subscribers within one registry (one shard), cheap to clone (shared chunks).
 #[derive(Clone, Default)]
 pub struct Part {
     chunks: Arc<Vec<Chunk>>,
@@ -134,12 +135,11 @@ struct Subscriber<M> {
 
 struct Topic {
     name: Arc<[u8]>,
-    count: usize,
-    parts: Box<[Part]>,
+    part: Part,
 }
 
-/// The parts of one topic that had subscribers when the snapshot was taken, each with its
-/// partition index.
+/// The parts of one topic that had subscribers in each shard when the snapshot was taken,
+/// each with its shard index.
 pub type Snapshot = SmallVec<[(usize, Part); 4]>;
 
 /// Counters describing the registry's contents.
@@ -173,7 +173,6 @@ pub enum SubscribeError {
 
 /// Topic → subscribers with `Registry`'s `keys: :duplicate` semantics.
 pub struct Registry<M> {
-    partitions: usize,
     by_name: FxHashMap<Arc<[u8]>, u32>,
     topics: Vec<Option<Topic>>,
     free_ids: Vec<u32>,
@@ -188,22 +187,22 @@ pub fn partition_of(pid: Pid, partitions: usize) -> usize {
     ((mixed >> 32) % partitions.max(1) as u64) as usize
 }
 
+impl<M> Default for Registry<M> {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
 impl<M> Registry<M> {
-    /// An empty registry whose topics are split into `partitions` parts (at least one).
-    pub fn new(partitions: usize) -> Self {
+    /// An empty registry.
+    pub fn new() -> Self {
         Registry {
-            partitions: partitions.max(1),
             by_name: FxHashMap::default(),
             topics: Vec::new(),
             free_ids: Vec::new(),
             subscribers: FxHashMap::default(),
             subscriptions: 0,
         }
-    }
-
-    /// Number of partitions each topic is split into.
-    pub fn partitions(&self) -> usize {
-        self.partitions
     }
 
     /// Adds one subscription of `pid` to `topic`. `monitor` is called only when `pid` has
@@ -239,12 +238,10 @@ impl<M> Registry<M> {
                 return Err(SubscribeError::TooManyTopics);
             }
         };
-        let partition = partition_of(pid, self.partitions);
         let Some(Some(entry)) = self.topics.get_mut(topic_id as usize) else {
             return Err(SubscribeError::TooManyTopics);
         };
-        let at = entry.parts[partition].push(pid);
-        entry.count += 1;
+        let at = entry.part.push(pid);
         self.subscriptions += 1;
         if let Some(subscriber) = self.subscribers.get_mut(&pid) {
             subscriber.subscriptions.push(Subscription {
@@ -273,20 +270,13 @@ impl<M> Registry<M> {
 
     /// Subscriptions to `topic`, duplicates counted.
     pub fn count(&self, topic: &[u8]) -> usize {
-        self.topic(topic).map_or(0, |entry| entry.count)
+        self.topic(topic).map_or(0, |entry| entry.part.len())
     }
 
-    /// The non-empty parts of `topic`, shared with the registry (no pid is copied).
-    pub fn snapshot(&self, topic: &[u8]) -> Snapshot {
-        let mut snapshot = Snapshot::new();
-        if let Some(entry) = self.topic(topic) {
-            for (index, part) in entry.parts.iter().enumerate() {
-                if !part.is_empty() {
-                    snapshot.push((index, part.clone()));
-                }
-            }
-        }
-        snapshot
+    /// The subscribers of `topic`, shared with the registry (no pid is copied); `None`
+    /// when it has none.
+    pub fn snapshot(&self, topic: &[u8]) -> Option<Part> {
+        self.topic(topic).map(|entry| entry.part.clone())
     }
 
     /// Topics `pid` is subscribed to, once each.
@@ -339,8 +329,7 @@ impl<M> Registry<M> {
         let name: Arc<[u8]> = Arc::from(topic);
         let entry = Topic {
             name: name.clone(),
-            count: 0,
-            parts: vec![Part::default(); self.partitions].into_boxed_slice(),
+            part: Part::default(),
         };
         let id = match self.free_ids.pop() {
             Some(id) => {
@@ -378,7 +367,7 @@ impl<M> Registry<M> {
                 break;
             };
             let sub = subscriber.subscriptions.swap_remove(index);
-            self.remove_slot(pid, sub);
+            self.remove_slot(sub);
             count += 1;
         }
         Removed {
@@ -387,14 +376,12 @@ impl<M> Registry<M> {
         }
     }
 
-    fn remove_slot(&mut self, pid: Pid, sub: Subscription) {
-        let partition = partition_of(pid, self.partitions);
+    fn remove_slot(&mut self, sub: Subscription) {
         let Some(Some(entry)) = self.topics.get_mut(sub.topic as usize) else {
             debug_assert!(false, "subscription points at a missing topic");
             return;
         };
-        let moved = entry.parts[partition].swap_remove(sub.at);
-        entry.count -= 1;
+        let moved = entry.part.swap_remove(sub.at);
         self.subscriptions -= 1;
         if let Some((moved_pid, from)) = moved {
             if let Some(owner) = self.subscribers.get_mut(&moved_pid) {
@@ -407,7 +394,7 @@ impl<M> Registry<M> {
                 }
             }
         }
-        if entry.count == 0 {
+        if entry.part.is_empty() {
             let name = entry.name.clone();
             self.topics[sub.topic as usize] = None;
             self.by_name.remove(&name);
@@ -429,8 +416,8 @@ impl<M> Registry<M> {
                     .get(sub.topic as usize)
                     .and_then(Option::as_ref)
                     .ok_or_else(|| format!("pid {pid} points at dead topic {}", sub.topic))?;
-                let part = &entry.parts[partition_of(*pid, self.partitions)];
-                let found = part
+                let found = entry
+                    .part
                     .chunks
                     .get(sub.at.chunk as usize)
                     .and_then(|c| c.get(sub.at.slot as usize));
@@ -448,23 +435,21 @@ impl<M> Registry<M> {
             let entry = self.topics[id as usize]
                 .as_ref()
                 .ok_or_else(|| format!("name {name:?} maps to empty id {id}"))?;
-            let len: usize = entry.parts.iter().map(Part::len).sum();
-            let stored: usize = entry.parts.iter().map(|p| p.pids().count()).sum();
-            if len != entry.count || stored != entry.count || entry.count == 0 {
+            let part = &entry.part;
+            let stored = part.pids().count();
+            if stored != part.len() || part.is_empty() {
                 return Err(format!(
-                    "topic {name:?}: count {} len {len} stored {stored}",
-                    entry.count
+                    "topic {name:?}: len {} stored {stored}",
+                    part.len()
                 ));
             }
-            for part in entry.parts.iter() {
-                let chunks = part.chunks.len();
-                for (i, chunk) in part.chunks.iter().enumerate() {
-                    if chunk.is_empty() || (i + 1 < chunks && chunk.len() != CHUNK) {
-                        return Err(format!("topic {name:?}: chunk {i} has {}", chunk.len()));
-                    }
+            let chunks = part.chunks.len();
+            for (i, chunk) in part.chunks.iter().enumerate() {
+                if chunk.is_empty() || (i + 1 < chunks && chunk.len() != CHUNK) {
+                    return Err(format!("topic {name:?}: chunk {i} has {}", chunk.len()));
                 }
             }
-            total += entry.count;
+            total += part.len();
         }
         if total != self.subscriptions {
             return Err(format!(
@@ -499,7 +484,7 @@ impl<M> Sharded<M> {
             shards: (0..shards.max(1))
                 .map(|_| {
                     Mutex::new(Shard {
-                        registry: Registry::new(1),
+                        registry: Registry::new(),
                         closed: false,
                     })
                 })
@@ -563,7 +548,7 @@ impl<M> Sharded<M> {
             if shard.closed {
                 return Err(ClosedError);
             }
-            if let Some((_, part)) = shard.registry.snapshot(topic).into_iter().next() {
+            if let Some(part) = shard.registry.snapshot(topic) {
                 snapshot.push((index, part));
             }
         }
@@ -639,15 +624,14 @@ mod tests {
     fn all(reg: &Registry<u64>, topic: &[u8]) -> Vec<Pid> {
         sorted(
             reg.snapshot(topic)
-                .iter()
-                .flat_map(|(_, p)| p.pids())
-                .collect(),
+                .map(|part| part.pids().collect())
+                .unwrap_or_default(),
         )
     }
 
     #[test]
     fn duplicate_subscriptions_are_kept_and_removed_together() {
-        let mut reg = Registry::new(2);
+        let mut reg = Registry::new();
         reg.subscribe(b"t", 1, ok_monitor(1)).unwrap();
         reg.subscribe(b"t", 1, || panic!("monitored twice"))
             .unwrap();
@@ -668,7 +652,7 @@ mod tests {
 
     #[test]
     fn unknown_topic_and_unknown_pid_are_no_ops() {
-        let mut reg: Registry<u64> = Registry::new(1);
+        let mut reg: Registry<u64> = Registry::new();
         assert_eq!(
             reg.unsubscribe(b"nope", 7),
             Removed {
@@ -690,7 +674,7 @@ mod tests {
 
     #[test]
     fn dead_process_is_not_added() {
-        let mut reg: Registry<u64> = Registry::new(2);
+        let mut reg: Registry<u64> = Registry::new();
         assert_eq!(
             reg.subscribe(b"t", 1, || None),
             Err(SubscribeError::NotAlive)
@@ -701,7 +685,7 @@ mod tests {
 
     #[test]
     fn removing_a_subscriber_clears_every_topic_and_frees_topics() {
-        let mut reg = Registry::new(3);
+        let mut reg = Registry::new();
         for topic in [&b"a"[..], b"b", b"c"] {
             reg.subscribe(topic, 5, ok_monitor(5)).unwrap();
             reg.subscribe(topic, 5, ok_monitor(5)).unwrap();
@@ -731,7 +715,7 @@ mod tests {
 
     #[test]
     fn snapshot_is_unchanged_by_later_mutation() {
-        let mut reg = Registry::new(2);
+        let mut reg = Registry::new();
         for pid in 0..2_000 {
             reg.subscribe(b"t", pid, ok_monitor(pid)).unwrap();
         }
@@ -740,20 +724,22 @@ mod tests {
             reg.remove_subscriber(pid);
         }
         reg.subscribe(b"t", 99_999, ok_monitor(1)).unwrap();
-        let old: Vec<Pid> = sorted(before.iter().flat_map(|(_, p)| p.pids()).collect());
+        let old: Vec<Pid> = sorted(before.iter().flat_map(|p| p.pids()).collect());
         assert_eq!(old, (0..2_000).collect::<Vec<_>>());
         assert_eq!(reg.count(b"t"), 2_000 - 667 + 1);
         reg.check_invariants().unwrap();
     }
 
     #[test]
-    fn partitions_hold_only_their_pids() {
-        let mut reg = Registry::new(4);
+    fn shards_hold_only_their_pids() {
+        let reg = Sharded::new(4);
         for pid in 0..1_000 {
-            reg.subscribe(b"t", pid * 16 + 3, ok_monitor(pid)).unwrap();
+            reg.subscribe(b"t", pid * 16 + 3, ok_monitor(pid))
+                .unwrap()
+                .unwrap();
         }
-        let snap = reg.snapshot(b"t");
-        assert_eq!(snap.len(), 4, "1 000 pids should touch every partition");
+        let snap = reg.snapshot(b"t").unwrap();
+        assert_eq!(snap.len(), 4, "1 000 pids should touch every shard");
         for (index, part) in &snap {
             assert!(part.pids().all(|pid| partition_of(pid, 4) == *index));
         }
@@ -770,8 +756,8 @@ mod tests {
             seed ^= seed << 17;
             seed % bound
         };
-        for partitions in [1, 2, 3] {
-            let mut reg = Registry::new(partitions);
+        {
+            let mut reg = Registry::new();
             let mut model: HashMap<(u64, u64), usize> = HashMap::new();
             for _ in 0..20_000 {
                 let pid = next(40);
@@ -818,13 +804,12 @@ mod tests {
 
     #[test]
     fn pids_from_resumes_anywhere() {
-        let mut reg = Registry::new(1);
+        let mut reg = Registry::new();
         let n = CHUNK as u64 * 2 + 17;
         for pid in 0..n {
             reg.subscribe(b"t", pid, ok_monitor(pid)).unwrap();
         }
-        let snap = reg.snapshot(b"t");
-        let part = &snap[0].1;
+        let part = reg.snapshot(b"t").unwrap();
         let all: Vec<Pid> = part.pids().collect();
         for start in [
             0,
@@ -894,18 +879,17 @@ mod tests {
 
     #[test]
     fn large_topic_removal_touches_one_chunk() {
-        let mut reg = Registry::new(1);
+        let mut reg = Registry::new();
         for pid in 0..(CHUNK as u64 * 4) {
             reg.subscribe(b"big", pid, ok_monitor(pid)).unwrap();
         }
-        let snap = reg.snapshot(b"big");
+        let snap = reg.snapshot(b"big").unwrap();
         reg.remove_subscriber(0);
-        let after = reg.snapshot(b"big");
-        let shared = snap[0]
-            .1
+        let after = reg.snapshot(b"big").unwrap();
+        let shared = snap
             .chunks
             .iter()
-            .zip(after[0].1.chunks.iter())
+            .zip(after.chunks.iter())
             .filter(|(a, b)| Arc::ptr_eq(a, b))
             .count();
         // Chunk 0 (the hole) and chunk 3 (the last slot) were copied; the rest are shared.
@@ -915,7 +899,7 @@ mod tests {
 
     #[test]
     fn drain_returns_every_monitor_once() {
-        let mut reg = Registry::new(2);
+        let mut reg = Registry::new();
         for pid in 0..100 {
             reg.subscribe(b"x", pid, ok_monitor(pid)).unwrap();
             reg.subscribe(b"y", pid, ok_monitor(pid)).unwrap();

@@ -1,13 +1,13 @@
-//! Concurrency stress tests of the plain-Rust core, the way the NIF uses it: one
-//! `Mutex<Registry>` shared by many threads that subscribe, unsubscribe, remove whole
-//! subscribers and take snapshots, and bounded `Lanes` fed by several producers and
+//! Concurrency stress tests of the plain-Rust core, the way the NIF uses it: one sharded
+//! registry shared by many threads that subscribe, unsubscribe, remove whole subscribers
+//! and take snapshots, and bounded `Lanes` fed by several producers and
 //! drained by one sender per lane that delivers batches in slices.
 //!
 //! Sizes scale with `EX_ATLAS_STRESS_PERCENT` (default 100), so the same tests run under
 //! valgrind (`scripts/valgrind.sh` uses 10).
 
 use crate::fanout::{Lanes, Refused};
-use crate::registry::{partition_of, Part, Pid, Registry, Snapshot};
+use crate::registry::{partition_of, Part, Pid, Sharded, Snapshot};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -64,7 +64,9 @@ fn concurrent_mutation_and_snapshots_keep_the_registry_exact() {
     const MUTATORS: u64 = 4;
     const PIDS_PER_MUTATOR: u64 = 300;
     let ops = scaled(20_000);
-    let registry = Arc::new(Mutex::new(Registry::<u64>::new(PARTITIONS)));
+    // The outer lock makes a snapshot and a count one atomic read, so the snapshot loop
+    // can check one against the other; the shards' routing and invariants are the NIF's.
+    let registry = Arc::new(Mutex::new(Sharded::<u64>::new(PARTITIONS)));
     let running = Arc::new(AtomicBool::new(true));
     let start = Arc::new(Barrier::new(MUTATORS as usize + 3));
 
@@ -122,7 +124,7 @@ fn concurrent_mutation_and_snapshots_keep_the_registry_exact() {
     assert!(snapshots > 0 && checks > 0);
 
     // The registry holds exactly the union of the models.
-    let mut registry = lock(&registry);
+    let registry = lock(&registry);
     registry.check_invariants().unwrap();
     for t in 0..TOPICS {
         let name = topic(t);
@@ -135,6 +137,7 @@ fn concurrent_mutation_and_snapshots_keep_the_registry_exact() {
         want.sort_unstable();
         let mut got: Vec<Pid> = registry
             .snapshot(&name)
+            .expect("registry closed")
             .iter()
             .flat_map(|(_, part)| part.pids())
             .collect();
@@ -150,7 +153,7 @@ fn concurrent_mutation_and_snapshots_keep_the_registry_exact() {
         .collect();
     live.sort_unstable();
     live.dedup();
-    let mut drained = registry.drain_monitors();
+    let mut drained = registry.close();
     drained.sort_unstable();
     assert_eq!(drained, live);
     assert_eq!(registry.stats(), Default::default());
@@ -158,7 +161,7 @@ fn concurrent_mutation_and_snapshots_keep_the_registry_exact() {
 
 type Model = HashMap<(Pid, u64), usize>;
 
-fn mutate(registry: &Mutex<Registry<u64>>, seed: u64, base: Pid, pids: u64, ops: usize) -> Model {
+fn mutate(registry: &Mutex<Sharded<u64>>, seed: u64, base: Pid, pids: u64, ops: usize) -> Model {
     let mut rng = Rng::new(seed + 1);
     let mut model: Model = HashMap::new();
     // Subscriptions per pid, all topics together.
@@ -176,6 +179,7 @@ fn mutate(registry: &Mutex<Registry<u64>>, seed: u64, base: Pid, pids: u64, ops:
                         monitored.store(true, Ordering::Relaxed);
                         Some(monitor_of(pid))
                     })
+                    .expect("registry closed")
                     .expect("subscribe refused");
                 // A monitor is made only for a subscriber with no subscription yet.
                 assert_eq!(monitored.load(Ordering::Relaxed), held == 0, "pid {pid}");
@@ -222,7 +226,7 @@ fn mutate(registry: &Mutex<Registry<u64>>, seed: u64, base: Pid, pids: u64, ops:
 /// before dropping it: a snapshot must read the same forever, hold `count` pids in total,
 /// and put every pid in its own partition. Dropping happens here, on another thread than
 /// the one that made the registry change (shared chunks are reference counted).
-fn snapshot_loop(registry: &Mutex<Registry<u64>>, running: &AtomicBool, seed: u64) -> usize {
+fn snapshot_loop(registry: &Mutex<Sharded<u64>>, running: &AtomicBool, seed: u64) -> usize {
     let mut rng = Rng::new(seed + 100);
     let mut kept: Vec<(Snapshot, SnapshotRead)> = Vec::new();
     let mut taken = 0;
@@ -230,7 +234,8 @@ fn snapshot_loop(registry: &Mutex<Registry<u64>>, running: &AtomicBool, seed: u6
         let name = topic(rng.below(TOPICS));
         let (snapshot, count) = {
             let registry = lock(registry);
-            (registry.snapshot(&name), registry.count(&name))
+            let snapshot = registry.snapshot(&name).expect("registry closed");
+            (snapshot, registry.count(&name))
         };
         taken += 1;
         let read = read_snapshot(&snapshot);
@@ -287,18 +292,18 @@ fn fanout_with_several_producers_keeps_order_bound_and_credits() {
     const STABLE: u64 = 600;
     let dispatches = scaled(3_000);
     let name = topic(0);
-    let registry = Arc::new(Mutex::new(Registry::<u64>::new(PARTITIONS)));
+    let registry = Arc::new(Sharded::<u64>::new(PARTITIONS));
     let lanes = Arc::new(Lanes::new(PARTITIONS, CAPACITY));
     let over_bound = Arc::new(AtomicUsize::new(0));
 
     // Stable subscribers, there from the start to the end; one of them twice.
-    {
-        let mut registry = lock(&registry);
-        for pid in 0..STABLE {
-            registry.subscribe(&name, pid, || Some(pid)).unwrap();
-        }
-        registry.subscribe(&name, 0, || Some(0)).unwrap();
+    for pid in 0..STABLE {
+        registry
+            .subscribe(&name, pid, || Some(pid))
+            .unwrap()
+            .unwrap();
     }
+    registry.subscribe(&name, 0, || Some(0)).unwrap().unwrap();
 
     let mut senders = Vec::new();
     let mut inboxes = Vec::new();
@@ -323,9 +328,11 @@ fn fanout_with_several_producers_keeps_order_bound_and_credits() {
                 let base = 1_000_000 * (c + 1);
                 while running.load(Ordering::Acquire) {
                     let pid = base + rng.below(200);
-                    let mut registry = lock(&registry);
                     if rng.below(2) == 0 {
-                        registry.subscribe(&name, pid, || Some(pid)).unwrap();
+                        registry
+                            .subscribe(&name, pid, || Some(pid))
+                            .unwrap()
+                            .unwrap();
                     } else {
                         registry.remove_subscriber(pid);
                     }
@@ -342,7 +349,7 @@ fn fanout_with_several_producers_keeps_order_bound_and_credits() {
             let name = name.clone();
             thread::spawn(move || {
                 for seq in 0..dispatches {
-                    let snapshot = lock(&registry).snapshot(&name);
+                    let snapshot = registry.snapshot(&name).expect("registry closed");
                     for (lane, part) in snapshot {
                         // As the NIF: try without waiting, then wait where blocking is fine.
                         match lanes.try_reserve(lane) {
