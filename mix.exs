@@ -1,8 +1,13 @@
 defmodule Mix.Tasks.Compile.CargoNif do
   @shortdoc "Builds the dispatcher NIF with cargo and places it under priv/native"
   @moduledoc """
-  Builds `native/ex_atlas_dispatcher` with `cargo build --release` when its sources
-  changed and installs the library as `priv/native/ex_atlas_dispatcher.so`.
+  Builds `native/ex_atlas_dispatcher` with `cargo build --release` when its sources or
+  its cargo features changed and installs the library as
+  `priv/native/ex_atlas_dispatcher.so`.
+
+  Features: `alloc-stats` (the NIF counts the bytes it allocates, at the cost of one
+  shared atomic add per allocation) is on outside `MIX_ENV=prod`, and in `:prod` too
+  when `EX_ATLAS_ALLOC_STATS=1` is set (the benchmarks' memory figures need it).
 
   hex.pm is out of reach, so this replaces the `rustler` Mix package. It runs from this
   project's own `mix.exs`, so it works both here and when `:ex_atlas` is a `path:`
@@ -19,10 +24,15 @@ defmodule Mix.Tasks.Compile.CargoNif do
   @impl true
   def run(_args) do
     target = Path.join([@root, "priv", "native", @crate <> ".so"])
+    features = features()
+    # priv/native is shared by every Mix env, so the features built are recorded beside
+    # the library and a change of them rebuilds it.
+    stamp = target <> ".features"
 
     result =
-      if stale?(target) do
-        build!(target)
+      if stale?(target) or File.read(stamp) != {:ok, Enum.join(features, ",")} do
+        build!(target, features)
+        File.write!(stamp, Enum.join(features, ","))
         :ok
       else
         :noop
@@ -48,12 +58,24 @@ defmodule Mix.Tasks.Compile.CargoNif do
     Mix.Utils.stale?(Enum.filter(sources, &File.exists?/1), [target])
   end
 
-  defp build!(target) do
+  defp features do
+    if Mix.env() != :prod or System.get_env("EX_ATLAS_ALLOC_STATS") in ["1", "true"],
+      do: ["alloc-stats"],
+      else: []
+  end
+
+  defp feature_args([]), do: []
+  defp feature_args(features), do: ["--features", Enum.join(features, ",")]
+
+  defp build!(target, features) do
     cargo = System.find_executable("cargo") || Mix.raise(missing_cargo())
-    Mix.shell().info("==> cargo build --release -p #{@crate}")
+
+    args = ["build", "--release", "--locked", "-p", @crate] ++ feature_args(features)
+
+    Mix.shell().info("==> cargo " <> Enum.join(args, " "))
 
     {_, status} =
-      System.cmd(cargo, ["build", "--release", "--locked", "-p", @crate],
+      System.cmd(cargo, args,
         cd: @root,
         env: [{"RUSTLER_PRIMARY_NIF_INIT", "1"}],
         into: IO.stream(:stdio, :line),

@@ -7,6 +7,7 @@ pub mod registry;
 #[cfg(test)]
 mod stress_tests;
 
+#[cfg(feature = "alloc-stats")]
 #[global_allocator]
 static ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
 
@@ -16,36 +17,44 @@ static ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
 mod nif {
     use crate::{fanout, memory, registry};
 
-    use fanout::{Lanes, Refused};
+    use fanout::{Lanes, Refused, Reservation};
     use registry::{ClosedError, Part, Sharded, SubscribeError};
     use rustler::sys::ErlNifPid;
     use rustler::types::binary::NewBinary;
     use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, Resource, ResourceArc, Term};
-    use smallvec::SmallVec;
+    use std::collections::VecDeque;
     use std::panic::{catch_unwind, AssertUnwindSafe};
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::{Mutex, OnceLock};
-    use std::time::Instant;
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::{Mutex, MutexGuard};
+    use std::time::{Duration, Instant};
 
-    /// Most pids one normal-scheduler `deliver` call sends: a bounded cost (a few
-    /// hundred microseconds at worst) that keeps every call far under 1 ms.
-    const MAX_SCHEDULER_SLICE: usize = 256;
-    /// A dispatch to at most this many subscriptions is sent by the caller itself (a few
-    /// microseconds) when the lanes involved have nothing in flight.
+    /// Longest a `deliver` call sends before it returns and lets the sender be preempted:
+    /// the VM's timeslice, so a sender yields as often as a plain send loop would,
+    /// whatever the message size.
+    const DELIVER_SLICE: Duration = Duration::from_millis(1);
+    /// A dispatch to at most this many subscriptions is sent by the caller itself when
+    /// the lanes involved have nothing in flight.
     const INLINE_DISPATCH: usize = 16;
+    /// Longest the caller sends inline; what is left goes to the lanes' senders. A few
+    /// small messages take microseconds; this only bounds big ones.
+    const INLINE_SLICE: Duration = Duration::from_micros(500);
     /// Pids delivered per dirty NIF call before handing control back to the sender
     /// process, so a huge topic never holds a dirty scheduler for long.
     const DIRTY_SLICE: usize = 16_384;
+    /// Most lanes `new/2` accepts, as `config :ex_atlas, :fly, sender_threads:` does.
+    /// Checked here too: a huge count made the allocation abort the whole VM.
+    const MAX_LANES: usize = 1_024;
 
     mod atoms {
         rustler::atoms! {
             ok,
             full,
+            wait,
             closed,
             more,
             not_alive,
             too_many_topics,
-            already_set,
+            undefined,
             topics,
             subscriptions,
             subscribers,
@@ -57,24 +66,30 @@ mod nif {
             peak_in_flight,
             delivered_batches,
             waiting,
+            lost_batches,
+            lost_deliveries,
             allocated_bytes,
             ex_atlas_deliver = "$ex_atlas_deliver",
+            ex_atlas_room = "$ex_atlas_room",
         }
     }
 
-    /// One dispatcher: the registry (one shard per lane) plus the bounds of its fan-out
-    /// lanes and the lanes' sender processes. Held by the Elixir side as a resource;
-    /// process monitors belong to it.
+    /// One dispatcher: the registry (one shard per lane), the bounds of its fan-out lanes
+    /// and the lanes' sender processes. Held by the Elixir side as a resource; process
+    /// monitors belong to it, so subscriptions outlive any one process of ours.
     pub struct Dispatcher {
         registry: Sharded<Monitor>,
-        lanes: Lanes,
-        senders: OnceLock<SmallVec<[LocalPid; 4]>>,
+        lanes: Lanes<Waiter>,
+        /// Raw pid of each lane's sender process; replaced when a sender is restarted.
+        senders: Box<[AtomicU64]>,
+        /// Process monitors currently set, counted where they are set and undone.
+        monitors: AtomicUsize,
     }
 
-    impl Dispatcher {
-        fn senders(&self) -> &[LocalPid] {
-            self.senders.get().map_or(&[], |senders| senders.as_slice())
-        }
+    /// A producer process waiting for room in a full lane, with the rest of its dispatch.
+    struct Waiter {
+        pid: u64,
+        pending: ResourceArc<Pending>,
     }
 
     #[rustler::resource_impl]
@@ -84,31 +99,64 @@ mod nif {
         fn down<'a>(&'a self, _env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
             // rustler catches panics here too, but do not rely on the version for that.
             let _ = catch_unwind(AssertUnwindSafe(|| {
+                self.monitors.fetch_sub(1, Ordering::Relaxed);
                 self.registry.remove_subscriber(pid_to_raw(&pid));
             }));
         }
     }
 
     /// One lane's share of one dispatch: a snapshot of the subscribers in that lane's
-    /// partition, travelling to the lane's sender process with the message.
+    /// shard, travelling to the lane's sender process with the message. It holds one
+    /// credit of its lane until it is delivered; if it is dropped before that (its sender
+    /// died), its destructor counts what it had not delivered and gives the credit back.
     pub struct Batch {
+        dispatcher: ResourceArc<Dispatcher>,
         part: Part,
         lane: usize,
         cursor: AtomicUsize,
-        released: AtomicBool,
+        done: AtomicBool,
     }
 
     #[rustler::resource_impl]
-    impl Resource for Batch {}
+    impl Resource for Batch {
+        const IMPLEMENTS_DESTRUCTOR: bool = true;
 
-    /// The batches of one dispatch that did not fit, in lane order, for
-    /// `push_pending/3` to hand over from a dirty I/O scheduler.
+        fn destructor(self, env: Env<'_>) {
+            if !self.done.swap(true, Ordering::AcqRel) {
+                let lost = self
+                    .part
+                    .len()
+                    .saturating_sub(self.cursor.load(Ordering::Acquire));
+                let grant = granting(env, self.lane);
+                self.dispatcher.lanes.give_back(self.lane, lost, grant);
+            }
+        }
+    }
+
+    /// The batches of one dispatch that did not fit in a full lane, in lane order, each
+    /// with its first undelivered position. Only its producer touches `batches`; a
+    /// credit granted to it is owned here until used, so a producer killed while waiting
+    /// gives it back through the destructor.
     pub struct Pending {
-        batches: Mutex<Vec<(usize, Part)>>,
+        dispatcher: ResourceArc<Dispatcher>,
+        batches: Mutex<VecDeque<(usize, Part, usize)>>,
+        /// 1 + the lane of a credit granted and not used yet; 0 when none.
+        granted: AtomicUsize,
     }
 
     #[rustler::resource_impl]
-    impl Resource for Pending {}
+    impl Resource for Pending {
+        const IMPLEMENTS_DESTRUCTOR: bool = true;
+
+        fn destructor(self, env: Env<'_>) {
+            let granted = self.granted.swap(0, Ordering::AcqRel);
+            if let Some(lane) = granted.checked_sub(1) {
+                self.dispatcher
+                    .lanes
+                    .give_back(lane, 0, granting(env, lane));
+            }
+        }
+    }
 
     fn pid_to_raw(pid: &LocalPid) -> u64 {
         // SAFETY: `ErlNifPid` is `#[repr(C)]` around a single `ERL_NIF_TERM` (a u64), so
@@ -122,37 +170,117 @@ mod nif {
         LocalPid::from_c_arg(unsafe { std::mem::transmute::<u64, ErlNifPid>(raw) })
     }
 
-    /// Hands one batch to its lane's sender process. The credit is already taken.
+    fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+        mutex
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// How a credit of `lane` reaches a waiting producer: the credit is recorded in its
+    /// `Pending` and the producer is woken with `{:"$ex_atlas_room", pending}`. False when
+    /// the producer is dead; the lanes then offer the credit to the next waiter.
+    fn granting(env: Env<'_>, lane: usize) -> impl FnMut(&Waiter) -> bool + '_ {
+        move |waiter| {
+            waiter.pending.granted.store(lane + 1, Ordering::Release);
+            let room = (atoms::ex_atlas_room(), waiter.pending.clone());
+            let woken = env.send(&pid_from_raw(waiter.pid), room).is_ok();
+            if !woken {
+                waiter.pending.granted.store(0, Ordering::Release);
+            }
+            woken
+        }
+    }
+
+    /// Hands one batch, from position `start`, to its lane's sender. The credit is taken.
+    /// When no live sender takes it, the batch is dropped here and its destructor counts
+    /// the loss and gives the credit back.
     fn hand_over<'a>(
         env: Env<'a>,
-        dispatcher: &Dispatcher,
-        senders: &[LocalPid],
+        dispatcher: &ResourceArc<Dispatcher>,
         lane: usize,
         part: Part,
+        start: usize,
         message: Term<'a>,
-    ) -> bool {
+    ) {
+        let sender = dispatcher.senders[lane].load(Ordering::Acquire);
         let batch = ResourceArc::new(Batch {
+            dispatcher: dispatcher.clone(),
             part,
             lane,
-            cursor: AtomicUsize::new(0),
-            released: AtomicBool::new(false),
+            cursor: AtomicUsize::new(start),
+            done: AtomicBool::new(false),
         });
-        let sent = senders
-            .get(lane)
-            .map(|sender| {
-                env.send(sender, (atoms::ex_atlas_deliver(), batch, message))
-                    .is_ok()
-            })
-            .unwrap_or(false);
-        if !sent {
-            dispatcher.lanes.release(lane);
+        if sender != 0 {
+            let _ = env.send(
+                &pid_from_raw(sender),
+                (atoms::ex_atlas_deliver(), batch, message),
+            );
+        }
+    }
+
+    /// The share of the calling process's timeslice spent so far, told to the VM as it
+    /// grows, so that the process is preempted on time like any send loop.
+    struct Timeslice<'a> {
+        env: Env<'a>,
+        started: Instant,
+        reported: i32,
+    }
+
+    impl<'a> Timeslice<'a> {
+        fn start(env: Env<'a>) -> Self {
+            Timeslice {
+                env,
+                started: Instant::now(),
+                reported: 0,
+            }
+        }
+
+        /// Reports the time spent since the last report; true when the timeslice is used
+        /// up or `budget` has passed.
+        fn used_up(&mut self, budget: Duration) -> bool {
+            let elapsed = self.started.elapsed();
+            let percent = (elapsed.as_micros() / 10).min(100) as i32;
+            let exhausted = percent > self.reported
+                && rustler::schedule::consume_timeslice(self.env, percent - self.reported);
+            self.reported = self.reported.max(percent);
+            exhausted || elapsed >= budget
+        }
+
+        /// Reports at least 1%, so even a tiny call is accounted for.
+        fn finish(mut self) {
+            self.used_up(Duration::MAX);
+            if self.reported == 0 {
+                rustler::schedule::consume_timeslice(self.env, 1);
+            }
+        }
+    }
+
+    /// Sends `message` to `pids` in order from the calling process's env until they run
+    /// out or `slice` says the time is up; returns how many were sent. The clock is read
+    /// after about 20 µs worth of sends (every send, for big messages).
+    fn send_within(
+        env: Env<'_>,
+        pids: impl Iterator<Item = u64>,
+        message: Term<'_>,
+        slice: &mut Timeslice<'_>,
+        budget: Duration,
+    ) -> usize {
+        let mut sent = 0;
+        let mut next_look = 1;
+        for pid in pids {
+            // A dead receiver is not an error: its monitor removes it shortly.
+            let _ = env.send(&pid_from_raw(pid), message);
+            sent += 1;
+            if sent == next_look {
+                if slice.used_up(budget) {
+                    break;
+                }
+                let per_send = slice.started.elapsed().as_nanos() as usize / sent + 1;
+                next_look = sent + (20_000 / per_send).clamp(1, 64);
+            }
         }
         sent
     }
-
-    /// Most lanes `new/2` accepts, as `config :ex_atlas, :fly, sender_threads:` does.
-    /// Checked here too: a huge count made the allocation abort the whole VM.
-    const MAX_LANES: usize = 1_024;
 
     #[rustler::nif]
     fn new(lanes: usize, queue_capacity: usize) -> rustler::NifResult<ResourceArc<Dispatcher>> {
@@ -162,11 +290,14 @@ mod nif {
         let lanes = Lanes::new(lanes, queue_capacity);
         Ok(ResourceArc::new(Dispatcher {
             registry: Sharded::new(lanes.len()),
+            senders: (0..lanes.len()).map(|_| AtomicU64::new(0)).collect(),
             lanes,
-            senders: OnceLock::new(),
+            monitors: AtomicUsize::new(0),
         }))
     }
 
+    /// Installs one sender process per lane, replacing any earlier ones (a restarted
+    /// sender or server). Badarg unless it is a proper list of exactly one pid per lane.
     #[rustler::nif]
     fn set_senders(
         dispatcher: ResourceArc<Dispatcher>,
@@ -176,13 +307,26 @@ mod nif {
         // one with badarg instead.
         senders.list_length()?;
         let senders: Vec<LocalPid> = senders.decode()?;
-        if senders.len() != dispatcher.lanes.len() {
-            return Ok(atoms::already_set());
+        if senders.len() != dispatcher.senders.len() {
+            return Err(rustler::Error::BadArg);
         }
-        match dispatcher.senders.set(senders.into_iter().collect()) {
-            Ok(()) => Ok(atoms::ok()),
-            Err(_) => Ok(atoms::already_set()),
+        for (slot, pid) in dispatcher.senders.iter().zip(&senders) {
+            slot.store(pid_to_raw(pid), Ordering::Release);
         }
+        Ok(atoms::ok())
+    }
+
+    /// The sender of each lane, in lane order (`:undefined` before `set_senders/2`).
+    #[rustler::nif]
+    fn senders(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>) -> Vec<Term<'_>> {
+        dispatcher
+            .senders
+            .iter()
+            .map(|slot| match slot.load(Ordering::Acquire) {
+                0 => atoms::undefined().encode(env),
+                raw => pid_from_raw(raw).encode(env),
+            })
+            .collect()
     }
 
     #[rustler::nif]
@@ -191,7 +335,9 @@ mod nif {
         let result = dispatcher
             .registry
             .subscribe(topic.as_slice(), pid_to_raw(&pid), || {
-                dispatcher.monitor(Some(env), &pid)
+                let monitor = dispatcher.monitor(Some(env), &pid)?;
+                dispatcher.monitors.fetch_add(1, Ordering::Relaxed);
+                Some(monitor)
             });
         match result {
             Ok(Ok(())) => atoms::ok(),
@@ -210,7 +356,10 @@ mod nif {
     ) -> usize {
         let removed = dispatcher.registry.unsubscribe(topic, pid_to_raw(pid));
         if let Some(monitor) = removed.released {
-            dispatcher.demonitor(Some(env), &monitor);
+            // False when the monitor already fired: its `down` does the counting.
+            if dispatcher.demonitor(Some(env), &monitor) {
+                dispatcher.monitors.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         removed.count
     }
@@ -231,6 +380,10 @@ mod nif {
         remove(env, &dispatcher, topic.as_slice(), &pid)
     }
 
+    /// Hands each lane its share of the topic's subscribers with `message`. Returns `:ok`,
+    /// `:closed`, or `{:full, pending}` when a lane is full: the caller then calls
+    /// `resume/2` with `pending` until it answers `:ok`, waiting for
+    /// `{:"$ex_atlas_room", pending}` after each `:wait`.
     #[rustler::nif]
     fn dispatch<'a>(
         env: Env<'a>,
@@ -238,107 +391,112 @@ mod nif {
         topic: Binary<'a>,
         message: Term<'a>,
     ) -> Term<'a> {
+        let mut slice = Timeslice::start(env);
         let Ok(snapshot) = dispatcher.registry.snapshot(topic.as_slice()) else {
             return atoms::closed().encode(env);
         };
-        let senders = dispatcher.senders();
         let small = snapshot.iter().map(|(_, part)| part.len()).sum::<usize>() <= INLINE_DISPATCH;
+        let mut out_of_time = false;
         let mut batches = snapshot.into_iter();
-        while let Some((lane, part)) = batches.next() {
+        let result = loop {
+            let Some((lane, part)) = batches.next() else {
+                break atoms::ok().encode(env);
+            };
+            let mut start = 0;
             // A lane with nothing in flight has delivered everything this caller handed
             // it before, so sending a small batch right here keeps per-caller order and
             // saves the hop through the sender process.
-            if small && dispatcher.lanes.is_idle(lane) {
-                send_each(env, part.pids(), message);
-                continue;
+            if small && !out_of_time && dispatcher.lanes.is_idle(lane) {
+                start = send_within(env, part.pids(), message, &mut slice, INLINE_SLICE);
+                if start == part.len() {
+                    continue;
+                }
+                out_of_time = true;
             }
             match dispatcher.lanes.try_reserve(lane) {
-                Ok(()) => {
-                    if !hand_over(env, &dispatcher, senders, lane, part, message) {
-                        return atoms::closed().encode(env);
-                    }
-                }
-                Err(Refused::Closed) => return atoms::closed().encode(env),
+                Ok(()) => hand_over(env, &dispatcher, lane, part, start, message),
+                Err(Refused::Closed) => break atoms::closed().encode(env),
                 Err(Refused::Full) => {
-                    let mut rest = vec![(lane, part)];
-                    rest.extend(batches);
+                    let rest = std::iter::once((lane, part, start))
+                        .chain(batches.map(|(lane, part)| (lane, part, 0)))
+                        .collect();
                     let pending = ResourceArc::new(Pending {
+                        dispatcher: dispatcher.clone(),
                         batches: Mutex::new(rest),
+                        granted: AtomicUsize::new(0),
                     });
-                    return (atoms::full(), pending).encode(env);
+                    break (atoms::full(), pending).encode(env);
                 }
             }
-        }
-        atoms::ok().encode(env)
+        };
+        slice.finish();
+        result
     }
 
-    #[rustler::nif(schedule = "DirtyIo")]
-    fn push_pending<'a>(
-        env: Env<'a>,
-        dispatcher: ResourceArc<Dispatcher>,
-        pending: ResourceArc<Pending>,
-        message: Term<'a>,
-    ) -> Atom {
-        let batches =
-            std::mem::take(&mut *pending.batches.lock().unwrap_or_else(|p| p.into_inner()));
-        let senders = dispatcher.senders();
-        for (lane, part) in batches {
-            if dispatcher.lanes.reserve(lane).is_err()
-                || !hand_over(env, &dispatcher, senders, lane, part, message)
-            {
-                return atoms::closed();
+    /// Hands over what is left of a dispatch that met a full lane, in lane order, with
+    /// the credit granted to it first. Never waits: `:wait` means the caller was queued
+    /// for the next free credit of a full lane and will get `{:"$ex_atlas_room",
+    /// pending}`; `:closed` that the dispatcher was closed; `:ok` that all is handed over.
+    #[rustler::nif]
+    fn resume<'a>(env: Env<'a>, pending: ResourceArc<Pending>, message: Term<'a>) -> Atom {
+        let dispatcher = &pending.dispatcher;
+        let mut batches = lock(&pending.batches);
+        while let Some(&(lane, _, _)) = batches.front() {
+            let granted = pending
+                .granted
+                .compare_exchange(lane + 1, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+            if !granted {
+                let waiter = Waiter {
+                    pid: pid_to_raw(&env.pid()),
+                    pending: pending.clone(),
+                };
+                match dispatcher
+                    .lanes
+                    .reserve_or_queue(lane, waiter, granting(env, lane))
+                {
+                    Ok(Reservation::Taken) => {}
+                    Ok(Reservation::Queued) => return atoms::wait(),
+                    Err(_) => return atoms::closed(),
+                }
+            }
+            if let Some((lane, part, start)) = batches.pop_front() {
+                hand_over(env, dispatcher, lane, part, start, message);
             }
         }
         atoms::ok()
     }
 
-    /// Sends `message` to every pid from the calling process's env; returns how many.
-    fn send_each(env: Env<'_>, pids: impl Iterator<Item = u64>, message: Term<'_>) -> usize {
-        let mut sent = 0;
-        for pid in pids {
-            // A dead receiver is not an error: its monitor removes it shortly.
-            let _ = env.send(&pid_from_raw(pid), message);
-            sent += 1;
-        }
-        sent
-    }
-
-    /// Sends `message` to up to `limit` pids of `batch` from its cursor; gives the lane
-    /// its credit back when the batch is done. Returns true when done.
-    fn deliver_some(
-        env: Env<'_>,
-        dispatcher: &Dispatcher,
-        batch: &Batch,
-        message: Term<'_>,
-        limit: usize,
-    ) -> bool {
-        let start = batch.cursor.load(Ordering::Acquire);
-        let next = start + send_each(env, batch.part.pids_from(start).take(limit), message);
+    /// Marks `batch` delivered up to `next` and, when it is done, gives its credit back
+    /// (to the first waiting producer, if any). Returns true when done.
+    fn advance(env: Env<'_>, batch: &Batch, next: usize) -> bool {
         batch.cursor.store(next, Ordering::Release);
         let done = next >= batch.part.len();
-        if done && !batch.released.swap(true, Ordering::AcqRel) {
-            dispatcher.lanes.release(batch.lane);
+        if done && !batch.done.swap(true, Ordering::AcqRel) {
+            batch
+                .dispatcher
+                .lanes
+                .release(batch.lane, granting(env, batch.lane));
         }
         done
     }
 
-    /// Sends `message` to up to `limit` (at most 256) more pids of `batch`.
+    /// Sends `message` to more pids of `batch`, for about one timeslice (1 ms) at most
+    /// whatever the message size, reporting the time as it goes. `:more` when some are
+    /// left; the sender calls again after the VM had the chance to preempt it.
     #[rustler::nif]
-    fn deliver<'a>(
-        env: Env<'a>,
-        dispatcher: ResourceArc<Dispatcher>,
-        batch: ResourceArc<Batch>,
-        message: Term<'a>,
-        limit: usize,
-    ) -> Atom {
-        let limit = limit.clamp(1, MAX_SCHEDULER_SLICE);
-        let started = Instant::now();
-        let done = deliver_some(env, &dispatcher, &batch, message, limit);
-        // Tell the VM how much of the ~1 ms timeslice this took, so the sender is
-        // preempted on time even when the message is too small to cost reductions.
-        let percent = (started.elapsed().as_micros() / 10).clamp(1, 100) as i32;
-        rustler::schedule::consume_timeslice(env, percent);
-        if done {
+    fn deliver<'a>(env: Env<'a>, batch: ResourceArc<Batch>, message: Term<'a>) -> Atom {
+        let mut slice = Timeslice::start(env);
+        let start = batch.cursor.load(Ordering::Acquire);
+        let sent = send_within(
+            env,
+            batch.part.pids_from(start),
+            message,
+            &mut slice,
+            DELIVER_SLICE,
+        );
+        slice.finish();
+        if advance(env, &batch, start + sent) {
             atoms::ok()
         } else {
             atoms::more()
@@ -346,13 +504,14 @@ mod nif {
     }
 
     #[rustler::nif(schedule = "DirtyCpu")]
-    fn deliver_dirty<'a>(
-        env: Env<'a>,
-        dispatcher: ResourceArc<Dispatcher>,
-        batch: ResourceArc<Batch>,
-        message: Term<'a>,
-    ) -> Atom {
-        if deliver_some(env, &dispatcher, &batch, message, DIRTY_SLICE) {
+    fn deliver_dirty<'a>(env: Env<'a>, batch: ResourceArc<Batch>, message: Term<'a>) -> Atom {
+        let start = batch.cursor.load(Ordering::Acquire);
+        let mut sent = 0;
+        for pid in batch.part.pids_from(start).take(DIRTY_SLICE) {
+            let _ = env.send(&pid_from_raw(pid), message);
+            sent += 1;
+        }
+        if advance(env, &batch, start + sent) {
             atoms::ok()
         } else {
             atoms::more()
@@ -399,11 +558,14 @@ mod nif {
     fn stats(dispatcher: ResourceArc<Dispatcher>) -> Vec<(Atom, u64)> {
         let registry = dispatcher.registry.stats();
         let lanes = dispatcher.lanes.stats();
-        vec![
+        let mut stats = vec![
             (atoms::topics(), registry.topics as u64),
             (atoms::subscriptions(), registry.subscriptions as u64),
             (atoms::subscribers(), registry.subscribers as u64),
-            (atoms::monitors(), registry.subscribers as u64),
+            (
+                atoms::monitors(),
+                dispatcher.monitors.load(Ordering::Relaxed) as u64,
+            ),
             (atoms::lanes(), lanes.lanes as u64),
             (atoms::queue_capacity(), lanes.capacity as u64),
             (atoms::in_flight(), lanes.in_flight as u64),
@@ -411,18 +573,42 @@ mod nif {
             (atoms::peak_in_flight(), lanes.peak as u64),
             (atoms::delivered_batches(), lanes.delivered),
             (atoms::waiting(), lanes.waiting as u64),
-            (atoms::allocated_bytes(), memory::live_bytes() as u64),
-        ]
+            (atoms::lost_batches(), lanes.lost_batches),
+            (atoms::lost_deliveries(), lanes.lost_deliveries),
+        ];
+        if let Some(bytes) = memory::live_bytes() {
+            stats.push((atoms::allocated_bytes(), bytes as u64));
+        }
+        stats
     }
 
+    /// `{lost_batches, lost_deliveries}`: constant work per lane, for polling.
+    #[rustler::nif]
+    fn lost(dispatcher: ResourceArc<Dispatcher>) -> (u64, u64) {
+        dispatcher.lanes.lost()
+    }
+
+    /// Closes the dispatcher for good: every later call answers `:closed`, every monitor
+    /// is released, every waiting producer is woken (its `resume/2` answers `:closed`).
+    /// Returns the subscribers it held, one pid each, so the caller can tell them.
     #[rustler::nif(schedule = "DirtyCpu")]
-    fn close(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>) -> Atom {
-        let monitors = dispatcher.registry.close();
-        for monitor in &monitors {
-            dispatcher.demonitor(Some(env), monitor);
+    fn close(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>) -> Vec<LocalPid> {
+        let subscribers = dispatcher.registry.close();
+        for (_, monitor) in &subscribers {
+            if dispatcher.demonitor(Some(env), monitor) {
+                dispatcher.monitors.fetch_sub(1, Ordering::Relaxed);
+            }
         }
-        dispatcher.lanes.close();
-        atoms::ok()
+        let waiters = dispatcher.lanes.close();
+        for waiter in &waiters {
+            let room = (atoms::ex_atlas_room(), waiter.pending.clone());
+            let _ = env.send(&pid_from_raw(waiter.pid), room);
+        }
+        drop(waiters);
+        subscribers
+            .into_iter()
+            .map(|(pid, _)| pid_from_raw(pid))
+            .collect()
     }
 
     fn load(_env: Env, _info: Term) -> bool {

@@ -1,5 +1,9 @@
 //! A global allocator that counts the bytes the library holds, so the NIF can report its
 //! own memory (the benchmark's bytes per subscription, the leak soak's "back to start").
+//!
+//! It is installed only with the `alloc-stats` cargo feature: every allocation pays one
+//! atomic add on a counter shared by all threads, which production builds need not pay.
+//! The Mix compiler turns the feature on outside `MIX_ENV=prod`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
@@ -45,7 +49,8 @@ unsafe impl GlobalAlloc for CountingAllocator {
     }
 }
 
-/// Bytes currently allocated through Rust's allocator by this library.
-pub fn live_bytes() -> usize {
-    LIVE_BYTES.load(Ordering::Relaxed).max(0) as usize
+/// Bytes currently allocated through Rust's allocator by this library; `None` when the
+/// counting allocator is not installed (built without `alloc-stats`).
+pub fn live_bytes() -> Option<usize> {
+    cfg!(feature = "alloc-stats").then(|| LIVE_BYTES.load(Ordering::Relaxed).max(0) as usize)
 }

@@ -303,18 +303,19 @@ impl<M> Registry<M> {
         }
     }
 
-    /// Empties the registry and hands back every monitor so the caller can release them.
-    pub fn drain_monitors(&mut self) -> Vec<M> {
-        let monitors = self
+    /// Empties the registry and hands back every subscriber with its monitor, so the
+    /// caller can release the monitors and tell the subscribers.
+    pub fn drain_subscribers(&mut self) -> Vec<(Pid, M)> {
+        let subscribers = self
             .subscribers
             .drain()
-            .map(|(_, subscriber)| subscriber.monitor)
+            .map(|(pid, subscriber)| (pid, subscriber.monitor))
             .collect();
         self.by_name.clear();
         self.topics.clear();
         self.free_ids.clear();
         self.subscriptions = 0;
-        monitors
+        subscribers
     }
 
     fn topic(&self, topic: &[u8]) -> Option<&Topic> {
@@ -577,15 +578,15 @@ impl<M> Sharded<M> {
     }
 
     /// Refuses every later subscription and snapshot, empties every shard and hands back
-    /// every monitor so the caller can release them.
-    pub fn close(&self) -> Vec<M> {
-        let mut monitors = Vec::new();
+    /// every subscriber with its monitor (see [`Registry::drain_subscribers`]).
+    pub fn close(&self) -> Vec<(Pid, M)> {
+        let mut subscribers = Vec::new();
         for index in 0..self.shards.len() {
             let mut shard = self.lock(index);
             shard.closed = true;
-            monitors.extend(shard.registry.drain_monitors());
+            subscribers.extend(shard.registry.drain_subscribers());
         }
-        monitors
+        subscribers
     }
 
     /// Checks every shard's invariants and that each pid sits in its own shard; for tests.
@@ -869,7 +870,7 @@ mod tests {
             }
         );
         assert_eq!(reg.topics_of(6).len(), 2);
-        let mut monitors = reg.close();
+        let mut monitors: Vec<u64> = reg.close().into_iter().map(|(_, m)| m).collect();
         monitors.sort_unstable();
         assert_eq!(monitors.len(), 299);
         assert_eq!(reg.subscribe(b"a", 1, || Some(1)), Err(ClosedError));
@@ -898,15 +899,15 @@ mod tests {
     }
 
     #[test]
-    fn drain_returns_every_monitor_once() {
+    fn drain_returns_every_subscriber_and_monitor_once() {
         let mut reg = Registry::new();
         for pid in 0..100 {
             reg.subscribe(b"x", pid, ok_monitor(pid)).unwrap();
             reg.subscribe(b"y", pid, ok_monitor(pid)).unwrap();
         }
-        let mut monitors = reg.drain_monitors();
-        monitors.sort_unstable();
-        assert_eq!(monitors, (0..100).map(|p| p * 10).collect::<Vec<_>>());
+        let mut drained = reg.drain_subscribers();
+        drained.sort_unstable();
+        assert_eq!(drained, (0..100).map(|p| (p, p * 10)).collect::<Vec<_>>());
         assert_eq!(reg.stats(), Stats::default());
         assert_eq!(reg.count(b"x"), 0);
     }

@@ -6,7 +6,7 @@
 //! Sizes scale with `EX_ATLAS_STRESS_PERCENT` (default 100), so the same tests run under
 //! valgrind (`scripts/valgrind.sh` uses 10).
 
-use crate::fanout::{Lanes, Refused};
+use crate::fanout::{Lanes, Refused, Reservation};
 use crate::registry::{partition_of, Part, Pid, Sharded, Snapshot};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -153,7 +153,7 @@ fn concurrent_mutation_and_snapshots_keep_the_registry_exact() {
         .collect();
     live.sort_unstable();
     live.dedup();
-    let mut drained = registry.close();
+    let mut drained: Vec<u64> = registry.close().into_iter().map(|(_, m)| m).collect();
     drained.sort_unstable();
     assert_eq!(drained, live);
     assert_eq!(registry.stats(), Default::default());
@@ -351,10 +351,10 @@ fn fanout_with_several_producers_keeps_order_bound_and_credits() {
                 for seq in 0..dispatches {
                     let snapshot = registry.snapshot(&name).expect("registry closed");
                     for (lane, part) in snapshot {
-                        // As the NIF: try without waiting, then wait where blocking is fine.
+                        // As the NIF: try without waiting, then queue and wait to be woken.
                         match lanes.try_reserve(lane) {
                             Ok(()) => {}
-                            Err(Refused::Full) => lanes.reserve(lane).expect("lanes closed"),
+                            Err(Refused::Full) => reserve_waiting(&lanes, lane).expect("closed"),
                             Err(Refused::Closed) => panic!("lanes closed"),
                         }
                         let batch = Batch {
@@ -425,7 +425,7 @@ fn fanout_with_several_producers_keeps_order_bound_and_credits() {
 fn deliver_loop(
     lane: usize,
     inbox: mpsc::Receiver<Batch>,
-    lanes: &Lanes,
+    lanes: &Lanes<Wake>,
     capacity: usize,
     over_bound: &AtomicUsize,
 ) -> HashMap<Pid, Vec<(usize, usize)>> {
@@ -454,9 +454,27 @@ fn deliver_loop(
                 .or_default()
                 .push((batch.producer, batch.seq));
         }
-        lanes.release(lane);
+        lanes.release(lane, wake);
     }
     seen
+}
+
+/// A waiting producer thread: woken by a message on its channel, as a producer process is
+/// woken by a message in its mailbox.
+type Wake = mpsc::Sender<()>;
+
+fn wake(waiter: &Wake) -> bool {
+    waiter.send(()).is_ok()
+}
+
+/// Takes a credit of `lane`, queueing and waiting for a grant when it is full.
+fn reserve_waiting(lanes: &Lanes<Wake>, lane: usize) -> Result<(), Refused> {
+    let (me, woken) = mpsc::channel();
+    match lanes.reserve_or_queue(lane, me, wake)? {
+        Reservation::Taken => Ok(()),
+        // A closed channel: `close` dropped the waiter without a grant.
+        Reservation::Queued => woken.recv().map_err(|_| Refused::Closed),
+    }
 }
 
 /// Many producers wait for room in full lanes; closing wakes every one of them with
@@ -472,13 +490,14 @@ fn close_wakes_every_waiting_producer() {
         let waiters: Vec<_> = (0..WAITERS)
             .map(|w| {
                 let lanes = lanes.clone();
-                thread::spawn(move || lanes.reserve(w % 2))
+                thread::spawn(move || reserve_waiting(&lanes, w % 2))
             })
             .collect();
         while lanes.stats().waiting < WAITERS {
             thread::yield_now();
         }
-        lanes.close();
+        // Dropping the waiters it hands back is what tells their threads here.
+        drop(lanes.close());
         for waiter in waiters {
             assert_eq!(waiter.join().unwrap(), Err(Refused::Closed));
         }
@@ -508,7 +527,7 @@ fn credits_balance_under_concurrent_reserve_and_release() {
                         Err(_) => break released,
                     };
                     assert!(lanes.stats().max_in_flight <= CAPACITY);
-                    lanes.release(lane);
+                    lanes.release(lane, wake);
                     released += 1;
                 }
             })
@@ -521,7 +540,7 @@ fn credits_balance_under_concurrent_reserve_and_release() {
             thread::spawn(move || {
                 for i in 0..per_producer {
                     let lane = (p + i) % 2;
-                    lanes.reserve(lane).unwrap();
+                    reserve_waiting(&lanes, lane).unwrap();
                     tx.send(lane).unwrap();
                 }
             })

@@ -10,7 +10,7 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
 
   @typedoc "The NIF resource holding one registry, its lanes and its senders' pids."
   @type dispatcher :: reference()
-  @typedoc "Batches of one dispatch that did not fit in a full lane; see `push_pending/3`."
+  @typedoc "What is left of a dispatch that met a full lane; see `dispatch/3`."
   @type pending :: reference()
   @typedoc "One lane's share of one dispatch, delivered by that lane's sender process."
   @type batch :: reference()
@@ -40,8 +40,12 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   @spec new(pos_integer(), pos_integer()) :: dispatcher()
   def new(_lanes, _queue_capacity), do: :erlang.nif_error(:nif_not_loaded)
 
-  @spec set_senders(dispatcher(), [pid()]) :: :ok | :already_set
+  @doc "Installs one sender per lane, replacing earlier ones; badarg on a wrong count."
+  @spec set_senders(dispatcher(), [pid()]) :: :ok
   def set_senders(_dispatcher, _senders), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec senders(dispatcher()) :: [pid() | :undefined]
+  def senders(_dispatcher), do: :erlang.nif_error(:nif_not_loaded)
 
   @spec subscribe(dispatcher(), binary()) :: :ok | :closed | :not_alive | :too_many_topics
   def subscribe(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
@@ -52,17 +56,21 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   @spec unsubscribe_pid(dispatcher(), binary(), pid()) :: non_neg_integer()
   def unsubscribe_pid(_dispatcher, _topic, _pid), do: :erlang.nif_error(:nif_not_loaded)
 
+  @doc """
+  `{:full, pending}`: a lane was full; call `resume/2` until it answers `:ok`, waiting
+  for `{:"$ex_atlas_room", pending}` after each `:wait`.
+  """
   @spec dispatch(dispatcher(), binary(), term()) :: :ok | :closed | {:full, pending()}
   def dispatch(_dispatcher, _topic, _message), do: :erlang.nif_error(:nif_not_loaded)
 
-  @spec push_pending(dispatcher(), pending(), term()) :: :ok | :closed
-  def push_pending(_dispatcher, _pending, _message), do: :erlang.nif_error(:nif_not_loaded)
+  @spec resume(pending(), term()) :: :ok | :wait | :closed
+  def resume(_pending, _message), do: :erlang.nif_error(:nif_not_loaded)
 
-  @spec deliver(dispatcher(), batch(), term(), pos_integer()) :: :ok | :more
-  def deliver(_dispatcher, _batch, _message, _limit), do: :erlang.nif_error(:nif_not_loaded)
+  @spec deliver(batch(), term()) :: :ok | :more
+  def deliver(_batch, _message), do: :erlang.nif_error(:nif_not_loaded)
 
-  @spec deliver_dirty(dispatcher(), batch(), term()) :: :ok | :more
-  def deliver_dirty(_dispatcher, _batch, _message), do: :erlang.nif_error(:nif_not_loaded)
+  @spec deliver_dirty(batch(), term()) :: :ok | :more
+  def deliver_dirty(_batch, _message), do: :erlang.nif_error(:nif_not_loaded)
 
   @spec count(dispatcher(), binary()) :: non_neg_integer()
   def count(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
@@ -76,6 +84,11 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   @spec stats(dispatcher()) :: [{atom(), non_neg_integer()}]
   def stats(_dispatcher), do: :erlang.nif_error(:nif_not_loaded)
 
-  @spec close(dispatcher()) :: :ok
+  @doc "`{lost_batches, lost_deliveries}` so far, cheap enough to poll."
+  @spec lost(dispatcher()) :: {non_neg_integer(), non_neg_integer()}
+  def lost(_dispatcher), do: :erlang.nif_error(:nif_not_loaded)
+
+  @doc "Closes for good; returns the subscribers it held, one pid each."
+  @spec close(dispatcher()) :: [pid()]
   def close(_dispatcher), do: :erlang.nif_error(:nif_not_loaded)
 end

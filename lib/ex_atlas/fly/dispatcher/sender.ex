@@ -10,17 +10,20 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
   # through heap fragments and unmanaged-thread locking (about 3x slower, measured).
   # Two ways, set by `config :ex_atlas, :fly, delivery: ...`:
   #
-  #   * `:scheduler` (default) - slices of at most 256 pids per NIF call on this
-  #     process's normal scheduler (well under 1 ms each); the VM preempts the process
-  #     between slices like any send loop and balances senders and receivers over the
-  #     schedulers.
-  #   * `:dirty` - the first 64 pids on a normal scheduler, the rest in slices of 16 384
-  #     on a dirty CPU scheduler: no normal scheduler runs work that grows with the
-  #     subscribers, but on 2 cores the dirty threads compete with the schedulers (and
-  #     with their busy-waiting) for the cores: 0.83x a plain send loop end to end at
-  #     10 000 subscribers against 1.23x for `:scheduler`, in one run of bench/fanout.exs.
+  #   * `:scheduler` (default) - each NIF call sends for at most one timeslice (about
+  #     1 ms, whatever the message size) on this process's normal scheduler, telling the
+  #     VM the time it took, so the process is preempted between calls like any send
+  #     loop, and the VM balances senders and receivers over the schedulers.
+  #   * `:dirty` - the first timeslice on a normal scheduler, the rest in slices of
+  #     16 384 pids on a dirty CPU scheduler; slower on few cores (see bench/README.md).
+  #
+  # The registry, the lanes' credits and the subscribers' monitors belong to the NIF
+  # resource, not to this process: if it dies, the server starts another for its lane;
+  # what it had not delivered is counted and logged as lost (ExAtlas.Fly.Dispatcher.Server).
 
   use GenServer
+
+  require Logger
 
   alias ExAtlas.Fly.Dispatcher.Native
 
@@ -28,11 +31,8 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
   @sync :"$ex_atlas_sync"
   @synced :"$ex_atlas_synced"
 
-  @inline_before_dirty 64
-  @scheduler_slice 256
-
-  @spec start_link({Native.dispatcher(), :dirty | :scheduler}) :: GenServer.on_start()
-  def start_link({_dispatcher, _delivery} = arg), do: GenServer.start_link(__MODULE__, arg)
+  @spec start_link(:dirty | :scheduler) :: GenServer.on_start()
+  def start_link(delivery), do: GenServer.start_link(__MODULE__, delivery)
 
   @doc """
   Asks `sender` to reply `{#{inspect(@synced)}, ref}` to the caller once it has handled
@@ -49,42 +49,52 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
   def synced_tag, do: @synced
 
   @impl true
-  def init(state) do
+  def init(delivery) do
     # Batches can pile up behind a slow lane; keep them out of the heap that every
     # garbage collection of this process scans.
     Process.flag(:message_queue_data, :off_heap)
-    {:ok, state}
+    {:ok, delivery}
   end
 
   @impl true
-  def handle_info({@deliver, batch, message}, {dispatcher, delivery} = state) do
-    deliver(delivery, dispatcher, batch, message)
-    {:noreply, state}
+  def handle_info({@deliver, batch, message}, delivery) do
+    deliver(delivery, batch, message)
+    {:noreply, delivery}
   end
 
-  def handle_info({@sync, from, ref}, state) do
+  def handle_info({@sync, from, ref}, delivery) do
     send(from, {@synced, ref})
-    {:noreply, state}
+    {:noreply, delivery}
   end
 
-  defp deliver(:scheduler, dispatcher, batch, message) do
-    case Native.deliver(dispatcher, batch, message, @scheduler_slice) do
+  # Someone else's message: never worth a crash of the lane.
+  def handle_info(message, delivery) do
+    Logger.warning(
+      "[ExAtlas.Fly.Dispatcher] sender #{inspect(self())} ignored an unexpected message: " <>
+        inspect(message, limit: 10)
+    )
+
+    {:noreply, delivery}
+  end
+
+  defp deliver(:scheduler, batch, message) do
+    case Native.deliver(batch, message) do
       :ok -> :ok
-      :more -> deliver(:scheduler, dispatcher, batch, message)
+      :more -> deliver(:scheduler, batch, message)
     end
   end
 
-  defp deliver(:dirty, dispatcher, batch, message) do
-    case Native.deliver(dispatcher, batch, message, @inline_before_dirty) do
+  defp deliver(:dirty, batch, message) do
+    case Native.deliver(batch, message) do
       :ok -> :ok
-      :more -> deliver_dirty(dispatcher, batch, message)
+      :more -> deliver_dirty(batch, message)
     end
   end
 
-  defp deliver_dirty(dispatcher, batch, message) do
-    case Native.deliver_dirty(dispatcher, batch, message) do
+  defp deliver_dirty(batch, message) do
+    case Native.deliver_dirty(batch, message) do
       :ok -> :ok
-      :more -> deliver_dirty(dispatcher, batch, message)
+      :more -> deliver_dirty(batch, message)
     end
   end
 end

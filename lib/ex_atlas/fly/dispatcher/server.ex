@@ -1,14 +1,35 @@
 defmodule ExAtlas.Fly.Dispatcher.Server do
   @moduledoc false
-  # Owns the NIF dispatcher and its sender processes: creates them, publishes them in
-  # :persistent_term so callers reach them without a message round trip, and closes the
-  # dispatcher (monitors released, waiting dispatchers woken) when it stops.
+  # Owns the life of the NIF dispatcher and runs its sender processes.
+  #
+  # The dispatcher (registry, lanes, subscriber monitors) is a NIF resource published in
+  # :persistent_term, so callers reach it without a message round trip and so it outlives
+  # this process: a server that crashes or is killed is restarted by its supervisor and
+  # adopts the published dispatcher, subscriptions and all. Senders are linked to the
+  # server; one that exits is replaced at once for its lane.
+  #
+  # The dispatcher is closed only when the server is stopped on purpose (:normal,
+  # :shutdown, {:shutdown, _}) or when its supervisor is gone, since then nothing would
+  # restart a server to adopt it. Closing releases every monitor, wakes every waiting
+  # producer (its dispatch/2 raises ArgumentError) and sends every subscriber the exit
+  # signal `closed_reason/0`, as the links of the original Registry did: a subscriber
+  # that does not trap exits stops, and its supervisor starts it again, subscribing anew.
+  #
+  # What a dead sender had not delivered is counted by the NIF (its batches give their
+  # credits back when dropped); this process logs it, checking every second.
 
   use GenServer
+
+  require Logger
 
   alias ExAtlas.Fly.Dispatcher.{Config, Native, Sender}
 
   @key {__MODULE__, :dispatcher}
+  # An :atomics of {lost_batches, lost_deliveries} already logged, kept beside the
+  # dispatcher so that a restarted server does not log the same loss twice.
+  @reported_key {__MODULE__, :reported}
+  @closed_reason {:shutdown, :ex_atlas_dispatcher_closed}
+  @lost_check_ms 1_000
 
   @spec start_link(keyword()) :: GenServer.on_start() | :ignore
   def start_link(opts) do
@@ -20,36 +41,165 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
     end
   end
 
-  @doc "The running dispatcher and its senders (a tuple, one per lane), or nil."
-  @spec lookup() :: {Native.dispatcher(), tuple()} | nil
+  @doc "The published dispatcher, or nil."
+  @spec lookup() :: Native.dispatcher() | nil
   def lookup, do: :persistent_term.get(@key, nil)
+
+  @doc "The current sender process of each lane (fewer while one is being replaced)."
+  @spec senders() :: [pid()]
+  def senders do
+    case lookup() do
+      nil -> []
+      dispatcher -> for sender <- Native.senders(dispatcher), is_pid(sender), do: sender
+    end
+  end
+
+  @doc "The exit reason every subscriber gets when the registry is closed."
+  @spec closed_reason() :: {:shutdown, :ex_atlas_dispatcher_closed}
+  def closed_reason, do: @closed_reason
+
+  @doc """
+  Closes a published dispatcher that no server owns any more (its supervisor gave up
+  restarting it); called when the `:ex_atlas` application stops.
+  """
+  @spec close_orphan() :: :ok
+  def close_orphan do
+    case {lookup(), GenServer.whereis(ExAtlas.Fly.Dispatcher.registry_name())} do
+      {nil, _} -> :ok
+      {dispatcher, nil} -> close(dispatcher)
+      {_dispatcher, _server} -> :ok
+    end
+  end
 
   @impl true
   def init(opts) do
     Process.flag(:trap_exit, true)
-    lanes = Keyword.get_lazy(opts, :sender_threads, &Config.sender_threads/0)
-    capacity = Keyword.get_lazy(opts, :queue_capacity, &Config.queue_capacity/0)
     delivery = Keyword.get_lazy(opts, :delivery, &Config.delivery/0)
-    dispatcher = Native.new(lanes, capacity)
 
-    senders =
-      for _ <- 1..lanes do
-        {:ok, pid} = Sender.start_link({dispatcher, delivery})
-        pid
+    dispatcher =
+      case lookup() do
+        nil -> publish(opts)
+        adopted -> adopted
       end
 
+    senders = dispatcher |> Native.senders() |> Enum.map(fn _ -> start_sender(delivery) end)
     :ok = Native.set_senders(dispatcher, senders)
-    published = {dispatcher, List.to_tuple(senders)}
-    :persistent_term.put(@key, published)
-    {:ok, published}
+    Process.send_after(self(), :check_lost, @lost_check_ms)
+
+    {:ok,
+     %{
+       dispatcher: dispatcher,
+       delivery: delivery,
+       senders: List.to_tuple(senders),
+       parent: parent()
+     }}
+  end
+
+  defp publish(opts) do
+    lanes = Keyword.get_lazy(opts, :sender_threads, &Config.sender_threads/0)
+    capacity = Keyword.get_lazy(opts, :queue_capacity, &Config.queue_capacity/0)
+    dispatcher = Native.new(lanes, capacity)
+    :persistent_term.put(@reported_key, :atomics.new(2, signed: false))
+    :persistent_term.put(@key, dispatcher)
+    dispatcher
+  end
+
+  defp start_sender(delivery) do
+    {:ok, pid} = Sender.start_link(delivery)
+    pid
+  end
+
+  # proc_lib's first ancestor, as a pid: a restarted supervisor registered under the same
+  # name must not pass for the one that started us.
+  defp parent do
+    case Process.get(:"$ancestors") do
+      [parent | _] when is_pid(parent) -> parent
+      [name | _] when is_atom(name) -> Process.whereis(name)
+      _ -> nil
+    end
   end
 
   @impl true
-  def handle_info({:EXIT, _pid, reason}, state), do: {:stop, reason, state}
+  def handle_info({:EXIT, pid, reason}, state) do
+    case lane_of(state.senders, pid) do
+      nil ->
+        {:noreply, state}
+
+      lane ->
+        sender = start_sender(state.delivery)
+        senders = put_elem(state.senders, lane, sender)
+        :ok = Native.set_senders(state.dispatcher, Tuple.to_list(senders))
+
+        Logger.warning(
+          "[ExAtlas.Fly.Dispatcher] the sender of lane #{lane} exited " <>
+            "(#{inspect(reason)}); started another, subscriptions are kept",
+          lane: lane,
+          reason: reason
+        )
+
+        # Its batches give their credits back as the VM frees its mailbox: log soon.
+        Process.send_after(self(), :check_lost, 100)
+        {:noreply, %{state | senders: senders}}
+    end
+  end
+
+  def handle_info(:check_lost, state) do
+    report_lost(state.dispatcher)
+    Process.send_after(self(), :check_lost, @lost_check_ms)
+    {:noreply, state}
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
-  def terminate(_reason, {dispatcher, _senders} = published) do
-    if lookup() == published, do: :persistent_term.erase(@key)
-    Native.close(dispatcher)
+  def terminate(reason, state) do
+    if on_purpose?(reason) or not alive?(state.parent) do
+      report_lost(state.dispatcher)
+      Enum.each(Tuple.to_list(state.senders), &Process.exit(&1, :shutdown))
+      close(state.dispatcher)
+    end
+  end
+
+  defp on_purpose?(:normal), do: true
+  defp on_purpose?(:shutdown), do: true
+  defp on_purpose?({:shutdown, _}), do: true
+  defp on_purpose?(_crash), do: false
+
+  defp alive?(nil), do: false
+  defp alive?(pid), do: Process.alive?(pid)
+
+  defp lane_of(senders, pid) do
+    Enum.find(0..(tuple_size(senders) - 1), fn lane -> elem(senders, lane) == pid end)
+  end
+
+  defp report_lost(dispatcher) do
+    {batches, deliveries} = Native.lost(dispatcher)
+
+    with reported when reported != nil <- :persistent_term.get(@reported_key, nil),
+         new when new > 0 <- deliveries - :atomics.get(reported, 2) do
+      new_batches = batches - :atomics.get(reported, 1)
+      :atomics.put(reported, 1, batches)
+      :atomics.put(reported, 2, deliveries)
+
+      Logger.error(
+        "[ExAtlas.Fly.Dispatcher] #{new} deliveries in #{new_batches} dispatches were " <>
+          "lost: the sender process holding them exited (#{deliveries} lost in all)",
+        lost_deliveries: new,
+        lost_batches: new_batches
+      )
+    end
+
+    :ok
+  end
+
+  defp close(dispatcher) do
+    if lookup() == dispatcher do
+      :persistent_term.erase(@key)
+      :persistent_term.erase(@reported_key)
+    end
+
+    subscribers = Native.close(dispatcher)
+    Enum.each(subscribers, &Process.exit(&1, @closed_reason))
+    :ok
   end
 end

@@ -1,11 +1,14 @@
 defmodule ExAtlas.Fly.Dispatcher.Supervisor do
   @moduledoc false
   # What `ExAtlas.Fly.Dispatcher.child_spec/1` starts, in the `:ex_atlas` application's tree
-  # or in a host's: the registry (`Server`) and, after it, the slow-consumer `Watchdog`, so
-  # the watchdog runs wherever the registry runs.
+  # or in a host's: the registry (`Server`) and the slow-consumer `Watchdog`, so the
+  # watchdog runs wherever the registry runs.
   #
-  # `:rest_for_one`: a restarted registry is a new, empty one, so the watches of the old
-  # one are restarted (emptied) with it; a watchdog crash leaves the registry alone.
+  # `:one_for_one`: each survives the other's crash. The registry outlives a crash of the
+  # server (a restarted one adopts it), and the watches live in an ETS table owned by
+  # this supervisor, so a restarted watchdog resumes them. If this supervisor dies, the
+  # server closes the registry (telling every subscriber) and the table goes with it:
+  # the next start is a fresh, empty registry.
 
   use Supervisor
 
@@ -26,11 +29,13 @@ defmodule ExAtlas.Fly.Dispatcher.Supervisor do
 
   @impl true
   def init(opts) do
+    :ok = Watchdog.create_table()
+
     children = [
       %{id: Server, start: {Server, :start_link, [opts]}, type: :worker, shutdown: 10_000},
       %{id: Watchdog, start: {Watchdog, :start_link, [[]]}, type: :worker}
     ]
 
-    Supervisor.init(children, strategy: :rest_for_one)
+    Supervisor.init(children, strategy: :one_for_one)
   end
 end

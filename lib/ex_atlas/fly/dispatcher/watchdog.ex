@@ -16,9 +16,12 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   #     a group exists only while it holds a watch, and so does its timer.
   #   * `subscribers`: pid => {monitor ref, %{topic => true}}; one monitor per watched pid,
   #     never a link, so neither side's crash takes the other down.
-  #   * an ETS table (named, protected) {pid, topic} => poll_ms: the index that finds a
-  #     watch's group, and that `unsubscribed/1` reads in the caller so unwatched callers of
-  #     `unsubscribe/1` never message this process;
+  #   * an ETS table {{pid, topic}, poll_ms, threshold, cooldown_ms}: every watch with its
+  #     options, the index that finds a watch's group, and what `unsubscribed/1` reads in
+  #     the caller so unwatched callers of `unsubscribe/1` never message this process.
+  #     Our supervisor creates and owns it (`create_table/0`), so it outlives a crash of
+  #     this process, and a restarted watchdog resumes every watch from it (a cooldown
+  #     under way starts again);
   #   * an :atomics counting the watches, so that while there are none `unsubscribe/1`
   #     does not even look in the table.
   #
@@ -206,16 +209,39 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
 
   ## The poller
 
+  @doc """
+  Creates the table of watches and the watch counter, owned by the calling process (the
+  dispatcher's supervisor), so that they outlive a crash of the watchdog.
+  """
+  @spec create_table() :: :ok
+  def create_table do
+    :ets.new(@table, [:set, :public, :named_table, read_concurrency: true])
+    :persistent_term.put(@count_key, :atomics.new(1, signed: false))
+    :ok
+  end
+
   @doc false
   @spec start_link(keyword()) :: GenServer.on_start()
   def start_link(_opts), do: GenServer.start_link(__MODULE__, [], name: __MODULE__)
 
   @impl true
   def init([]) do
-    table = :ets.new(@table, [:set, :protected, :named_table, read_concurrency: true])
-    count = :atomics.new(1, signed: false)
-    :persistent_term.put(@count_key, count)
-    {:ok, %{table: table, count: count, groups: %{}, subscribers: %{}}}
+    # Started on its own (not by our supervisor): the table is ours, for our lifetime.
+    if :ets.whereis(@table) == :undefined, do: create_table()
+    count = :persistent_term.get(@count_key)
+    :atomics.put(count, 1, :ets.info(@table, :size))
+    state = %{table: @table, count: count, groups: %{}, subscribers: %{}}
+    {:ok, :ets.foldl(&resume/2, state, @table)}
+  end
+
+  # A watch left by an earlier watchdog: monitor its subscriber again (a dead one sends
+  # :DOWN at once) and put it back in its poll group.
+  defp resume({{pid, topic} = key, poll_ms, threshold, cooldown_ms}, state) do
+    watch = %{threshold: threshold, cooldown_ms: cooldown_ms, above_since: nil}
+
+    state
+    |> add_subscriber(pid, topic)
+    |> put_in_group(poll_ms, key, watch)
   end
 
   @impl true
@@ -226,7 +252,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
     # A second watch of the same subscription keeps its cooldown, takes the new options.
     {above_since, state} =
       case :ets.lookup(state.table, key) do
-        [{^key, old_poll}] ->
+        [{^key, old_poll, _threshold, _cooldown_ms}] ->
           watch = state.groups[old_poll].watches[key]
           {watch.above_since, drop_from_group(state, old_poll, key)}
 
@@ -236,7 +262,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
       end
 
     watch = %{threshold: threshold, cooldown_ms: cooldown_ms, above_since: above_since}
-    :ets.insert(state.table, {key, poll_ms})
+    :ets.insert(state.table, {key, poll_ms, threshold, cooldown_ms})
     {:reply, :ok, put_in_group(state, poll_ms, key, watch)}
   end
 
@@ -247,7 +273,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   def handle_call({:watch_info, key}, _from, state) do
     info =
       case :ets.lookup(state.table, key) do
-        [{^key, poll_ms}] ->
+        [{^key, poll_ms, _threshold, _cooldown_ms}] ->
           group = state.groups[poll_ms]
           watch = group.watches[key]
 
@@ -365,7 +391,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
 
   defp unwatch(state, {pid, topic} = key) do
     case :ets.take(state.table, key) do
-      [{^key, poll_ms}] ->
+      [{^key, poll_ms, _threshold, _cooldown_ms}] ->
         :atomics.sub(state.count, 1, 1)
 
         state

@@ -44,7 +44,14 @@ defmodule ExAtlas.Fly.Dispatcher.ApplicationTest do
     assert Dispatcher.count(topic) == 2
     old_server = Process.whereis(Dispatcher.registry_name())
 
+    # Closing the registry tells every subscriber with an exit signal, once, as the links
+    # of the original Registry did; this test process traps it to look.
+    Process.flag(:trap_exit, true)
     stop_app()
+    reason = ExAtlas.Fly.Dispatcher.Server.closed_reason()
+    assert_receive {:EXIT, ^old_server, ^reason}
+    refute_receive {:EXIT, ^old_server, _}
+    Process.flag(:trap_exit, false)
     for {_name, call} <- api_calls(), do: assert_raise(ArgumentError, call)
     :ok = Application.ensure_started(:ex_atlas)
 

@@ -15,19 +15,21 @@ defmodule ExAtlas.Fly.Dispatcher.RegistryCleanupTest do
     :ok
   end
 
-  defp spawn_subscribers(count, topics) do
+  defp spawn_subscribers(count, topics, opts \\ []) do
     parent = self()
 
     pids =
       for n <- 1..count do
         spawn(fn ->
+          Process.flag(:trap_exit, Keyword.get(opts, :trap_exit, false))
+
           for offset <- 0..4 do
             :ok = Dispatcher.subscribe(Enum.at(topics, rem(n + offset * 3, length(topics))))
           end
 
           :ok = Dispatcher.subscribe(Enum.at(topics, rem(n, length(topics))))
           send(parent, {:subscribed, self()})
-          subscriber_loop(topics)
+          subscriber_loop(topics, parent)
         end)
       end
 
@@ -35,15 +37,19 @@ defmodule ExAtlas.Fly.Dispatcher.RegistryCleanupTest do
     pids
   end
 
-  defp subscriber_loop(topics) do
+  defp subscriber_loop(topics, parent) do
     receive do
       {:unsubscribe_all, from} ->
         for topic <- topics, do: :ok = Dispatcher.unsubscribe(topic)
         send(from, {:unsubscribed, self()})
-        subscriber_loop(topics)
+        subscriber_loop(topics, parent)
+
+      {:EXIT, _from, _reason} = exit ->
+        send(parent, {:closed, self(), exit})
+        subscriber_loop(topics, parent)
 
       _dispatched ->
-        subscriber_loop(topics)
+        subscriber_loop(topics, parent)
     end
   end
 
@@ -85,11 +91,23 @@ defmodule ExAtlas.Fly.Dispatcher.RegistryCleanupTest do
     assert_no_longer_monitored(pids, dispatcher)
   end
 
-  test "closing the registry (application stop) removes its monitors from live subscribers" do
+  test "closing the registry (application stop) stops its subscribers, as the original's links did" do
     pids = spawn_subscribers(50, ["closing:1", "closing:2"])
-    dispatcher = RegistryBackend.dispatcher!()
+    monitors = Map.new(pids, &{Process.monitor(&1), &1})
+    reason = ExAtlas.Fly.Dispatcher.Server.closed_reason()
     stop_app()
 
+    for {ref, pid} <- monitors, do: assert_receive({:DOWN, ^ref, :process, ^pid, ^reason})
+  end
+
+  test "closing the registry removes its monitors from subscribers that trap exits" do
+    pids = spawn_subscribers(50, ["closing:1", "closing:2"], trap_exit: true)
+    dispatcher = RegistryBackend.dispatcher!()
+    server = Process.whereis(Dispatcher.registry_name())
+    stop_app()
+
+    reason = ExAtlas.Fly.Dispatcher.Server.closed_reason()
+    for pid <- pids, do: assert_receive({:closed, ^pid, {:EXIT, ^server, ^reason}})
     assert_no_longer_monitored(pids, dispatcher)
   end
 

@@ -6,10 +6,15 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   alias ExAtlas.Fly.Dispatcher.{Native, Sender, Server}
 
+  @room :"$ex_atlas_room"
+
   @impl true
   def subscribe(topic, _arg) do
     case Native.subscribe(dispatcher!(), topic) do
       :ok -> :ok
+      # The caller is exiting (its monitor could not be set): nothing to keep, and it will
+      # never read a message, as with Registry.register/3 from a dying process.
+      :not_alive -> :ok
       :closed -> raise not_started()
       :too_many_topics -> raise ArgumentError, "the registry holds too many topics (2^32)"
     end
@@ -25,13 +30,26 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
     dispatcher = dispatcher!()
 
     case Native.dispatch(dispatcher, topic, message) do
+      :ok -> :ok
+      {:full, pending} -> await_room(pending, message)
+      :closed -> raise not_started()
+    end
+  end
+
+  # A lane was full. The rest of the dispatch waits in `pending`; the caller queues for
+  # the lane's next free credit and waits for it in a plain receive, holding no scheduler
+  # thread: it can be killed, inspected and preempted as usual. Credits are handed out
+  # first come, first served; one freed by a delivered (or dropped) batch comes with
+  # exactly one {:"$ex_atlas_room", pending} message, so nothing is left in the mailbox.
+  defp await_room(pending, message) do
+    case Native.resume(pending, message) do
       :ok ->
         :ok
 
-      # A full lane hands back the batches that did not fit: hand them over from a
-      # dirty I/O scheduler, where waiting for room blocks only this caller.
-      {:full, pending} ->
-        settle(Native.push_pending(dispatcher, pending, message))
+      :wait ->
+        receive do
+          {@room, ^pending} -> await_room(pending, message)
+        end
 
       :closed ->
         raise not_started()
@@ -39,16 +57,18 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   end
 
   # Every sender handles a caller's requests in the order the caller made them, so once
-  # each has answered, everything the caller dispatched before is delivered.
+  # each has answered, everything the caller dispatched before is delivered. A sender
+  # that dies meanwhile had its undelivered batches counted and logged as lost; there is
+  # nothing more to wait for from it.
   @impl true
   def sync(_arg) do
-    {_dispatcher, senders} = running!()
+    senders = for sender <- Native.senders(dispatcher!()), is_pid(sender), do: sender
     tag = Sender.synced_tag()
 
     # One ref and one monitor per sender, matched exactly: the caller's own messages
     # (a host's :DOWN messages included) stay in its mailbox untouched.
     waits =
-      for sender <- Tuple.to_list(senders) do
+      for sender <- senders do
         ref = make_ref()
         monitor = Process.monitor(sender)
         :ok = Sender.request_sync(sender, ref)
@@ -59,7 +79,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
       Enum.each(waits, fn {ref, monitor} ->
         receive do
           {^tag, ^ref} -> :ok
-          {:DOWN, ^monitor, :process, _, _} -> raise not_started()
+          {:DOWN, ^monitor, :process, _, _} -> :ok
         end
       end)
     after
@@ -85,15 +105,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   @doc "The running dispatcher resource; raises `ArgumentError` when none runs."
   @spec dispatcher!() :: Native.dispatcher()
-  def dispatcher! do
-    {dispatcher, _senders} = running!()
-    dispatcher
-  end
-
-  defp running!, do: Server.lookup() || raise(not_started())
-
-  defp settle(:ok), do: :ok
-  defp settle(:closed), do: raise(not_started())
+  def dispatcher!, do: Server.lookup() || raise(not_started())
 
   defp not_started do
     ArgumentError.exception(
