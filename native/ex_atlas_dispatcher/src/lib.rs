@@ -80,8 +80,8 @@ mod nif {
     pub struct Dispatcher {
         registry: Sharded<Monitor>,
         lanes: Lanes<Waiter>,
-        /// Raw pid of each lane's sender process; replaced when a sender is restarted.
-        senders: Box<[AtomicU64]>,
+        /// Each lane's sender process; replaced when a sender is restarted.
+        senders: Box<[SenderSlot]>,
         /// Process monitors currently set, counted where they are set and undone.
         monitors: AtomicUsize,
     }
@@ -176,14 +176,142 @@ mod nif {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A message built in an environment of its own, which a send moves to the receiver
+    /// whole. Every message that carries a resource of ours goes this way: a message
+    /// built in the caller's environment stays on the caller's heap until its next
+    /// garbage collection, and an idle sender or a waiting producer may not collect for a
+    /// long time, keeping a dead process's `Batch` or `Pending` alive, and its lane
+    /// credit with it. Dropping an unsent one frees its terms.
+    struct Outgoing {
+        env: *mut rustler::sys::ErlNifEnv,
+        term: rustler::sys::ErlNifTerm,
+    }
+
+    // SAFETY: a process-independent environment is not tied to a thread; an `Outgoing` is
+    // only ever used by whoever holds it (under the parking lock when parked).
+    unsafe impl Send for Outgoing {}
+
+    impl Outgoing {
+        fn build(build: impl for<'m> FnOnce(Env<'m>) -> Term<'m>) -> Self {
+            // SAFETY: the environment is allocated here and owned by the `Outgoing` (freed
+            // in `drop`); the `Env` made on it does not escape `build`, and the term is
+            // made in it, as enif_send requires of a message environment.
+            unsafe {
+                let env = rustler::sys::enif_alloc_env();
+                let marker = ();
+                let term = build(Env::new(&marker, env)).as_c_arg();
+                Outgoing { env, term }
+            }
+        }
+
+        /// Sends it to `pid`; gives it back unsent when `pid` is not alive.
+        fn send(self, caller: Env<'_>, pid: u64) -> Result<(), Outgoing> {
+            // Callbacks (destructors) may run off the scheduler threads; enif_send then
+            // takes no caller environment.
+            let caller = if rustler::thread::is_scheduler_thread() {
+                caller.as_c_arg()
+            } else {
+                std::ptr::null_mut()
+            };
+            let pid = pid_from_raw(pid);
+            // SAFETY: `self.term` lives in `self.env`, a process-independent environment.
+            // A successful send empties the environment, and `drop` then frees it; a
+            // failed one leaves both valid, and we keep them.
+            let sent = unsafe {
+                rustler::sys::enif_send(caller, pid.as_c_arg(), self.env, self.term) != 0
+            };
+            if sent {
+                Ok(())
+            } else {
+                Err(self)
+            }
+        }
+    }
+
+    impl Drop for Outgoing {
+        fn drop(&mut self) {
+            // SAFETY: allocated in `build`, freed exactly once here.
+            unsafe { rustler::sys::enif_free_env(self.env) }
+        }
+    }
+
+    /// One lane's sender process, and the batches handed to the lane while it had none
+    /// alive (between a sender's death and its replacement), in order, each holding its
+    /// credit: the next sender gets them first, so nothing dispatched meanwhile is lost.
+    struct SenderSlot {
+        pid: AtomicU64,
+        parked: Mutex<Vec<Outgoing>>,
+        parked_len: AtomicUsize,
+    }
+
+    impl SenderSlot {
+        fn new() -> Self {
+            SenderSlot {
+                pid: AtomicU64::new(0),
+                parked: Mutex::new(Vec::new()),
+                parked_len: AtomicUsize::new(0),
+            }
+        }
+
+        /// Sends `out` to the lane's sender, or parks it behind the batches parked
+        /// before it. Checking the parked count first keeps a caller's later batch from
+        /// overtaking its earlier, parked one.
+        fn hand(&self, env: Env<'_>, mut out: Outgoing) {
+            if self.parked_len.load(Ordering::SeqCst) == 0 {
+                match out.send(env, self.pid.load(Ordering::SeqCst)) {
+                    Ok(()) => return,
+                    Err(unsent) => out = unsent,
+                }
+            }
+            let mut parked = lock(&self.parked);
+            if parked.is_empty() {
+                match out.send(env, self.pid.load(Ordering::SeqCst)) {
+                    Ok(()) => return,
+                    Err(unsent) => out = unsent,
+                }
+            }
+            parked.push(out);
+            self.parked_len.store(parked.len(), Ordering::SeqCst);
+        }
+
+        /// Installs `pid` and hands it what was parked, in order; what it does not take
+        /// (it died already) stays parked for the next one.
+        fn install(&self, env: Env<'_>, pid: u64) {
+            let mut parked = lock(&self.parked);
+            self.pid.store(pid, Ordering::SeqCst);
+            let mut queue = std::mem::take(&mut *parked).into_iter();
+            for out in queue.by_ref() {
+                if let Err(unsent) = out.send(env, pid) {
+                    parked.push(unsent);
+                    break;
+                }
+            }
+            parked.extend(queue);
+            self.parked_len.store(parked.len(), Ordering::SeqCst);
+        }
+
+        /// Takes every parked batch out, for the caller to drop after unlocking.
+        fn unpark_all(&self) -> Vec<Outgoing> {
+            let mut parked = lock(&self.parked);
+            self.parked_len.store(0, Ordering::SeqCst);
+            std::mem::take(&mut *parked)
+        }
+    }
+
+    /// `{:"$ex_atlas_room", pending}` to the producer waiting with `pending`.
+    fn wake(env: Env<'_>, waiter: &Waiter) -> bool {
+        Outgoing::build(|menv| (atoms::ex_atlas_room(), waiter.pending.clone()).encode(menv))
+            .send(env, waiter.pid)
+            .is_ok()
+    }
+
     /// How a credit of `lane` reaches a waiting producer: the credit is recorded in its
-    /// `Pending` and the producer is woken with `{:"$ex_atlas_room", pending}`. False when
-    /// the producer is dead; the lanes then offer the credit to the next waiter.
+    /// `Pending` and the producer is woken. False when the producer is dead; the lanes
+    /// then offer the credit to the next waiter.
     fn granting(env: Env<'_>, lane: usize) -> impl FnMut(&Waiter) -> bool + '_ {
         move |waiter| {
             waiter.pending.granted.store(lane + 1, Ordering::Release);
-            let room = (atoms::ex_atlas_room(), waiter.pending.clone());
-            let woken = env.send(&pid_from_raw(waiter.pid), room).is_ok();
+            let woken = wake(env, waiter);
             if !woken {
                 waiter.pending.granted.store(0, Ordering::Release);
             }
@@ -191,9 +319,8 @@ mod nif {
         }
     }
 
-    /// Hands one batch, from position `start`, to its lane's sender. The credit is taken.
-    /// When no live sender takes it, the batch is dropped here and its destructor counts
-    /// the loss and gives the credit back.
+    /// Hands one batch, from position `start`, to its lane's sender (or parks it until the
+    /// lane has a live one). The credit is taken.
     fn hand_over<'a>(
         env: Env<'a>,
         dispatcher: &ResourceArc<Dispatcher>,
@@ -202,7 +329,6 @@ mod nif {
         start: usize,
         message: Term<'a>,
     ) {
-        let sender = dispatcher.senders[lane].load(Ordering::Acquire);
         let batch = ResourceArc::new(Batch {
             dispatcher: dispatcher.clone(),
             part,
@@ -210,12 +336,10 @@ mod nif {
             cursor: AtomicUsize::new(start),
             done: AtomicBool::new(false),
         });
-        if sender != 0 {
-            let _ = env.send(
-                &pid_from_raw(sender),
-                (atoms::ex_atlas_deliver(), batch, message),
-            );
-        }
+        let out = Outgoing::build(|menv| {
+            (atoms::ex_atlas_deliver(), batch, message.in_env(menv)).encode(menv)
+        });
+        dispatcher.senders[lane].hand(env, out);
     }
 
     /// The share of the calling process's timeslice spent so far, told to the VM as it
@@ -290,16 +414,18 @@ mod nif {
         let lanes = Lanes::new(lanes, queue_capacity);
         Ok(ResourceArc::new(Dispatcher {
             registry: Sharded::new(lanes.len()),
-            senders: (0..lanes.len()).map(|_| AtomicU64::new(0)).collect(),
+            senders: (0..lanes.len()).map(|_| SenderSlot::new()).collect(),
             lanes,
             monitors: AtomicUsize::new(0),
         }))
     }
 
     /// Installs one sender process per lane, replacing any earlier ones (a restarted
-    /// sender or server). Badarg unless it is a proper list of exactly one pid per lane.
+    /// sender or server), and hands each the batches parked for its lane meanwhile.
+    /// Badarg unless it is a proper list of exactly one pid per lane.
     #[rustler::nif]
     fn set_senders(
+        env: Env<'_>,
         dispatcher: ResourceArc<Dispatcher>,
         senders: Term<'_>,
     ) -> rustler::NifResult<Atom> {
@@ -311,7 +437,7 @@ mod nif {
             return Err(rustler::Error::BadArg);
         }
         for (slot, pid) in dispatcher.senders.iter().zip(&senders) {
-            slot.store(pid_to_raw(pid), Ordering::Release);
+            slot.install(env, pid_to_raw(pid));
         }
         Ok(atoms::ok())
     }
@@ -322,7 +448,7 @@ mod nif {
         dispatcher
             .senders
             .iter()
-            .map(|slot| match slot.load(Ordering::Acquire) {
+            .map(|slot| match slot.pid.load(Ordering::Acquire) {
                 0 => atoms::undefined().encode(env),
                 raw => pid_from_raw(raw).encode(env),
             })
@@ -601,10 +727,16 @@ mod nif {
         }
         let waiters = dispatcher.lanes.close();
         for waiter in &waiters {
-            let room = (atoms::ex_atlas_room(), waiter.pending.clone());
-            let _ = env.send(&pid_from_raw(waiter.pid), room);
+            wake(env, waiter);
         }
         drop(waiters);
+        // Batches parked for a sender that never came: dropped, counted as lost.
+        let parked: Vec<Outgoing> = dispatcher
+            .senders
+            .iter()
+            .flat_map(|slot| slot.unpark_all())
+            .collect();
+        drop(parked);
         subscribers
             .into_iter()
             .map(|(pid, _)| pid_from_raw(pid))

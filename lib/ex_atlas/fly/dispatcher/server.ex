@@ -30,14 +30,25 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
   @reported_key {__MODULE__, :reported}
   @closed_reason {:shutdown, :ex_atlas_dispatcher_closed}
   @lost_check_ms 1_000
+  # As long as the supervisor gives a server to stop.
+  @predecessor_timeout 10_000
 
-  @spec start_link(keyword()) :: GenServer.on_start() | :ignore
+  @spec start_link(keyword()) :: GenServer.on_start()
   def start_link(opts) do
     case GenServer.start_link(__MODULE__, opts, name: ExAtlas.Fly.Dispatcher.registry_name()) do
-      # A host that also lists the dispatcher in its own tree while `:ex_atlas` started
-      # one keeps running on the existing registry.
-      {:error, {:already_started, _pid}} -> :ignore
-      other -> other
+      # Our supervisor is unique by name, so the name is held by the server of a
+      # supervisor that was just killed, still closing its registry: wait for it.
+      {:error, {:already_started, old}} ->
+        ref = Process.monitor(old)
+
+        receive do
+          {:DOWN, ^ref, :process, ^old, _} -> start_link(opts)
+        after
+          @predecessor_timeout -> {:error, {:already_started, old}}
+        end
+
+      other ->
+        other
     end
   end
 
