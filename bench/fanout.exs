@@ -1,8 +1,11 @@
 # Fan-out benchmark of issue 5: the ExAtlas NIF dispatcher beside Elixir's Registry (the
 # original implementation), :pg and a plain send/2 loop, on the same subscriber processes.
 #
-#     MIX_ENV=prod mix run bench/fanout.exs            # full run, writes bench/results/fanout.*
-#     MIX_ENV=prod mix run bench/fanout.exs --quick    # seconds; writes to a temp dir (CI)
+#     EX_ATLAS_ALLOC_STATS=1 MIX_ENV=prod mix run bench/fanout.exs          # full run, writes bench/results/fanout.*
+#     EX_ATLAS_ALLOC_STATS=1 MIX_ENV=prod mix run bench/fanout.exs --quick  # seconds; temp dir (CI)
+#
+# EX_ATLAS_ALLOC_STATS=1 builds the NIF with its allocation counter (for the memory per
+# subscription); production builds leave it out.
 #
 # Options: --sizes 1,10,100  --reps N  --threads 1,2  --delivery dirty|scheduler  --topics T
 #          --out DIR  --chart svg|png

@@ -27,6 +27,16 @@ defmodule FanoutBench.Runner do
   @spec main([String.t()], Path.t()) :: :ok
   def main(argv, bench_dir) do
     opts = parse!(argv, bench_dir)
+
+    # Bytes per subscription come from the NIF's allocation counter, which production
+    # builds leave out (cargo feature alloc-stats).
+    unless Map.has_key?(ExAtlas.Fly.Dispatcher.Backend.Registry.stats(), :allocated_bytes) do
+      Mix.raise(
+        "bench/fanout.exs measures the NIF's memory: run it with EX_ATLAS_ALLOC_STATS=1 " <>
+          "(MIX_ENV=prod builds leave the allocation counter out otherwise)"
+      )
+    end
+
     Logger.configure(level: :warning)
     machine = Machine.info()
     print_header(opts, machine)

@@ -34,10 +34,18 @@ defmodule ExAtlas.Fly.Dispatcher do
   * Nothing dispatched after `unsubscribe/1` returns reaches the unsubscribed process.
   * A subscriber that exits is removed from every topic by a process monitor.
   * Memory is bounded: each lane holds at most `:queue_capacity` dispatches in flight
-    (default 1 024). When it is full, `dispatch/2` waits for room on a dirty I/O
-    scheduler; nothing is dropped.
+    (default 1 024). When it is full, `dispatch/2` waits for room in a plain `receive`
+    (first come, first served), holding no scheduler thread; nothing is dropped.
+  * No NIF call holds a normal scheduler for more than about one timeslice (1 ms),
+    whatever the number of subscribers or the size of the message.
   * `sync/0` returns once everything the caller dispatched before is in the
     subscribers' mailboxes.
+  * The registry outlives a crash of any of its processes (a sender, the server, the
+    watchdog): subscriptions and watches are kept. What a killed sender had not
+    delivered is counted (`lost_deliveries` in the stats) and logged. When the registry
+    is closed (its supervisor stops or is killed, or the application stops), every
+    subscriber gets the exit signal `{:shutdown, :ex_atlas_dispatcher_closed}`, as the
+    links of the original `Registry` told its subscribers.
 
   ## Other settings
 
@@ -49,12 +57,12 @@ defmodule ExAtlas.Fly.Dispatcher do
 
   Each lane's sender process delivers its batches through NIF calls that send with the
   sender's own process environment (which lets the VM copy straight onto each receiver's
-  heap). With `delivery: :scheduler` (default) a call sends to at most 256 pids on the
-  sender's normal scheduler, so no call comes near 1 ms and the sender is preempted
-  between calls like any send loop. With `delivery: :dirty` everything past the first 64
-  pids of a batch is sent from dirty CPU schedulers, so no normal scheduler ever does work
-  that grows with the subscribers; on a 2-core machine it delivers about a third more
-  slowly, because the dirty threads then compete with the schedulers for the cores.
+  heap). With `delivery: :scheduler` (default) a call sends for about one timeslice
+  (1 ms) at most on the sender's normal scheduler and reports its time, so the sender is
+  preempted between calls like any send loop, whatever the message size. With
+  `delivery: :dirty` everything past a batch's first timeslice is sent from dirty CPU
+  schedulers; on a 2-core machine it delivers more slowly, because the dirty threads then
+  compete with the schedulers for the cores.
 
   ## Example
 
