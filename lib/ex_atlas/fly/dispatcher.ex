@@ -77,7 +77,7 @@ defmodule ExAtlas.Fly.Dispatcher do
       :ok
   """
 
-  alias ExAtlas.Fly.Dispatcher.Config
+  alias ExAtlas.Fly.Dispatcher.{Backend, Cluster, Config}
 
   @typedoc "A topic: any binary, for example `\"logs:\" <> app_name`."
   @type topic :: binary()
@@ -181,6 +181,22 @@ defmodule ExAtlas.Fly.Dispatcher do
   end
 
   @doc """
+  `sync(:cluster)`: in cluster mode, returns once everything the caller dispatched before
+  is in its subscribers' mailboxes on this node and on every other connected node; a
+  barrier through each node's link and relay, one message each way per node. Returns
+  `{:error, {:no_answer, nodes}}` when some nodes did not answer within `timeout` ms
+  (default 5 000), for example a node suspended or cut off. Outside cluster mode it is
+  `sync/0`.
+  """
+  @spec sync(:cluster, timeout()) :: :ok | {:error, {:no_answer, [node()]}}
+  def sync(:cluster, timeout \\ 5_000) do
+    case Config.backend() do
+      {Backend.Registry, _} -> Cluster.sync(timeout)
+      {backend, arg} -> backend.sync(arg)
+    end
+  end
+
+  @doc """
   Number of subscriptions to `topic` (duplicates counted), in constant time.
 
   Only the `:registry` mode keeps subscribers; the other modes return `0`.
@@ -252,10 +268,16 @@ defmodule ExAtlas.Fly.Dispatcher do
       {:delivery, value} ->
         Config.check_delivery!(value, ":delivery")
 
+      {:cluster, value} ->
+        Config.check_cluster!(value, ":cluster")
+
+      {:cluster_queue, value} ->
+        Config.check_cluster_queue!(value, ":cluster_queue")
+
       other ->
         raise ArgumentError,
-              "unknown ExAtlas.Fly.Dispatcher option #{inspect(other)}; " <>
-                "expected :sender_threads, :queue_capacity or :delivery"
+              "unknown ExAtlas.Fly.Dispatcher option #{inspect(other)}; expected " <>
+                ":sender_threads, :queue_capacity, :delivery, :cluster or :cluster_queue"
     end)
 
     opts

@@ -71,6 +71,7 @@ mod nif {
             allocated_bytes,
             ex_atlas_deliver = "$ex_atlas_deliver",
             ex_atlas_room = "$ex_atlas_room",
+            ex_atlas_interest = "$ex_atlas_interest",
         }
     }
 
@@ -84,6 +85,31 @@ mod nif {
         senders: Box<[SenderSlot]>,
         /// Process monitors currently set, counted where they are set and undone.
         monitors: AtomicUsize,
+        /// Raw pid of the cluster relay told about topics this node gains or loses; 0
+        /// when not in cluster mode.
+        relay: AtomicU64,
+    }
+
+    impl Dispatcher {
+        /// Tells the relay (cluster mode) about each topic that `pid`'s last change
+        /// created or emptied in its shard, with `{:"$ex_atlas_interest", topic}`: a hint,
+        /// which the relay checks against `count/2`, so hints from several processes may
+        /// arrive in any order.
+        fn tell_relay(&self, env: Env<'_>, pid: u64) {
+            let relay = self.relay.load(Ordering::Acquire);
+            if relay == 0 {
+                return;
+            }
+            for topic in self.registry.take_changed(pid) {
+                let hint = Outgoing::build(|menv| {
+                    let mut name = NewBinary::new(menv, topic.len());
+                    name.as_mut_slice().copy_from_slice(&topic);
+                    (atoms::ex_atlas_interest(), Term::from(name)).encode(menv)
+                });
+                // A dead relay is being restarted; the new one reads every topic.
+                let _ = hint.send(env, relay);
+            }
+        }
     }
 
     /// A producer process waiting for room in a full lane, with the rest of its dispatch.
@@ -96,11 +122,12 @@ mod nif {
     impl Resource for Dispatcher {
         const IMPLEMENTS_DOWN: bool = true;
 
-        fn down<'a>(&'a self, _env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
+        fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
             // rustler catches panics here too, but do not rely on the version for that.
             let _ = catch_unwind(AssertUnwindSafe(|| {
                 self.monitors.fetch_sub(1, Ordering::Relaxed);
                 self.registry.remove_subscriber(pid_to_raw(&pid));
+                self.tell_relay(env, pid_to_raw(&pid));
             }));
         }
     }
@@ -417,6 +444,7 @@ mod nif {
             senders: (0..lanes.len()).map(|_| SenderSlot::new()).collect(),
             lanes,
             monitors: AtomicUsize::new(0),
+            relay: AtomicU64::new(0),
         }))
     }
 
@@ -455,6 +483,35 @@ mod nif {
             .collect()
     }
 
+    /// Cluster mode: `relay` hears about every topic this node gains or loses (see
+    /// `Dispatcher::tell_relay`); `:undefined` stops that.
+    #[rustler::nif]
+    fn set_relay(dispatcher: ResourceArc<Dispatcher>, relay: Term<'_>) -> rustler::NifResult<Atom> {
+        let raw = match relay.decode::<LocalPid>() {
+            Ok(pid) => pid_to_raw(&pid),
+            Err(_) if relay == atoms::undefined().to_term(relay.get_env()) => 0,
+            Err(_) => return Err(rustler::Error::BadArg),
+        };
+        dispatcher.registry.set_tracking(raw != 0);
+        dispatcher.relay.store(raw, Ordering::Release);
+        Ok(atoms::ok())
+    }
+
+    /// Every topic with a local subscription, once each.
+    #[rustler::nif(schedule = "DirtyCpu")]
+    fn topics<'a>(env: Env<'a>, dispatcher: ResourceArc<Dispatcher>) -> Vec<Term<'a>> {
+        dispatcher
+            .registry
+            .topic_names()
+            .iter()
+            .map(|name| {
+                let mut binary = NewBinary::new(env, name.len());
+                binary.as_mut_slice().copy_from_slice(name);
+                Term::from(binary)
+            })
+            .collect()
+    }
+
     #[rustler::nif]
     fn subscribe(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>, topic: Binary<'_>) -> Atom {
         let pid = env.pid();
@@ -465,6 +522,7 @@ mod nif {
                 dispatcher.monitors.fetch_add(1, Ordering::Relaxed);
                 Some(monitor)
             });
+        dispatcher.tell_relay(env, pid_to_raw(&pid));
         match result {
             Ok(Ok(())) => atoms::ok(),
             Ok(Err(SubscribeError::NotAlive)) => atoms::not_alive(),
@@ -487,6 +545,7 @@ mod nif {
                 dispatcher.monitors.fetch_sub(1, Ordering::Relaxed);
             }
         }
+        dispatcher.tell_relay(env, pid_to_raw(pid));
         removed.count
     }
 

@@ -178,6 +178,10 @@ pub struct Registry<M> {
     free_ids: Vec<u32>,
     subscribers: FxHashMap<Pid, Subscriber<M>>,
     subscriptions: usize,
+    /// Topics created or emptied since the last [`Registry::take_changed`], recorded only
+    /// while `tracking` (cluster mode: the node's interest in a topic may have changed).
+    changed: Vec<Arc<[u8]>>,
+    tracking: bool,
 }
 
 /// The partition that serves `pid`: a multiplicative hash, so neighbouring pid numbers
@@ -202,7 +206,23 @@ impl<M> Registry<M> {
             free_ids: Vec::new(),
             subscribers: FxHashMap::default(),
             subscriptions: 0,
+            changed: Vec::new(),
+            tracking: false,
         }
+    }
+
+    /// Starts or stops recording the topics that are created or emptied.
+    pub fn set_tracking(&mut self, tracking: bool) {
+        self.tracking = tracking;
+        if !tracking {
+            self.changed = Vec::new();
+        }
+    }
+
+    /// The topics created or emptied since the last call (while tracking), in order; a
+    /// topic may appear more than once.
+    pub fn take_changed(&mut self) -> Vec<Arc<[u8]>> {
+        std::mem::take(&mut self.changed)
     }
 
     /// Adds one subscription of `pid` to `topic`. `monitor` is called only when `pid` has
@@ -343,6 +363,9 @@ impl<M> Registry<M> {
                 id
             }
         };
+        if self.tracking {
+            self.changed.push(name.clone());
+        }
         self.by_name.insert(name, id);
         Some(id)
     }
@@ -400,6 +423,9 @@ impl<M> Registry<M> {
             self.topics[sub.topic as usize] = None;
             self.by_name.remove(&name);
             self.free_ids.push(sub.topic);
+            if self.tracking {
+                self.changed.push(name);
+            }
         }
     }
 
@@ -556,9 +582,31 @@ impl<M> Sharded<M> {
         Ok(snapshot)
     }
 
+    /// [`Registry::set_tracking`] in every shard.
+    pub fn set_tracking(&self, tracking: bool) {
+        for index in 0..self.shards.len() {
+            self.lock(index).registry.set_tracking(tracking);
+        }
+    }
+
+    /// [`Registry::take_changed`] in `pid`'s shard: what the last changes made for `pid`
+    /// created or emptied there.
+    pub fn take_changed(&self, pid: Pid) -> Vec<Arc<[u8]>> {
+        self.shard_of(pid).registry.take_changed()
+    }
+
     /// [`Registry::topics_of`] in `pid`'s shard.
     pub fn topics_of(&self, pid: Pid) -> Vec<Arc<[u8]>> {
         self.shard_of(pid).registry.topics_of(pid)
+    }
+
+    /// Every topic with a subscription, once each. Walks every topic name.
+    pub fn topic_names(&self) -> Vec<Arc<[u8]>> {
+        let mut names: HashSet<Arc<[u8]>> = HashSet::new();
+        for index in 0..self.shards.len() {
+            names.extend(self.lock(index).registry.by_name.keys().cloned());
+        }
+        names.into_iter().collect()
     }
 
     /// Counters over all shards; a topic present in several shards counts once. Walks
@@ -896,6 +944,38 @@ mod tests {
         // Chunk 0 (the hole) and chunk 3 (the last slot) were copied; the rest are shared.
         assert_eq!(shared, 2);
         reg.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn tracking_records_topics_created_and_emptied() {
+        let mut reg = Registry::new();
+        reg.subscribe(b"quiet", 1, ok_monitor(1)).unwrap();
+        assert!(
+            reg.take_changed().is_empty(),
+            "nothing recorded while not tracking"
+        );
+
+        reg.set_tracking(true);
+        reg.subscribe(b"a", 1, ok_monitor(1)).unwrap();
+        reg.subscribe(b"a", 2, ok_monitor(2)).unwrap();
+        reg.subscribe(b"b", 2, ok_monitor(2)).unwrap();
+        let names = |v: Vec<Arc<[u8]>>| v.iter().map(|n| n.to_vec()).collect::<Vec<_>>();
+        assert_eq!(
+            names(reg.take_changed()),
+            vec![b"a".to_vec(), b"b".to_vec()]
+        );
+        assert!(reg.take_changed().is_empty());
+
+        reg.unsubscribe(b"a", 1);
+        assert!(reg.take_changed().is_empty(), "a still has a subscriber");
+        reg.remove_subscriber(2);
+        let mut emptied = names(reg.take_changed());
+        emptied.sort();
+        assert_eq!(emptied, vec![b"a".to_vec(), b"b".to_vec()]);
+
+        reg.set_tracking(false);
+        reg.subscribe(b"c", 3, ok_monitor(3)).unwrap();
+        assert!(reg.take_changed().is_empty());
     }
 
     #[test]

@@ -6,6 +6,7 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
   alias ExAtlas.Fly.Dispatcher.Backend
 
   @default_queue_capacity 1_024
+  @default_cluster_queue 10_000
   # Picked from bench/fanout.exs: see the `delivery:` notes in ExAtlas.Fly.Dispatcher.
   @default_delivery :scheduler
 
@@ -102,6 +103,35 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
     |> Keyword.get(:delivery, @default_delivery)
     |> check_delivery!("`config :ex_atlas, :fly, delivery: ...`")
   end
+
+  @doc "Cluster mode (`:cluster`, default false): forward to other nodes over `:pg`."
+  @spec cluster?() :: boolean()
+  def cluster? do
+    fly()
+    |> Keyword.get(:cluster, false)
+    |> check_cluster!("`config :ex_atlas, :fly, cluster: ...`")
+  end
+
+  @doc "Messages each remote node may have queued before dispatches to it are dropped."
+  @spec cluster_queue() :: pos_integer()
+  def cluster_queue do
+    fly()
+    |> Keyword.get(:cluster_queue, @default_cluster_queue)
+    |> check_cluster_queue!("`config :ex_atlas, :fly, cluster_queue: ...`")
+  end
+
+  @doc false
+  @spec check_cluster!(term(), String.t()) :: boolean()
+  def check_cluster!(value, _where) when is_boolean(value), do: value
+  def check_cluster!(value, where), do: bad!(where, "true or false", value)
+
+  @doc false
+  @spec check_cluster_queue!(term(), String.t()) :: pos_integer()
+  def check_cluster_queue!(value, _where) when is_integer(value) and value in 1..10_000_000,
+    do: value
+
+  def check_cluster_queue!(value, where),
+    do: bad!(where, "an integer from 1 to 10000000", value)
 
   @doc false
   @spec check_sender_threads!(term(), String.t()) :: pos_integer()

@@ -47,6 +47,13 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   @spec senders(dispatcher()) :: [pid() | :undefined]
   def senders(_dispatcher), do: :erlang.nif_error(:nif_not_loaded)
 
+  @doc "Cluster mode: `relay` hears `{:\"$ex_atlas_interest\", topic}` as topics come and go."
+  @spec set_relay(dispatcher(), pid() | :undefined) :: :ok
+  def set_relay(_dispatcher, _relay), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec topics(dispatcher()) :: [binary()]
+  def topics(_dispatcher), do: :erlang.nif_error(:nif_not_loaded)
+
   @spec subscribe(dispatcher(), binary()) :: :ok | :closed | :not_alive | :too_many_topics
   def subscribe(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
 

@@ -12,7 +12,7 @@ defmodule ExAtlas.Fly.Dispatcher.Supervisor do
 
   use Supervisor
 
-  alias ExAtlas.Fly.Dispatcher.{Server, Watchdog}
+  alias ExAtlas.Fly.Dispatcher.{Cluster, Config, Server, Watchdog}
 
   @doc """
   Starts the registry and the watchdog; `:ignore` when they already run (a host that lists
@@ -35,6 +35,23 @@ defmodule ExAtlas.Fly.Dispatcher.Supervisor do
       %{id: Server, start: {Server, :start_link, [opts]}, type: :worker, shutdown: 10_000},
       %{id: Watchdog, start: {Watchdog, :start_link, [[]]}, type: :worker}
     ]
+
+    # Cluster mode, read when the registry starts: the :pg scope and this node's relay.
+    children =
+      if Keyword.get_lazy(opts, :cluster, &Config.cluster?/0) do
+        queue = Keyword.get_lazy(opts, :cluster_queue, &Config.cluster_queue/0)
+
+        children ++
+          [
+            %{
+              id: Cluster,
+              start: {Cluster, :start_link, [[cluster_queue: queue]]},
+              type: :supervisor
+            }
+          ]
+      else
+        children
+      end
 
     Supervisor.init(children, strategy: :one_for_one)
   end

@@ -4,7 +4,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   @behaviour ExAtlas.Fly.Dispatcher.Backend
 
-  alias ExAtlas.Fly.Dispatcher.{Native, Sender, Server}
+  alias ExAtlas.Fly.Dispatcher.{Cluster, Native, Sender, Server}
 
   @room :"$ex_atlas_room"
 
@@ -27,6 +27,15 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   @impl true
   def dispatch(topic, message, _arg) do
+    :ok = dispatch_local(topic, message)
+    Cluster.forward(topic, message)
+  end
+
+  @doc """
+  Dispatches to this node's subscribers only (the cluster relay's way in).
+  """
+  @spec dispatch_local(binary(), term()) :: :ok
+  def dispatch_local(topic, message) do
     dispatcher = dispatcher!()
 
     case Native.dispatch(dispatcher, topic, message) do

@@ -1,0 +1,189 @@
+defmodule ExAtlas.Fly.Dispatcher.ClusterTest do
+  # Cluster mode on distributed Erlang and :pg, with real peer nodes (OTP's :peer) on
+  # 127.0.0.1: this node and two peers, a third started later. Each peer runs :ex_atlas
+  # from this build with `cluster: true`.
+  use ExUnit.Case, async: false
+
+  import ExAtlas.Test.FlyEnv, only: [restart_app: 1, unique_topic: 1, eventually: 2]
+  import ExUnit.CaptureLog
+
+  alias ExAtlas.Fly.Dispatcher
+  alias ExAtlas.Fly.Dispatcher.Cluster
+  alias ExAtlas.Test.Cluster, as: Peers
+
+  @moduletag :cluster
+  @moduletag timeout: 120_000
+  @bound 300
+
+  setup_all do
+    :ok = Peers.ensure_distribution()
+
+    {peer_b, b} =
+      Peers.start_peer("ex_atlas_b_#{System.unique_integer([:positive])}", cluster: true)
+
+    {peer_c, c} =
+      Peers.start_peer("ex_atlas_c_#{System.unique_integer([:positive])}", cluster: true)
+
+    on_exit(fn ->
+      for peer <- [peer_b, peer_c], do: catch_exit(:peer.stop(peer))
+    end)
+
+    %{b: b, c: c}
+  end
+
+  setup do
+    restart_app(cluster: true)
+  end
+
+  test "every subscriber on every node gets each message once, in per-producer order, under churn",
+       %{b: b, c: c} do
+    topic = unique_topic("cluster:all")
+    nodes = [node(), b, c]
+    stable = for node <- nodes, _ <- 1..3, do: Peers.subscriber(node, topic)
+    for node <- nodes, do: Peers.await_visible(node, topic, nodes)
+    churners = for node <- nodes, _ <- 1..2, do: Peers.churner(node, topic)
+
+    # Two producers here, one on a peer.
+    count = 400
+    Peers.producer(node(), topic, :a1, count)
+    Peers.producer(node(), topic, :a2, count)
+    Peers.producer(b, topic, :b1, count)
+    for id <- [:a1, :a2, :b1], do: assert_receive({:produced, ^id, :ok}, 60_000)
+    for pid <- churners, do: send(pid, :stop)
+
+    want = for id <- [:a1, :a2, :b1], seq <- 1..count, do: {:p, id, seq}
+
+    for pid <- stable do
+      got = Peers.report(pid)
+      # Exactly once and in order per producer: each producer's subsequence is 1..count.
+      for id <- [:a1, :a2, :b1] do
+        assert Enum.filter(got, &match?({:p, ^id, _}, &1)) ==
+                 Enum.filter(want, &match?({:p, ^id, _}, &1)),
+               "#{inspect(pid)} on #{node(pid)}: producer #{id}"
+      end
+    end
+  end
+
+  test "one message per dispatch to each other node with subscribers, none to the others",
+       %{b: b, c: c} do
+    topic = unique_topic("cluster:count")
+    before = for node <- [b, c], into: %{}, do: {node, received(node)}
+
+    subs_b = for _ <- 1..5, do: Peers.subscriber(b, topic)
+    Peers.await_visible(node(), topic, [b])
+
+    for seq <- 1..100, do: :ok = Dispatcher.dispatch(topic, {:p, :a, seq})
+    assert :ok = Dispatcher.sync(:cluster)
+    # Five subscribers on b, one message each dispatch; nothing to c.
+    assert received(b) - before[b] == 100
+    assert received(c) - before[c] == 0
+    for pid <- subs_b, do: assert(length(Peers.report(pid)) == 100)
+
+    _subs_c = for _ <- 1..3, do: Peers.subscriber(c, topic)
+    Peers.await_visible(node(), topic, [b, c])
+    for seq <- 101..200, do: :ok = Dispatcher.dispatch(topic, {:p, :a, seq})
+    assert :ok = Dispatcher.sync(:cluster)
+    assert received(b) - before[b] == 200
+    assert received(c) - before[c] == 100
+
+    # Subscribers of this node only: the other nodes get nothing.
+    local = unique_topic("cluster:local")
+    Peers.subscriber(node(), local)
+    for seq <- 1..50, do: :ok = Dispatcher.dispatch(local, {:p, :a, seq})
+    assert :ok = Dispatcher.sync(:cluster)
+    assert received(b) - before[b] == 200
+    assert received(c) - before[c] == 100
+  end
+
+  test "interest follows subscriptions: the last one gone, the node leaves the group", %{b: b} do
+    topic = unique_topic("cluster:leave")
+    sub = Peers.subscriber(b, topic)
+    Peers.await_visible(node(), topic, [b])
+    send(sub, :stop)
+
+    eventually(
+      fn -> b not in Enum.map(:pg.get_members(Cluster.scope(), topic), &node/1) end,
+      5_000
+    )
+  end
+
+  test "a node started later gets what is dispatched once its subscription is visible" do
+    topic = unique_topic("cluster:late")
+
+    {peer_d, d} =
+      Peers.start_peer("ex_atlas_d_#{System.unique_integer([:positive])}", cluster: true)
+
+    try do
+      sub = Peers.subscriber(d, topic)
+      Peers.await_visible(node(), topic, [d])
+      for seq <- 1..50, do: :ok = Dispatcher.dispatch(topic, {:p, :a, seq})
+      assert :ok = Dispatcher.sync(:cluster)
+      assert Peers.report(sub) == for(seq <- 1..50, do: {:p, :a, seq})
+    after
+      :peer.stop(peer_d)
+    end
+  end
+
+  test "a node stopped mid-stream does not break or block the others", %{b: b} do
+    topic = unique_topic("cluster:stop")
+
+    {peer_d, d} =
+      Peers.start_peer("ex_atlas_d_#{System.unique_integer([:positive])}", cluster: true)
+
+    sub_b = Peers.subscriber(b, topic)
+    _sub_d = Peers.subscriber(d, topic)
+    Peers.await_visible(node(), topic, [b, d])
+
+    producer = Peers.producer(node(), topic, :a, 2_000, 1)
+    Process.sleep(20)
+    :peer.stop(peer_d)
+
+    # The producer finishes; sync(:cluster) answers for the nodes still there.
+    assert_receive {:produced, :a, sync}, 30_000
+    assert sync == :ok or match?({:error, {:no_answer, _}}, sync)
+    refute Process.alive?(producer)
+    assert :ok = Dispatcher.sync(:cluster)
+    assert Peers.report(sub_b) == for(seq <- 1..2_000, do: {:p, :a, seq})
+    refute Map.has_key?(Cluster.stats(), d)
+  end
+
+  test "a suspended relay: dispatch goes on, the node's queue stays bounded, drops are counted",
+       %{b: b, c: c} do
+    restart_app(cluster: true, cluster_queue: @bound)
+    topic = unique_topic("cluster:suspended")
+    _sub_b = Peers.subscriber(b, topic)
+    sub_c = Peers.subscriber(c, topic)
+    Peers.await_visible(node(), topic, [b, c])
+    relay_b = :erpc.call(b, Process, :whereis, [Cluster.Relay])
+    holder = Peers.suspend(relay_b)
+
+    log =
+      capture_log(fn ->
+        try do
+          # Paced by c's queue, so that c never meets its own bound: b's suspension must
+          # not slow c down, and c must get everything, in order.
+          for chunk <- Enum.chunk_every(1..(4 * @bound), 100) do
+            for seq <- chunk, do: :ok = Dispatcher.dispatch(topic, {:p, :a, seq})
+            eventually(fn -> Cluster.stats()[c].queued == 0 end, 10_000)
+          end
+
+          %{queued: queued, dropped: dropped} = Cluster.stats()[b]
+          assert queued <= @bound
+          assert dropped == 4 * @bound - queued
+          assert Cluster.stats()[c].dropped == 0
+          # The suspended node cannot answer a barrier; the other one got everything.
+          assert Dispatcher.sync(:cluster, 1_000) == {:error, {:no_answer, [b]}}
+          assert Peers.report(sub_c) == for(seq <- 1..(4 * @bound), do: {:p, :a, seq})
+          Process.sleep(1_100)
+        after
+          Peers.resume(holder)
+        end
+      end)
+
+    assert log =~ "dropped"
+    assert log =~ inspect(b)
+    eventually(fn -> Cluster.stats()[b].queued == 0 end, 10_000)
+  end
+
+  defp received(node), do: :erpc.call(node, Cluster, :received, [])
+end

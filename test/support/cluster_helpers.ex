@@ -1,0 +1,220 @@
+defmodule ExAtlas.Test.Cluster do
+  @moduledoc """
+  Peer nodes for cluster-mode tests: distribution on 127.0.0.1 only (`epmd` started when
+  it is not running), peers started with OTP's `:peer` on this node's code path, and
+  small processes to run on them (functions of this module, which the peers load from
+  the same build).
+  """
+
+  alias ExAtlas.Fly.Dispatcher
+
+  @doc """
+  Starts epmd if needed and makes this node alive on 127.0.0.1. `global`'s prevention of
+  overlapping partitions (OTP 25) is turned off here and on the peers: stopping a peer
+  on purpose would otherwise make it disconnect healthy nodes mid-test.
+  """
+  @spec ensure_distribution() :: :ok
+  def ensure_distribution do
+    :ok = :application.set_env(:kernel, :prevent_overlapping_partitions, false)
+
+    unless Node.alive?() do
+      case System.cmd("epmd", ["-names"], stderr_to_stdout: true) do
+        {_, 0} -> :ok
+        _ -> {_, 0} = System.cmd("epmd", ["-daemon"])
+      end
+
+      name = :"ex_atlas_test_#{System.unique_integer([:positive])}@127.0.0.1"
+      {:ok, _} = wait_for_epmd(fn -> Node.start(name, :longnames) end, 50)
+    end
+
+    :ok
+  end
+
+  defp wait_for_epmd(start, 0), do: start.()
+
+  defp wait_for_epmd(start, tries) do
+    case start.() do
+      {:ok, _} = ok ->
+        ok
+
+      {:error, _} ->
+        Process.sleep(100)
+        wait_for_epmd(start, tries - 1)
+    end
+  end
+
+  @doc """
+  Starts a peer named `name` on 127.0.0.1 with this node's code path and cookie, sets
+  `config :ex_atlas, :fly` to `fly` there and starts `:ex_atlas`. Returns `{peer, node}`.
+  """
+  @spec start_peer(String.t(), keyword()) :: {pid(), node()}
+  def start_peer(name, fly) do
+    paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
+    cookie = Atom.to_charlist(Node.get_cookie())
+
+    {:ok, peer, node} =
+      :peer.start_link(%{
+        name: String.to_atom(name),
+        host: ~c"127.0.0.1",
+        longnames: true,
+        args:
+          [~c"-setcookie", cookie, ~c"-kernel", ~c"logger_level", ~c"error"] ++
+            [~c"-kernel", ~c"prevent_overlapping_partitions", ~c"false" | paths]
+      })
+
+    :ok = :erpc.call(node, Application, :put_env, [:ex_atlas, :fly, fly])
+    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:ex_atlas])
+    {peer, node}
+  end
+
+  @doc """
+  Spawns, on `node`, a subscriber of `topic` that records every message it gets; returns
+  its pid once subscribed.
+  """
+  @spec subscriber(node(), binary()) :: pid()
+  def subscriber(node, topic) do
+    pid = Node.spawn(node, __MODULE__, :subscriber_init, [self(), topic])
+
+    receive do
+      {:subscribed, ^pid} -> pid
+    after
+      10_000 -> raise "subscriber on #{node} did not subscribe"
+    end
+  end
+
+  @doc false
+  def subscriber_init(parent, topic) do
+    :ok = Dispatcher.subscribe(topic)
+    send(parent, {:subscribed, self()})
+    record(parent, [])
+  end
+
+  defp record(parent, seen) do
+    receive do
+      {:report, from, ref} ->
+        send(from, {ref, self(), Enum.reverse(seen)})
+        record(parent, seen)
+
+      {:unsubscribe, topic, from, ref} ->
+        :ok = Dispatcher.unsubscribe(topic)
+        send(from, {ref, :unsubscribed})
+        record(parent, seen)
+
+      :stop ->
+        :ok
+
+      message ->
+        record(parent, [message | seen])
+    end
+  end
+
+  @doc "What the subscriber `pid` has recorded, in arrival order."
+  @spec report(pid()) :: [term()]
+  def report(pid) do
+    ref = make_ref()
+    send(pid, {:report, self(), ref})
+
+    receive do
+      {^ref, ^pid, seen} -> seen
+    after
+      10_000 -> raise "no report from #{inspect(pid)}"
+    end
+  end
+
+  @doc """
+  Spawns, on `node`, a producer that dispatches `{:p, id, seq}` to `topic` for seq
+  1..count (sleeping `pause_ms` every 50), then calls `sync(:cluster)` and sends
+  `{:produced, id, sync_result}` to the caller.
+  """
+  @spec producer(node(), binary(), term(), pos_integer(), non_neg_integer()) :: pid()
+  def producer(node, topic, id, count, pause_ms \\ 0) do
+    Node.spawn(node, __MODULE__, :produce, [self(), topic, id, count, pause_ms])
+  end
+
+  @doc false
+  def produce(parent, topic, id, count, pause_ms) do
+    for seq <- 1..count do
+      :ok = Dispatcher.dispatch(topic, {:p, id, seq})
+      if pause_ms > 0 and rem(seq, 50) == 0, do: Process.sleep(pause_ms)
+    end
+
+    send(parent, {:produced, id, Dispatcher.sync(:cluster)})
+  end
+
+  @doc "Spawns, on `node`, a process that subscribes to and leaves `topic` until `:stop`."
+  @spec churner(node(), binary()) :: pid()
+  def churner(node, topic), do: Node.spawn(node, __MODULE__, :churn, [topic, 0])
+
+  @doc false
+  def churn(topic, rounds) do
+    receive do
+      :stop -> :ok
+    after
+      0 ->
+        :ok = Dispatcher.subscribe(topic)
+        Process.sleep(1)
+        :ok = Dispatcher.unsubscribe(topic)
+        flush()
+        churn(topic, rounds + 1)
+    end
+  end
+
+  defp flush do
+    receive do
+      {:p, _, _} -> flush()
+    after
+      0 -> :ok
+    end
+  end
+
+  @doc "Waits until `node` sees a relay of each of `nodes` in `topic`'s group."
+  @spec await_visible(node(), binary(), [node()]) :: :ok
+  def await_visible(node, topic, nodes, tries \\ 500) do
+    members = :erpc.call(node, :pg, :get_members, [Dispatcher.Cluster.scope(), topic])
+    seen = members |> Enum.map(&node/1) |> MapSet.new()
+
+    cond do
+      MapSet.subset?(MapSet.new(nodes), seen) ->
+        :ok
+
+      tries == 0 ->
+        raise "#{node} never saw #{inspect(nodes)} in #{topic}: #{inspect(seen)}"
+
+      true ->
+        Process.sleep(10)
+        await_visible(node, topic, nodes, tries - 1)
+    end
+  end
+
+  @doc """
+  Suspends `pid` (on its node) from a process there until `resume/1` is called with the
+  returned handle: `:erlang.resume_process/1` must come from the suspending process.
+  """
+  @spec suspend(pid()) :: pid()
+  def suspend(pid) do
+    holder = Node.spawn(node(pid), __MODULE__, :hold_suspended, [self(), pid])
+
+    receive do
+      {:suspended, ^holder} -> holder
+    after
+      10_000 -> raise "could not suspend #{inspect(pid)}"
+    end
+  end
+
+  @doc "Resumes what `suspend/1` suspended."
+  @spec resume(pid()) :: :ok
+  def resume(holder) do
+    send(holder, :resume)
+    :ok
+  end
+
+  @doc false
+  def hold_suspended(parent, pid) do
+    true = :erlang.suspend_process(pid)
+    send(parent, {:suspended, self()})
+
+    receive do
+      :resume -> :erlang.resume_process(pid)
+    end
+  end
+end
