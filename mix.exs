@@ -119,9 +119,7 @@ defmodule ExAtlas.MixProject do
       compilers: [:cargo_nif] ++ Mix.compilers(),
       elixirc_paths: elixirc_paths(Mix.env()),
       deps: [],
-      description: "Fly.io log and deploy event dispatcher on a Rust NIF registry",
-      preferred_cli_env: [bench: :bench],
-      dialyzer: [plt_add_apps: [:mix]]
+      description: "Fly.io log and deploy event dispatcher on a Rust NIF registry"
     ]
   end
 
