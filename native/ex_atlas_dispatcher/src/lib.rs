@@ -809,6 +809,9 @@ mod nif {
 
     /// Keeps this library mapped for the life of the VM: a batch may still be in a
     /// sender's hands when the module is purged, and rustler has no `unload` callback.
+    /// `dladdr` and `RTLD_NODELETE` are POSIX/glibc/BSD/macOS extensions that `libc`
+    /// exposes on every Unix we build for (checked for Linux, macOS and FreeBSD).
+    #[cfg(unix)]
     fn pin_library() {
         // SAFETY: `dladdr` only reads the address of one of our own functions and fills
         // `info`; `dlopen` with RTLD_NOLOAD opens nothing new, it only takes another
@@ -825,6 +828,12 @@ mod nif {
             }
         }
     }
+
+    // Without pinning, purging the module could unmap code a sender is still running;
+    // Windows is not supported (the Mix compiler refuses it too), so fail loudly here
+    // rather than build a library that is unsafe to unload.
+    #[cfg(not(unix))]
+    compile_error!("ex_atlas_dispatcher supports Unix only (Linux, macOS, the BSDs)");
 
     rustler::init!("Elixir.ExAtlas.Fly.Dispatcher.Native", load = load);
 }
