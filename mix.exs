@@ -3,11 +3,19 @@ defmodule Mix.Tasks.Compile.CargoNif do
   @moduledoc """
   Builds `native/ex_atlas_dispatcher` with `cargo build --release` when its sources or
   its cargo features changed and installs the library as
-  `priv/native/ex_atlas_dispatcher.so`.
+  `priv/native/ex_atlas_dispatcher.so`, the name `:erlang.load_nif/2` looks for on every
+  Unix, macOS included (it appends `.so` to the path it is given). Cargo names the file
+  `libex_atlas_dispatcher.so` on Linux and the BSDs and `libex_atlas_dispatcher.dylib` on
+  macOS. Windows is not supported.
+
+  The Rust toolchain must be at least the `rust-version` of
+  `native/ex_atlas_dispatcher/Cargo.toml`; an older `rustc` stops the build with a
+  message that says so.
 
   Features: `alloc-stats` (the NIF counts the bytes it allocates, at the cost of one
   shared atomic add per allocation) is on outside `MIX_ENV=prod`, and in `:prod` too
-  when `EX_ATLAS_ALLOC_STATS=1` is set (the benchmarks' memory figures need it).
+  when `EX_ATLAS_ALLOC_STATS=1` is set (the benchmarks' memory figures need it). The
+  features built are recorded in `priv/native/ex_atlas_dispatcher.so.features`.
 
   hex.pm is out of reach, so this replaces the `rustler` Mix package. It runs from this
   project's own `mix.exs`, so it works both here and when `:ex_atlas` is a `path:`
@@ -20,23 +28,15 @@ defmodule Mix.Tasks.Compile.CargoNif do
 
   @crate "ex_atlas_dispatcher"
   @root Path.dirname(__ENV__.file)
+  # The single statement of the minimum Rust version; setup.sh reads it too.
+  @crate_manifest Path.join(@root, "native/ex_atlas_dispatcher/Cargo.toml")
 
   @impl true
   def run(_args) do
-    target = Path.join([@root, "priv", "native", @crate <> ".so"])
-    features = features()
-    # priv/native is shared by every Mix env, so the features built are recorded beside
-    # the library and a change of them rebuilds it.
-    stamp = target <> ".features"
+    {_built, installed} = library_files(:os.type())
+    target = Path.join([@root, "priv", "native", installed])
 
-    result =
-      if stale?(target) or File.read(stamp) != {:ok, Enum.join(features, ",")} do
-        build!(target, features)
-        File.write!(stamp, Enum.join(features, ","))
-        :ok
-      else
-        :noop
-      end
+    result = build_if_stale!(target)
 
     # Mix links priv/ into _build only if it existed when the build structure was made;
     # on a clean checkout we have just created it.
@@ -48,6 +48,74 @@ defmodule Mix.Tasks.Compile.CargoNif do
   def clean do
     File.rm_rf!(Path.join([@root, "priv", "native"]))
     :ok
+  end
+
+  @doc """
+  The library file cargo builds for the `cdylib` on the OS `os_type` (as `:os.type/0`
+  returns it), and the name it is installed under in `priv/native/`.
+
+  `:erlang.load_nif/2` appends `.so` on every Unix, macOS included, so the installed
+  name is the same everywhere. Raises `Mix.Error` on Windows, which is not supported.
+  """
+  @spec library_files({atom(), atom()}) :: {built :: String.t(), installed :: String.t()}
+  def library_files({:unix, :darwin}), do: {"lib#{@crate}.dylib", "#{@crate}.so"}
+  def library_files({:unix, _}), do: {"lib#{@crate}.so", "#{@crate}.so"}
+
+  def library_files({:win32, _}) do
+    Mix.raise(
+      "ExAtlas's dispatcher NIF does not support Windows: it is built and loaded as a " <>
+        "Unix shared library. Build and run on Linux or macOS (WSL counts as Linux)"
+    )
+  end
+
+  @doc """
+  The `rust-version` stated in the crate manifest `cargo_toml` (its text), or `nil`.
+  """
+  @spec rust_version(String.t()) :: String.t() | nil
+  def rust_version(cargo_toml) do
+    case Regex.run(~r/^rust-version\s*=\s*"([^"]+)"/m, cargo_toml) do
+      [_, version] -> version
+      nil -> nil
+    end
+  end
+
+  @doc """
+  Checks the output of `rustc --version` against the minimum `required` (`"1.91"` or
+  `"1.91.0"`). Output it cannot read passes: cargo itself refuses a too old compiler.
+  """
+  @spec check_rustc_version(String.t(), String.t()) :: :ok | {:error, String.t()}
+  def check_rustc_version(rustc_output, required) do
+    with [_, found] <- Regex.run(~r/^rustc (\d+\.\d+\.\d+)/, rustc_output),
+         :lt <- Version.compare(found, full_version(required)) do
+      {:error,
+       "the ExAtlas dispatcher NIF needs Rust #{required} or newer, but rustc is #{found} " <>
+         "(#{String.trim(rustc_output)}). Update it with `rustup update stable` " <>
+         "(https://rustup.rs)"}
+    else
+      _ -> :ok
+    end
+  end
+
+  defp full_version(version) do
+    case String.split(version, ".") do
+      [major, minor] -> "#{major}.#{minor}.0"
+      _ -> version
+    end
+  end
+
+  defp build_if_stale!(target) do
+    features = features()
+    # priv/native is shared by every Mix env, so the features built are recorded beside
+    # the library and a change of them rebuilds it.
+    stamp = target <> ".features"
+
+    if stale?(target) or File.read(stamp) != {:ok, Enum.join(features, ",")} do
+      build!(target, features)
+      File.write!(stamp, Enum.join(features, ","))
+      :ok
+    else
+      :noop
+    end
   end
 
   defp stale?(target) do
@@ -68,7 +136,9 @@ defmodule Mix.Tasks.Compile.CargoNif do
   defp feature_args(features), do: ["--features", Enum.join(features, ",")]
 
   defp build!(target, features) do
-    cargo = System.find_executable("cargo") || Mix.raise(missing_cargo())
+    required = @crate_manifest |> File.read!() |> rust_version()
+    cargo = System.find_executable("cargo") || Mix.raise(missing_cargo(required))
+    check_rustc!(required)
 
     args = ["build", "--release", "--locked", "-p", @crate] ++ feature_args(features)
 
@@ -84,13 +154,41 @@ defmodule Mix.Tasks.Compile.CargoNif do
 
     if status != 0, do: Mix.raise("cargo build failed with exit status #{status}")
 
-    built = Path.join([cargo_target_dir(), "release", "lib" <> @crate <> ".so"])
+    {built_name, _} = library_files(:os.type())
+    built = Path.join([cargo_target_dir(), "release", built_name])
     File.exists?(built) || Mix.raise("cargo build did not produce #{built}")
 
     File.mkdir_p!(Path.dirname(target))
     tmp = target <> ".tmp#{System.unique_integer([:positive])}"
     File.cp!(built, tmp)
     File.rename!(tmp, target)
+  end
+
+  # cargo compiles with the rustc that $RUSTC names, else the one on PATH (with rustup,
+  # both resolve the toolchain for the directory cargo runs in, hence `cd:`).
+  defp check_rustc!(nil), do: :ok
+
+  defp check_rustc!(required) do
+    rustc =
+      case System.get_env("RUSTC") do
+        nil -> "rustc"
+        "" -> "rustc"
+        rustc -> rustc
+      end
+
+    result =
+      case System.find_executable(rustc) do
+        nil -> :ok
+        path -> System.cmd(path, ["--version"], cd: @root, stderr_to_stdout: true)
+      end
+
+    case result do
+      {output, 0} ->
+        with {:error, message} <- check_rustc_version(output, required), do: Mix.raise(message)
+
+      _ ->
+        :ok
+    end
   end
 
   defp cargo_target_dir do
@@ -101,9 +199,9 @@ defmodule Mix.Tasks.Compile.CargoNif do
     end
   end
 
-  defp missing_cargo do
+  defp missing_cargo(required) do
     "cargo was not found on PATH: the ExAtlas dispatcher NIF needs a Rust toolchain " <>
-      "(https://rustup.rs) to build"
+      "(Rust #{required || "stable"} or newer, https://rustup.rs) to build"
   end
 end
 

@@ -44,11 +44,26 @@ for tool in elixir mix erl; do
   }
 done
 
+# The minimum Rust is stated once, as rust-version in the crate's Cargo.toml; the Mix
+# compiler (mix.exs) checks the same number.
+rust_min="$(sed -n 's/^rust-version *= *"\([^"]*\)".*/\1/p' "$here/../native/ex_atlas_dispatcher/Cargo.toml")"
+rust_min="${rust_min:?setup: no rust-version in native/ex_atlas_dispatcher/Cargo.toml}"
+
 if ! command -v cargo >/dev/null 2>&1; then
-  cat >&2 <<'MSG'
+  cat >&2 <<MSG
 setup: cargo was not found. ExAtlas builds a Rust NIF and needs a Rust toolchain
-(cargo, rustfmt and clippy, Rust 1.70 or newer). Install it with rustup
+(cargo, rustfmt and clippy, Rust $rust_min or newer). Install it with rustup
 (https://rustup.rs), make sure ~/.cargo/bin is on PATH, and run this again.
+MSG
+  exit 1
+fi
+
+rustc_found="$(rustc --version 2>/dev/null | sed -n 's/^rustc \([0-9][0-9.]*\).*/\1/p')"
+if [ -n "$rustc_found" ] &&
+  [ "$(printf '%s\n%s\n' "$rust_min" "$rustc_found" | sort -V | head -n 1)" != "$rust_min" ]; then
+  cat >&2 <<MSG
+setup: ExAtlas needs Rust $rust_min or newer, but rustc is $rustc_found.
+Update it with \`rustup update stable\` (https://rustup.rs) and run this again.
 MSG
   exit 1
 fi
