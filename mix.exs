@@ -19,7 +19,8 @@ defmodule Mix.Tasks.Compile.CargoNif do
 
   hex.pm is out of reach, so this replaces the `rustler` Mix package. It runs from this
   project's own `mix.exs`, so it works both here and when `:ex_atlas` is a `path:`
-  dependency of another Mix project.
+  dependency of another Mix project. Cargo runs in this project's root, so it reads the
+  `.cargo/config.toml` there (the macOS link flags) in both cases.
 
   The library is installed through a temporary file and `File.rename!/2`: overwriting a
   shared object that the running VM has mapped would crash it.

@@ -94,7 +94,8 @@ defmodule ExAtlas.Fly.Dispatcher.PathDependencyTest do
   defp copy_sources!(dep) do
     File.mkdir_p!(dep)
 
-    for file <- ["mix.exs", "Cargo.toml", "Cargo.lock"] do
+    for file <- ["mix.exs", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] do
+      File.mkdir_p!(Path.dirname(Path.join(dep, file)))
       File.cp!(Path.join(@repo_root, file), Path.join(dep, file))
     end
 
