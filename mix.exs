@@ -17,6 +17,13 @@ defmodule Mix.Tasks.Compile.CargoNif do
   when `EX_ATLAS_ALLOC_STATS=1` is set (the benchmarks' memory figures need it). The
   features built are recorded in `priv/native/ex_atlas_dispatcher.so.features`.
 
+  `EX_ATLAS_SKIP_NIF_BUILD=1` (or `true`) skips cargo altogether and uses the library
+  already at `priv/native/ex_atlas_dispatcher.so` of this project (for a dependency:
+  the dependency's own directory, e.g. `deps/ex_atlas/priv/native/`), for example one
+  built by CI and copied into a Docker image that has no Rust toolchain. The build
+  fails with a clear message when that file is missing. The library is used as it is,
+  whatever its features and however old it is next to the Rust sources.
+
   hex.pm is out of reach, so this replaces the `rustler` Mix package. It runs from this
   project's own `mix.exs`, so it works both here and when `:ex_atlas` is a `path:`
   dependency of another Mix project. Cargo runs in this project's root, so it reads the
@@ -37,7 +44,12 @@ defmodule Mix.Tasks.Compile.CargoNif do
     {_built, installed} = library_files(:os.type())
     target = Path.join([@root, "priv", "native", installed])
 
-    result = build_if_stale!(target)
+    result =
+      if skip_build?() do
+        use_prebuilt!(target)
+      else
+        build_if_stale!(target)
+      end
 
     # Mix links priv/ into _build only if it existed when the build structure was made;
     # on a clean checkout we have just created it.
@@ -102,6 +114,28 @@ defmodule Mix.Tasks.Compile.CargoNif do
       [major, minor] -> "#{major}.#{minor}.0"
       _ -> version
     end
+  end
+
+  defp skip_build?, do: System.get_env("EX_ATLAS_SKIP_NIF_BUILD") in ["1", "true"]
+
+  defp use_prebuilt!(target) do
+    unless File.regular?(target) do
+      Mix.raise(
+        "EX_ATLAS_SKIP_NIF_BUILD is set, so cargo does not run, but there is no prebuilt " <>
+          "NIF library at #{target}. Copy there a library built for the same OS, CPU " <>
+          "architecture and C library (by CI, or by `mix compile` without the variable), " <>
+          "or unset EX_ATLAS_SKIP_NIF_BUILD to build it with cargo"
+      )
+    end
+
+    if stale?(target) do
+      Mix.shell().info(
+        "==> EX_ATLAS_SKIP_NIF_BUILD is set: using the prebuilt #{target}, " <>
+          "older than the Rust sources beside it"
+      )
+    end
+
+    :noop
   end
 
   defp build_if_stale!(target) do
@@ -202,7 +236,8 @@ defmodule Mix.Tasks.Compile.CargoNif do
 
   defp missing_cargo(required) do
     "cargo was not found on PATH: the ExAtlas dispatcher NIF needs a Rust toolchain " <>
-      "(Rust #{required || "stable"} or newer, https://rustup.rs) to build"
+      "(Rust #{required || "stable"} or newer, https://rustup.rs) to build, or a " <>
+      "prebuilt library with EX_ATLAS_SKIP_NIF_BUILD=1"
   end
 end
 

@@ -4,6 +4,8 @@ defmodule ExAtlas.Fly.Dispatcher.PathDependencyTest do
   # rewritten to an absolute one, and it is compiled and run by a separate `mix`
   # (MIX_ENV=dev, none of this run's MIX_* variables) that must dispatch through the NIF.
   #
+  # EX_ATLAS_SKIP_NIF_BUILD is tested here too: same fixture, no cargo run.
+  #
   # Runs in CI (about 10-60 s, most of it a cold cargo build); alone:
   # `mix test --only path_dependency`.
   use ExUnit.Case, async: false
@@ -51,6 +53,69 @@ defmodule ExAtlas.Fly.Dispatcher.PathDependencyTest do
 
     # Up to date now: a second compile builds nothing.
     refute mix!(host, ["compile"]) =~ "cargo build"
+  end
+
+  describe "EX_ATLAS_SKIP_NIF_BUILD=1" do
+    # A `cargo` first on PATH that only records that it was called and fails.
+    setup %{dir: dir} do
+      bin = Path.join(dir, "bin")
+      File.mkdir_p!(bin)
+      cargo = Path.join(bin, "cargo")
+      File.write!(cargo, "#!/bin/sh\necho \"$*\" >> \"$0.called\"\nexit 1\n")
+      File.chmod!(cargo, 0o755)
+
+      %{
+        fake_path: {"PATH", bin <> ":" <> System.get_env("PATH", "")},
+        cargo_calls: cargo <> ".called"
+      }
+    end
+
+    test "a host app uses the prebuilt library: no cargo run, and the NIF loads and works",
+         %{dir: dir, fake_path: fake_path, cargo_calls: cargo_calls} do
+      dep = Path.join(dir, "ex_atlas")
+      copy_sources!(dep)
+      host = copy_host_app!(dir, dep)
+
+      # The library this test run loaded, as CI would have built it, older than the Rust
+      # sources beside it and without a features stamp: a normal compile would rebuild.
+      prebuilt = Path.join(dep, "priv/native/ex_atlas_dispatcher.so")
+      File.mkdir_p!(Path.dirname(prebuilt))
+      File.cp!(Path.join(:code.priv_dir(:ex_atlas), "native/ex_atlas_dispatcher.so"), prebuilt)
+      File.touch!(prebuilt, {{2000, 1, 1}, {0, 0, 0}})
+
+      # Control: without the variable, this setup does call cargo.
+      {output, status} = mix(host, ["compile"], [fake_path])
+      assert status != 0 and output =~ "cargo build failed", output
+      assert File.exists?(cargo_calls)
+      File.rm!(cargo_calls)
+
+      skip = [fake_path, {"EX_ATLAS_SKIP_NIF_BUILD", "1"}]
+      compile_output = mix!(host, ["compile"], skip)
+      assert compile_output =~ "EX_ATLAS_SKIP_NIF_BUILD is set: using the prebuilt"
+      refute compile_output =~ "cargo build"
+      refute compile_output =~ "warning:", compile_output
+
+      assert_round_trip(host, mix!(host, ["run", "-e", "HostApp.run()"], skip))
+      if File.exists?(cargo_calls), do: flunk("cargo was called: #{File.read!(cargo_calls)}")
+    end
+
+    test "without a prebuilt library the compile fails and says where it looked",
+         %{dir: dir, fake_path: fake_path, cargo_calls: cargo_calls} do
+      dep = Path.join(dir, "ex_atlas")
+      copy_sources!(dep)
+      host = copy_host_app!(dir, dep)
+
+      {output, status} = mix(host, ["compile"], [fake_path, {"EX_ATLAS_SKIP_NIF_BUILD", "1"}])
+
+      assert status != 0
+      assert output =~ "EX_ATLAS_SKIP_NIF_BUILD is set, so cargo does not run", output
+
+      assert output =~
+               "no prebuilt NIF library at #{dep}/priv/native/ex_atlas_dispatcher.so",
+             output
+
+      refute File.exists?(cargo_calls)
+    end
   end
 
   defp assert_round_trip(host, output) do
@@ -109,11 +174,14 @@ defmodule ExAtlas.Fly.Dispatcher.PathDependencyTest do
   end
 
   defp mix!(dir, args, extra_env \\ []) do
-    env = [{"MIX_ENV", "dev"} | Enum.map(@cleared, &{&1, nil})] ++ extra_env
-    mix = System.find_executable("mix") || flunk("mix is not on PATH")
-
-    {output, status} = System.cmd(mix, args, cd: dir, env: env, stderr_to_stdout: true)
+    {output, status} = mix(dir, args, extra_env)
     assert status == 0, "mix #{Enum.join(args, " ")} in #{dir} failed (#{status}):\n#{output}"
     output
+  end
+
+  defp mix(dir, args, extra_env) do
+    env = [{"MIX_ENV", "dev"} | Enum.map(@cleared, &{&1, nil})] ++ extra_env
+    mix = System.find_executable("mix") || flunk("mix is not on PATH")
+    System.cmd(mix, args, cd: dir, env: env, stderr_to_stdout: true)
   end
 end
