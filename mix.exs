@@ -119,7 +119,7 @@ defmodule Mix.Tasks.Compile.CargoNif do
   defp skip_build?, do: System.get_env("EX_ATLAS_SKIP_NIF_BUILD") in ["1", "true"]
 
   defp use_prebuilt!(target) do
-    unless File.regular?(target) do
+    if not File.regular?(target) do
       Mix.raise(
         "EX_ATLAS_SKIP_NIF_BUILD is set, so cargo does not run, but there is no prebuilt " <>
           "NIF library at #{target}. Copy there a library built for the same OS, CPU " <>
