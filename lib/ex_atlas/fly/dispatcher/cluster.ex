@@ -138,9 +138,12 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
     ArgumentError -> []
   end
 
-  @doc "Dispatches this node's relay has received from other nodes since it started."
-  @spec received() :: non_neg_integer()
-  def received, do: GenServer.call(Relay, :received)
+  @doc """
+  What this node's relay has done since it started: dispatches `received` from other
+  nodes and acknowledgements (`acks`) sent back for them.
+  """
+  @spec relay_counts() :: %{received: non_neg_integer(), acks: non_neg_integer()}
+  def relay_counts, do: GenServer.call(Relay, :counts)
 
   @doc "Per connected node: messages queued for it (sent and unacknowledged included) and dropped."
   @spec stats() :: %{node() => %{queued: non_neg_integer(), dropped: non_neg_integer()}}

@@ -185,5 +185,5 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterTest do
     eventually(fn -> Cluster.stats()[b].queued == 0 end, 10_000)
   end
 
-  defp received(node), do: :erpc.call(node, Cluster, :received, [])
+  defp received(node), do: :erpc.call(node, Cluster, :relay_counts, []).received
 end

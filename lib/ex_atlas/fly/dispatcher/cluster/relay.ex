@@ -21,9 +21,11 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
   alias ExAtlas.Fly.Dispatcher.Cluster.Link
 
-  # Acknowledge after this many dispatches from one link, or after @ack_ms.
+  # Acknowledge after this many dispatches from one link (the window is 256), or after
+  # @ack_ms: acknowledgements are needed only to open the window again, so under light
+  # load they cost about two messages a second per node, not one per dispatch.
   @ack_every 64
-  @ack_ms 20
+  @ack_ms 500
 
   @spec start_link(keyword()) :: GenServer.on_start()
   def start_link(opts), do: GenServer.start_link(__MODULE__, opts, name: __MODULE__)
@@ -50,7 +52,8 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
       joined: MapSet.new(),
       links: %{},
       acks: %{},
-      received: 0
+      received: 0,
+      acks_sent: 0
     }
 
     state = Enum.reduce(Node.list(), state, &start_link_to(&2, &1))
@@ -61,7 +64,8 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
   end
 
   @impl true
-  def handle_call(:received, _from, state), do: {:reply, state.received, state}
+  def handle_call(:counts, _from, state),
+    do: {:reply, %{received: state.received, acks: state.acks_sent}, state}
 
   def handle_call({:ensure_link, node}, _from, state) do
     state = if node in Node.list(), do: start_link_to(state, node), else: state
@@ -173,7 +177,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
     cond do
       n >= @ack_every ->
         send(link, {:"$ex_atlas_ack", self(), n})
-        %{state | acks: Map.delete(state.acks, link)}
+        %{state | acks: Map.delete(state.acks, link), acks_sent: state.acks_sent + 1}
 
       map_size(state.acks) == 0 ->
         Process.send_after(self(), :ack, @ack_ms)
@@ -186,6 +190,6 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
 
   defp flush_acks(state) do
     Enum.each(state.acks, fn {link, n} -> send(link, {:"$ex_atlas_ack", self(), n}) end)
-    %{state | acks: %{}}
+    %{state | acks: %{}, acks_sent: state.acks_sent + map_size(state.acks)}
   end
 end
