@@ -101,6 +101,51 @@
 
     def send_all(entries, message), do: for({pid, _} <- entries, do: send(pid, message))
 
+    # Subscribes a new process to `topic`; returns the wall-clock time just before.
+    def subscribe_at(topic) do
+      parent = self()
+      at = System.os_time(:microsecond)
+
+      spawn(fn ->
+        :ok = Dispatcher.subscribe(topic)
+        send(parent, :subscribed)
+        receive do: (:never -> :ok)
+      end)
+
+      receive do: (:subscribed -> at)
+    end
+
+    # `cycles` subscribe + unsubscribe of this process; `fresh`: a new topic each time
+    # (the node's interest changes twice a cycle), else one topic another process keeps.
+    def churn(cycles, fresh) do
+      kept = "churn:kept:#{System.unique_integer([:positive])}"
+
+      keeper =
+        spawn(fn ->
+          :ok = Dispatcher.subscribe(kept)
+          receive do: (:never -> :ok)
+        end)
+
+      Process.sleep(50)
+
+      {us, :ok} =
+        :timer.tc(fn ->
+          for i <- 1..cycles do
+            topic = if fresh, do: "churn:#{i}:#{System.unique_integer([:positive])}", else: kept
+            :ok = Dispatcher.subscribe(topic)
+            :ok = Dispatcher.unsubscribe(topic)
+          end
+
+          # The relay joins and leaves the groups after the calls return: a call to it
+          # returns once it has handled every hint before.
+          _ = ExAtlas.Fly.Dispatcher.Cluster.relay_counts()
+          :ok
+        end)
+
+      Process.exit(keeper, :kill)
+      us
+    end
+
     # `n` more subscribers here, of `topic` only (the one-node scenario).
     def setup_one(n, topic) do
       parent = self()
@@ -175,7 +220,40 @@ defmodule ClusterBench do
       {"subscribers on one other node only", setup_one_and_count(one, b, c, message, n)}
     ]
 
-    report(rows, counts, n, reps, out)
+    interest = interest(b, if(quick, do: 20, else: 100), if(quick, do: 500, else: 5_000))
+    report(rows, counts, interest, n, reps, out)
+  end
+
+  # How long until a subscription on b is visible to dispatches here (b's relay in the
+  # topic's group as this node's :pg sees it), and what interest costs under churn.
+  defp interest(b, samples, cycles) do
+    windows =
+      for i <- 1..samples do
+        topic = "visible:#{i}:#{System.unique_integer([:positive])}"
+        {ref, []} = :pg.monitor(Cluster.scope(), topic)
+        at = :erpc.call(b, ClusterBench.Node, :subscribe_at, [topic])
+
+        seen =
+          receive do
+            {^ref, :join, ^topic, _pids} -> System.os_time(:microsecond)
+          after
+            10_000 -> raise "#{topic} never became visible"
+          end
+
+        :pg.demonitor(Cluster.scope(), ref)
+        (seen - at) * 1_000
+      end
+
+    kept = :erpc.call(b, ClusterBench.Node, :churn, [cycles, false], 120_000)
+    fresh = :erpc.call(b, ClusterBench.Node, :churn, [cycles, true], 120_000)
+
+    %{
+      visible: Stats.summarize(windows),
+      samples: samples,
+      cycles: cycles,
+      kept_us: kept / cycles,
+      fresh_us: fresh / cycles
+    }
   end
 
   defp setup_one_and_count(topic, b, c, message, n) do
@@ -279,7 +357,7 @@ defmodule ClusterBench do
     end
   end
 
-  defp report(rows, counts, n, reps, out) do
+  defp report(rows, counts, interest, n, reps, out) do
     [{_, ours_call, ours_e2e}, _pg, {_, fwd_call, fwd_e2e}] = rows
     one = counts |> List.last() |> elem(1)
 
@@ -311,6 +389,15 @@ defmodule ClusterBench do
         for {label, c} <- counts do
           "| #{label} | #{Stats.sig(c.ours_data)} + #{Stats.sig(c.ours_acks)} | #{c.pg} | #{Stats.sig(c.forward)} |\n"
         end,
+        "\nInterest (subscriptions on a peer, seen from the dispatching node):\n\n",
+        "- visibility window, from `subscribe/1` on the peer to its relay in the topic's " <>
+          ":pg group here (#{interest.samples} new topics): median " <>
+          "#{Stats.duration(interest.visible.median)}, p99 #{Stats.duration(interest.visible.p99)}\n",
+        "- subscribe + unsubscribe, #{interest.cycles} cycles on the peer: to a topic the " <>
+          "node already has (no interest change) #{Stats.sig(interest.kept_us)} us a cycle; " <>
+          "to a new topic each time (the node joins and leaves the group: a :pg join and " <>
+          "leave to each other node) #{Stats.sig(interest.fresh_us)} us a cycle, the " <>
+          "relay's work included\n",
         "\n| target | measured | verdict |\n|---|---|---|\n",
         for {target, measured, ok} <- targets do
           "| #{target} | #{measured} | #{if ok, do: "PASS", else: "**MISS**"} |\n"
