@@ -102,9 +102,7 @@ mod nif {
             }
             for topic in self.registry.take_changed(pid) {
                 let hint = Outgoing::build(|menv| {
-                    let mut name = NewBinary::new(menv, topic.len());
-                    name.as_mut_slice().copy_from_slice(&topic);
-                    (atoms::ex_atlas_interest(), Term::from(name)).encode(menv)
+                    (atoms::ex_atlas_interest(), binary_term(menv, &topic)).encode(menv)
                 });
                 // A dead relay is being restarted; the new one reads every topic.
                 let _ = hint.send(env, relay);
@@ -195,6 +193,13 @@ mod nif {
         // SAFETY: see `pid_to_raw`; `raw` always comes from `pid_to_raw` of a local pid,
         // an immediate term that stays valid for the life of the VM.
         LocalPid::from_c_arg(unsafe { std::mem::transmute::<u64, ErlNifPid>(raw) })
+    }
+
+    /// A topic name as a binary term of `env`.
+    fn binary_term<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
+        let mut binary = NewBinary::new(env, bytes.len());
+        binary.as_mut_slice().copy_from_slice(bytes);
+        Term::from(binary)
     }
 
     fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -504,11 +509,7 @@ mod nif {
             .registry
             .topic_names()
             .iter()
-            .map(|name| {
-                let mut binary = NewBinary::new(env, name.len());
-                binary.as_mut_slice().copy_from_slice(name);
-                Term::from(binary)
-            })
+            .map(|name| binary_term(env, name))
             .collect()
     }
 
@@ -728,14 +729,7 @@ mod nif {
         pid: LocalPid,
     ) -> Vec<Term<'a>> {
         let names = dispatcher.registry.topics_of(pid_to_raw(&pid));
-        names
-            .iter()
-            .map(|name| {
-                let mut binary = NewBinary::new(env, name.len());
-                binary.as_mut_slice().copy_from_slice(name);
-                Term::from(binary)
-            })
-            .collect()
+        names.iter().map(|name| binary_term(env, name)).collect()
     }
 
     // Counting distinct topics walks every topic name: dirty, like any O(topics) call.
