@@ -7,7 +7,7 @@
 # EX_ATLAS_ALLOC_STATS=1 builds the NIF with its allocation counter (for the memory per
 # subscription); production builds leave it out.
 #
-# Options: --sizes 1,10,100  --reps N  --threads 1,2  --delivery dirty|scheduler  --topics T
+# Options: --sizes 1,10,100  --reps N  --lanes 1,2  --delivery dirty|scheduler  --topics T
 #          --out DIR  --chart svg|png
 # A 100 000-subscriber run needs the default process limit (+P 262144) and a few GiB; the
 # full run takes about two minutes on 2 cores. Emulator flags go through ERL_FLAGS, e.g.
@@ -20,7 +20,7 @@
 #   * many topics (10 000 x 10): one dispatch at a time, and a burst over all topics;
 #   * subscribe/unsubscribe throughput from 1 and 2 processes, NIF vs Registry;
 #   * memory per subscription: NIF allocated_bytes vs the Registry's ETS tables;
-#   * one pass per sender_threads value (the :ex_atlas application restarts between);
+#   * one pass per lanes value (the :ex_atlas application restarts between);
 #   * the targets of issue 5 with PASS/MISS.
 
 # The parallel compiler resolves the support files' references to each other.

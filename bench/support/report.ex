@@ -17,7 +17,7 @@ defmodule FanoutBench.Report do
   @doc "Prints the cross-pass comparison and writes the Markdown, CSV and chart."
   @spec finish([map()], map(), keyword()) :: :ok
   def finish(passes, opts, machine) do
-    comparison = threads_table(passes)
+    comparison = lanes_table(passes)
     print_table(comparison)
     File.mkdir_p!(opts.out)
     md = Path.join(opts.out, "fanout.md")
@@ -70,7 +70,7 @@ defmodule FanoutBench.Report do
 
     if rows != [] do
       %{
-        title: "CPU time per delivery, by VM thread class (sender_threads = #{pass.threads})",
+        title: "CPU time per delivery, by VM thread class (lanes = #{pass.lanes})",
         headers: [
           "N",
           "contender",
@@ -113,7 +113,7 @@ defmodule FanoutBench.Report do
       end
 
     %{
-      title: "Fan-out to N subscribers of one topic (sender_threads = #{pass.threads})",
+      title: "Fan-out to N subscribers of one topic (lanes = #{pass.lanes})",
       headers: [
         "N",
         "contender",
@@ -137,7 +137,7 @@ defmodule FanoutBench.Report do
     %{
       title:
         "Many topics: #{pass.topics} topics x #{pass.per_topic} subscribers, one dispatch " <>
-          "per repetition, topics in turn (sender_threads = #{pass.threads})",
+          "per repetition, topics in turn (lanes = #{pass.lanes})",
       headers: ["contender", "reps", "caller median", "caller p99", "e2e median", "e2e p99"],
       align: [:l, :r, :r, :r, :r, :r],
       rows:
@@ -161,7 +161,7 @@ defmodule FanoutBench.Report do
     %{
       title:
         "Many topics, burst: one dispatch to each of the #{pass.topics} topics back to back " <>
-          "(sender_threads = #{pass.threads})",
+          "(lanes = #{pass.lanes})",
       headers: [
         "contender",
         "reps",
@@ -208,7 +208,7 @@ defmodule FanoutBench.Report do
       end
 
     %{
-      title: "Subscribe / unsubscribe throughput (sender_threads = #{pass.threads})",
+      title: "Subscribe / unsubscribe throughput (lanes = #{pass.lanes})",
       headers: [
         "contender",
         "processes",
@@ -261,7 +261,7 @@ defmodule FanoutBench.Report do
       end
 
     %{
-      title: "Memory per subscription (sender_threads = #{pass.threads})",
+      title: "Memory per subscription (lanes = #{pass.lanes})",
       headers: ["layout", "store", "subscriptions", "bytes", "bytes/subscription", "vs Registry"],
       align: [:l, :l, :r, :r, :r, :r],
       rows: rows,
@@ -378,7 +378,7 @@ defmodule FanoutBench.Report do
 
   defp targets_table(pass) do
     %{
-      title: "Targets of issue 5 (sender_threads = #{pass.threads})",
+      title: "Targets of issue 5 (lanes = #{pass.lanes})",
       headers: ["target", "measured ratio", "required", "verdict"],
       align: [:l, :r, :r, :l],
       rows:
@@ -396,7 +396,7 @@ defmodule FanoutBench.Report do
 
   ## Across passes
 
-  defp threads_table(passes) do
+  defp lanes_table(passes) do
     rows =
       for n <- passes |> hd() |> Map.fetch!(:fanout) |> Enum.map(& &1.n) |> Enum.uniq(),
           pass <- passes do
@@ -404,7 +404,7 @@ defmodule FanoutBench.Report do
 
         [
           Integer.to_string(n),
-          Integer.to_string(pass.threads),
+          Integer.to_string(pass.lanes),
           Stats.duration(nif.caller.median),
           Stats.duration(nif.caller.p99),
           Stats.duration(nif.e2e.median),
@@ -424,7 +424,7 @@ defmodule FanoutBench.Report do
 
         [
           "burst #{pass.topics}x#{pass.per_topic}",
-          Integer.to_string(pass.threads),
+          Integer.to_string(pass.lanes),
           Stats.duration(nif.caller.median),
           Stats.duration(nif.caller.p99),
           Stats.duration(nif.e2e.median),
@@ -437,10 +437,10 @@ defmodule FanoutBench.Report do
       end
 
     %{
-      title: "ExAtlas NIF by sender_threads (each pass against its own contenders)",
+      title: "ExAtlas NIF by lanes (each pass against its own contenders)",
       headers: [
         "N",
-        "sender_threads",
+        "lanes",
         "caller median",
         "caller p99",
         "e2e median",
@@ -519,7 +519,7 @@ defmodule FanoutBench.Report do
       "# ExAtlas fan-out benchmark",
       "",
       "`MIX_ENV=prod mix run bench/fanout.exs#{if opts.quick, do: " --quick", else: ""}` " <>
-        "(sizes #{Enum.join(opts.sizes, ", ")}; sender_threads #{Enum.join(opts.threads, ", ")}). " <>
+        "(sizes #{Enum.join(opts.sizes, ", ")}; lanes #{Enum.join(opts.lanes, ", ")}). " <>
         "Message `{:ex_atlas_fly_logs, app, entries}` with 20 small maps (`app` is " <>
         "\"app1\"..\"app4\", one per contender, so each subscriber counts what it got " <>
         "from whom); the same subscriber processes serve all four contenders, which run " <>
@@ -536,18 +536,18 @@ defmodule FanoutBench.Report do
       "",
       "![caller-blocked and end-to-end time against N](fanout.#{opts.chart})",
       "",
-      "_Chart: medians of the pass with sender_threads = " <>
-        "#{primary_pass(passes).threads}; dashed: the NIF in the other passes._",
+      "_Chart: medians of the pass with lanes = " <>
+        "#{primary_pass(passes).lanes}; dashed: the NIF in the other passes._",
       "",
       "## Targets",
       "",
       target_lines,
-      "## Sender threads",
+      "## Lanes",
       "",
       md_table(comparison),
       Enum.map(passes, fn pass ->
         [
-          "## Pass: sender_threads = #{pass.threads}",
+          "## Pass: lanes = #{pass.lanes}",
           "" | Enum.map(pass_tables(pass), &md_table/1)
         ]
       end)
@@ -556,7 +556,7 @@ defmodule FanoutBench.Report do
     |> Enum.join("\n")
   end
 
-  ## CSV: section,sender_threads,contender,n,procs,metric,value
+  ## CSV: section,lanes,contender,n,procs,metric,value
 
   defp csv(passes) do
     rows =
@@ -564,11 +564,11 @@ defmodule FanoutBench.Report do
         Enum.map_join(row, ",", &csv_cell/1)
       end
 
-    Enum.join(["section,sender_threads,contender,n,procs,metric,value" | rows], "\n") <> "\n"
+    Enum.join(["section,lanes,contender,n,procs,metric,value" | rows], "\n") <> "\n"
   end
 
   defp csv_rows(pass) do
-    t = pass.threads
+    t = pass.lanes
     subs = subscription_counts(pass)
 
     fanout =
@@ -689,10 +689,10 @@ defmodule FanoutBench.Report do
     end
   end
 
-  # The pass with the default thread count (schedulers online), else the last one.
+  # The pass with the default lane count (schedulers online), else the last one.
   defp primary_pass(passes) do
     default = :erlang.system_info(:schedulers_online)
-    Enum.find(passes, List.last(passes), &(&1.threads == default))
+    Enum.find(passes, List.last(passes), &(&1.lanes == default))
   end
 
   defp xtics(pass) do
@@ -735,13 +735,13 @@ defmodule FanoutBench.Report do
       ) ++
         for {pass, j} <- Enum.with_index(others) do
           "'#{data}' using 1:#{j + 10} with linespoints lc rgb '#ff7f0e' dt 2 pt 6 " <>
-            "title 'ExAtlas NIF, sender_threads=#{pass.threads}'"
+            "title 'ExAtlas NIF, lanes=#{pass.lanes}'"
         end
 
     """
     #{terminal(format)}
     set output '#{image}'
-    set multiplot layout 1,2 title "ExAtlas fan-out of a 20-map message, medians; #{machine[:date]}, #{machine[:machine]}; sender_threads=#{primary.threads}"
+    set multiplot layout 1,2 title "ExAtlas fan-out of a 20-map message, medians; #{machine[:date]}, #{machine[:machine]}; lanes=#{primary.lanes}"
     set logscale xy
     set grid
     set key top left

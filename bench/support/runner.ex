@@ -1,7 +1,7 @@
 defmodule FanoutBench.Runner do
   @moduledoc false
   # Orchestrates one benchmark run: parses the options, spawns the subscribers once,
-  # subscribes them everywhere, then runs one pass per sender-thread count (restarting the
+  # subscribes them everywhere, then runs one pass per lane count (restarting the
   # :ex_atlas application in between) and hands the results to `FanoutBench.Report`.
 
   alias FanoutBench.{Churn, Contenders, CpuTime, Machine, Report, Rounds, Stats, Subscriber}
@@ -16,7 +16,7 @@ defmodule FanoutBench.Runner do
     quick: :boolean,
     sizes: :string,
     reps: :integer,
-    threads: :string,
+    lanes: :string,
     topics: :integer,
     out: :string,
     chart: :string,
@@ -68,12 +68,12 @@ defmodule FanoutBench.Runner do
     many_topics = List.to_tuple(for t <- 0..(opts.topics - 1), do: "many:#{t}")
 
     passes =
-      for threads <- opts.threads do
-        IO.puts("\n== pass: sender_threads = #{threads} ==")
-        restart_with_threads(threads, opts.delivery)
+      for lanes <- opts.lanes do
+        IO.puts("\n== pass: lanes = #{lanes} ==")
+        restart_with_lanes(lanes, opts.delivery)
         nif_memory = subscribe_nif(pids, size_topics, many_topic, many_count)
         check_counts!(opts)
-        pass = run_pass(ctx, opts, threads, many_topics, nif_memory, peer_memory)
+        pass = run_pass(ctx, opts, lanes, many_topics, nif_memory, peer_memory)
         Report.print_pass(pass)
         pass
       end
@@ -82,7 +82,7 @@ defmodule FanoutBench.Runner do
     Report.finish(passes, opts, machine)
   end
 
-  defp run_pass(ctx, opts, threads, many_topics, nif_memory, peer_memory) do
+  defp run_pass(ctx, opts, lanes, many_topics, nif_memory, peer_memory) do
     fanout = for n <- opts.sizes, row <- run_size(ctx, opts, n), do: row
 
     IO.puts("many topics: #{opts.topics} x #{@per_topic}")
@@ -99,7 +99,7 @@ defmodule FanoutBench.Runner do
     churn = Churn.run([1, 2], opts.churn_k, opts.churn_cycles, opts.churn_reps)
 
     %{
-      threads: threads,
+      lanes: lanes,
       fanout: fanout,
       many: many,
       burst: burst,
@@ -210,18 +210,18 @@ defmodule FanoutBench.Runner do
     :ok
   end
 
-  defp restart_with_threads(threads, delivery) do
+  defp restart_with_lanes(lanes, delivery) do
     case Application.stop(:ex_atlas) do
       :ok -> :ok
       {:error, {:not_started, :ex_atlas}} -> :ok
     end
 
     fly = Application.get_env(:ex_atlas, :fly, [])
-    fly = Keyword.put(fly, :sender_threads, threads)
+    fly = Keyword.put(fly, :lanes, lanes)
     fly = if delivery, do: Keyword.put(fly, :delivery, delivery), else: fly
     Application.put_env(:ex_atlas, :fly, fly)
     {:ok, _} = Application.ensure_all_started(:ex_atlas)
-    %{lanes: ^threads} = ExAtlas.Fly.Dispatcher.Backend.Registry.stats()
+    %{lanes: ^lanes} = ExAtlas.Fly.Dispatcher.Backend.Registry.stats()
     :ok
   end
 
@@ -236,8 +236,8 @@ defmodule FanoutBench.Runner do
     Enum.each(machine, fn {key, value} -> IO.puts("  #{key}: #{value}") end)
 
     IO.puts(
-      "  sizes: #{Enum.join(opts.sizes, ", ")}; sender_threads passes: " <>
-        "#{Enum.join(opts.threads, ", ")}; delivery: " <>
+      "  sizes: #{Enum.join(opts.sizes, ", ")}; lanes passes: " <>
+        "#{Enum.join(opts.lanes, ", ")}; delivery: " <>
         "#{opts.delivery || ExAtlas.Fly.Dispatcher.Config.delivery()}; output: #{opts.out}"
     )
   end
@@ -251,14 +251,14 @@ defmodule FanoutBench.Runner do
       Mix.raise(
         "unknown arguments #{inspect(rest ++ Enum.map(invalid, &elem(&1, 0)))}; usage: " <>
           "mix run bench/fanout.exs [--quick] [--sizes 1,10,100] [--reps N] " <>
-          "[--threads 1,2] [--delivery dirty|scheduler] [--topics T] [--out DIR] " <>
+          "[--lanes 1,2] [--delivery dirty|scheduler] [--topics T] [--out DIR] " <>
           "[--chart svg|png]"
       )
     end
 
     quick = Keyword.get(parsed, :quick, false)
     sizes = parsed |> Keyword.get(:sizes) |> int_list!(:sizes) || default_sizes(quick)
-    threads = parsed |> Keyword.get(:threads) |> int_list!(:threads) || default_threads()
+    lanes = parsed |> Keyword.get(:lanes) |> int_list!(:lanes) || default_lanes()
     reps = Keyword.get(parsed, :reps)
     if reps != nil and reps < 1, do: Mix.raise("expected --reps to be >= 1, got: #{reps}")
     topics = Keyword.get(parsed, :topics, if(quick, do: 100, else: 10_000))
@@ -285,7 +285,7 @@ defmodule FanoutBench.Runner do
     %{
       quick: quick,
       sizes: sizes,
-      threads: threads,
+      lanes: lanes,
       delivery: delivery,
       topics: topics,
       out: Path.expand(Keyword.get(parsed, :out, default_out)),
@@ -305,7 +305,7 @@ defmodule FanoutBench.Runner do
   defp default_sizes(true), do: @quick_sizes
   defp default_sizes(false), do: @full_sizes
 
-  defp default_threads, do: Enum.uniq([1, 2, :erlang.system_info(:schedulers_online)])
+  defp default_lanes, do: Enum.uniq([1, 2, :erlang.system_info(:schedulers_online)])
 
   # Warm-up and recorded repetitions for N subscribers: many for small N (cheap rounds,
   # noisy), fewer for large N where one round takes 100 ms or more.

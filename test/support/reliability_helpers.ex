@@ -1,8 +1,8 @@
 defmodule ExAtlas.Test.Reliability do
   @moduledoc """
   Helpers shared by the reliability suite (`test/ex_atlas/fly/dispatcher/reliability`):
-  NIF statistics, process and OS memory figures, the NIF's sender threads as the OS
-  sees them, and polling for effects that happen after a signal is handled.
+  NIF statistics, process and OS memory figures, and polling for effects that happen
+  after a signal is handled.
   """
 
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
@@ -62,23 +62,6 @@ defmodule ExAtlas.Test.Reliability do
   @doc "Resident set size of this OS process in kB (Linux), or nil."
   @spec rss_kb() :: non_neg_integer() | nil
   def rss_kb, do: proc_status_kb("VmRSS")
-
-  @doc """
-  Names of this OS process's threads that belong to the NIF's sender pools
-  (`ex_atlas_send_N`, from `/proc/self/task/*/comm`).
-  """
-  @spec sender_thread_names() :: [String.t()]
-  def sender_thread_names do
-    "/proc/self/task/*/comm"
-    |> Path.wildcard()
-    |> Enum.flat_map(fn path ->
-      case File.read(path) do
-        {:ok, name} -> [String.trim_trailing(name)]
-        {:error, _} -> []
-      end
-    end)
-    |> Enum.filter(&String.starts_with?(&1, "ex_atlas_send"))
-  end
 
   @doc "Garbage-collects every process, so `:erlang.memory/1` shows live data only."
   @spec collect_garbage() :: :ok

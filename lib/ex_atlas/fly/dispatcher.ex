@@ -51,9 +51,12 @@ defmodule ExAtlas.Fly.Dispatcher do
 
       config :ex_atlas, :fly,
         enabled: true,          # false: the :ex_atlas application starts no registry
-        sender_threads: 2,      # fan-out lanes, one sender process each; default: schedulers online
+        lanes: 2,               # fan-out lanes, one sender process each; default: schedulers online
         queue_capacity: 1_024,  # dispatches in flight per lane before dispatch/2 waits
         delivery: :scheduler    # or :dirty, see below
+
+  `lanes` used to be called `sender_threads`; the old key still works, with a
+  deprecation warning when the registry starts (`lanes` wins when both are set).
 
   Each lane's sender process delivers its batches through NIF calls that send with the
   sender's own process environment (which lets the VM copy straight onto each receiver's
@@ -237,8 +240,10 @@ defmodule ExAtlas.Fly.Dispatcher do
   their own supervision tree (with `config :ex_atlas, :fly, enabled: false`).
 
   Starting it while a registry already runs is harmless: the child is ignored.
-  Options, overriding the application environment: `:sender_threads` (1 to 1 024),
-  `:queue_capacity` (1 to 1 000 000) and `:delivery` (`:dirty` or `:scheduler`).
+  Options, overriding the application environment: `:lanes` (1 to 1 024; the deprecated
+  `:sender_threads` still works, with a warning), `:queue_capacity` (1 to 1 000 000),
+  `:delivery` (`:dirty` or `:scheduler`), `:cluster` (a boolean) and `:cluster_queue`
+  (1 to 10 000 000).
   """
   @spec child_spec(keyword()) :: Supervisor.child_spec()
   def child_spec(opts \\ []) do
@@ -259,8 +264,12 @@ defmodule ExAtlas.Fly.Dispatcher do
     end
 
     Enum.each(opts, fn
+      {:lanes, value} ->
+        Config.check_lanes!(value, ":lanes")
+
+      # Deprecated; Config.lanes/1 warns when the registry starts.
       {:sender_threads, value} ->
-        Config.check_sender_threads!(value, ":sender_threads")
+        Config.check_lanes!(value, ":sender_threads")
 
       {:queue_capacity, value} ->
         Config.check_queue_capacity!(value, ":queue_capacity")
@@ -277,7 +286,7 @@ defmodule ExAtlas.Fly.Dispatcher do
       other ->
         raise ArgumentError,
               "unknown ExAtlas.Fly.Dispatcher option #{inspect(other)}; expected " <>
-                ":sender_threads, :queue_capacity, :delivery, :cluster or :cluster_queue"
+                ":lanes, :queue_capacity, :delivery, :cluster or :cluster_queue"
     end)
 
     opts

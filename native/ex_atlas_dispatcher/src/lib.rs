@@ -41,7 +41,7 @@ mod nif {
     /// Pids delivered per dirty NIF call before handing control back to the sender
     /// process, so a huge topic never holds a dirty scheduler for long.
     const DIRTY_SLICE: usize = 16_384;
-    /// Most lanes `new/2` accepts, as `config :ex_atlas, :fly, sender_threads:` does.
+    /// Most lanes `new/2` accepts, as `config :ex_atlas, :fly, lanes:` does.
     /// Checked here too: a huge count made the allocation abort the whole VM.
     const MAX_LANES: usize = 1_024;
 

@@ -3,6 +3,8 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
   # Reads `config :ex_atlas, :fly, ...` on every call (hosts may change it at runtime, as
   # with the original) and turns the `:dispatcher` value into a backend and its argument.
 
+  require Logger
+
   alias ExAtlas.Fly.Dispatcher.Backend
 
   @default_queue_capacity 1_024
@@ -80,12 +82,60 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
   @spec registry_mode?() :: boolean()
   def registry_mode?, do: match?({Backend.Registry, _}, backend())
 
-  @doc "Fan-out lanes (one sender process each): `:sender_threads`, default schedulers online."
-  @spec sender_threads() :: pos_integer()
-  def sender_threads do
-    fly()
-    |> Keyword.get(:sender_threads, default_threads())
-    |> check_sender_threads!("`config :ex_atlas, :fly, sender_threads: ...`")
+  @doc """
+  Fan-out lanes (one sender process each): the `:lanes` of `opts` (child_spec options),
+  else of `config :ex_atlas, :fly`, else schedulers online. `:sender_threads`, the old
+  name of the key, is still read, with a deprecation warning; `:lanes` wins when both
+  are set. Called once per registry start.
+  """
+  @spec lanes(keyword()) :: pos_integer()
+  def lanes(opts \\ []) do
+    with nil <-
+           lanes_in(opts, ":lanes", ":sender_threads", "ExAtlas.Fly.Dispatcher child_spec option"),
+         nil <-
+           lanes_in(
+             fly(),
+             "`config :ex_atlas, :fly, lanes: ...`",
+             "`config :ex_atlas, :fly, sender_threads: ...`",
+             "`config :ex_atlas, :fly` key"
+           ) do
+      :erlang.system_info(:schedulers_online)
+    end
+  end
+
+  defp lanes_in(keyword, lanes_where, old_where, kind) do
+    case {Keyword.fetch(keyword, :lanes), Keyword.fetch(keyword, :sender_threads)} do
+      {:error, :error} ->
+        nil
+
+      {{:ok, lanes}, :error} ->
+        check_lanes!(lanes, lanes_where)
+
+      {:error, {:ok, old}} ->
+        old = check_lanes!(old, old_where)
+
+        Logger.warning(
+          "[ExAtlas.Fly.Dispatcher] the #{kind} :sender_threads is deprecated: " <>
+            "use :lanes (the same setting: fan-out lanes, one sender process each)",
+          sender_threads: old
+        )
+
+        old
+
+      {{:ok, lanes}, {:ok, old}} ->
+        lanes = check_lanes!(lanes, lanes_where)
+        old = check_lanes!(old, old_where)
+
+        Logger.warning(
+          "[ExAtlas.Fly.Dispatcher] the #{kind} :sender_threads is deprecated and " <>
+            "ignored: :lanes is set too, and wins (lanes: #{lanes}, " <>
+            "sender_threads: #{old}); remove :sender_threads",
+          lanes: lanes,
+          sender_threads: old
+        )
+
+        lanes
+    end
   end
 
   @doc "Dispatches each lane holds in flight before a dispatcher waits for room."
@@ -134,11 +184,11 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
     do: bad!(where, "an integer from 1 to 10000000", value)
 
   @doc false
-  @spec check_sender_threads!(term(), String.t()) :: pos_integer()
-  def check_sender_threads!(value, _where) when is_integer(value) and value in 1..1_024,
+  @spec check_lanes!(term(), String.t()) :: pos_integer()
+  def check_lanes!(value, _where) when is_integer(value) and value in 1..1_024,
     do: value
 
-  def check_sender_threads!(value, where),
+  def check_lanes!(value, where),
     do: bad!(where, "an integer from 1 to 1024", value)
 
   @doc false
@@ -157,6 +207,4 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
   defp bad!(where, expected, value) do
     raise ArgumentError, "expected #{where} to be #{expected}, got: #{inspect(value)}"
   end
-
-  defp default_threads, do: :erlang.system_info(:schedulers_online)
 end

@@ -1,7 +1,7 @@
 defmodule ExAtlas.Fly.Dispatcher.Sender do
   @moduledoc false
   # One sender per fan-out lane. A dispatch hands each lane its batch (a snapshot of the
-  # subscribers in that lane's partition) and the message; the sender delivers batches
+  # topic's subscribers that belong to that lane) and the message; the sender delivers batches
   # in the order it received them, which is what gives every subscriber the messages of
   # one dispatching process in dispatch order.
   #

@@ -107,7 +107,7 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
   end
 
   defp publish(opts) do
-    lanes = Keyword.get_lazy(opts, :sender_threads, &Config.sender_threads/0)
+    lanes = Config.lanes(opts)
     capacity = Keyword.get_lazy(opts, :queue_capacity, &Config.queue_capacity/0)
     dispatcher = Native.new(lanes, capacity)
     :persistent_term.put(@reported_key, :atomics.new(2, signed: false))

@@ -5,6 +5,7 @@ defmodule ExAtlas.Fly.Dispatcher.ApplicationTest do
   use ExUnit.Case, async: false
 
   import ExAtlas.Test.FlyEnv
+  import ExUnit.CaptureLog
 
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
@@ -75,6 +76,29 @@ defmodule ExAtlas.Fly.Dispatcher.ApplicationTest do
     end
   end
 
+  describe "the deprecated `sender_threads` config key" do
+    test "still sets the lanes, with a warning that names `lanes`" do
+      log = capture_log(fn -> restart_app(sender_threads: 3) end)
+      assert %{lanes: 3} = RegistryBackend.stats()
+      assert log =~ "`config :ex_atlas, :fly` key :sender_threads is deprecated: use :lanes"
+      assert_working_registry()
+    end
+
+    test "loses to `lanes` when both are set, and the warning says so" do
+      log = capture_log(fn -> restart_app(sender_threads: 4, lanes: 3) end)
+      assert %{lanes: 3} = RegistryBackend.stats()
+      assert log =~ "`config :ex_atlas, :fly` key :sender_threads is deprecated and ignored"
+      assert log =~ ":lanes is set too, and wins (lanes: 3, sender_threads: 4)"
+      assert_working_registry()
+    end
+
+    test "`lanes` alone logs no warning" do
+      log = capture_log(fn -> restart_app(lanes: 3) end)
+      assert %{lanes: 3} = RegistryBackend.stats()
+      refute log =~ "deprecated"
+    end
+  end
+
   describe "with `enabled: false`" do
     setup do
       restart_app(enabled: false)
@@ -100,18 +124,48 @@ defmodule ExAtlas.Fly.Dispatcher.ApplicationTest do
       assert_raise ArgumentError, ~r/not running/, fn -> Dispatcher.subscribe("t") end
     end
 
-    test "child_spec/1 takes :sender_threads and :queue_capacity" do
-      start_supervised!({Dispatcher, sender_threads: 3, queue_capacity: 7})
+    test "child_spec/1 takes :lanes and :queue_capacity" do
+      log =
+        capture_log(fn ->
+          start_supervised!({Dispatcher, lanes: 3, queue_capacity: 7})
+        end)
+
       assert %{lanes: 3, queue_capacity: 7} = RegistryBackend.stats()
+      refute log =~ "deprecated"
+      assert_working_registry()
+    end
+
+    test "child_spec/1 still takes the deprecated :sender_threads, with a warning" do
+      log =
+        capture_log(fn ->
+          start_supervised!({Dispatcher, sender_threads: 3, queue_capacity: 7})
+        end)
+
+      assert %{lanes: 3, queue_capacity: 7} = RegistryBackend.stats()
+      assert log =~ "child_spec option :sender_threads is deprecated: use :lanes"
+      assert_working_registry()
+    end
+
+    test "child_spec/1 with both :lanes and :sender_threads uses :lanes and says so" do
+      log =
+        capture_log(fn ->
+          start_supervised!({Dispatcher, sender_threads: 4, lanes: 3})
+        end)
+
+      assert %{lanes: 3} = RegistryBackend.stats()
+      assert log =~ "child_spec option :sender_threads is deprecated and ignored"
+      assert log =~ "(lanes: 3, sender_threads: 4)"
       assert_working_registry()
     end
 
     test "child_spec/1 rejects bad options with ArgumentError naming them" do
       for {opts, text} <- [
+            {[lanes: 0], "0"},
             {[sender_threads: 0], "0"},
             {[queue_capacity: -1], "-1"},
             {[queue_capacity: :big], ":big"},
-            {[sender_threads: 2_000], "2000"},
+            {[lanes: 2_000], "2000"},
+            {[lanes: 2, sender_threads: 2_000], "2000"},
             {[unknown: 1], ":unknown"},
             {:not_a_list, ":not_a_list"}
           ] do
@@ -150,10 +204,10 @@ defmodule ExAtlas.Fly.Dispatcher.ApplicationTest do
 
   describe "with a tiny queue (queue_capacity: 1)" do
     setup do
-      restart_app(sender_threads: 2, queue_capacity: 1)
+      restart_app(lanes: 2, queue_capacity: 1)
     end
 
-    test "the application uses the configured sender threads and capacity" do
+    test "the application uses the configured lanes and capacity" do
       assert %{lanes: 2, queue_capacity: 1} = RegistryBackend.stats()
     end
 

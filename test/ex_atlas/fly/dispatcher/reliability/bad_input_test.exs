@@ -192,7 +192,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.BadInputTest do
          fn -> Dispatcher.subscribe_with_backpressure(topic, opts) end, &(&1 == :ok)}
 
       8 ->
-        opts = options([:sender_threads, :queue_capacity])
+        opts = options([:lanes, :sender_threads, :queue_capacity])
 
         {{:child_spec, opts}, fn -> Dispatcher.child_spec(opts) end,
          &match?(%{id: _, start: _}, &1)}
@@ -282,6 +282,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.BadInputTest do
           :ok,
           :threshold,
           :poll_ms,
+          :lanes,
           :sender_threads,
           :queue_capacity,
           :"with space",

@@ -28,7 +28,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.BigMessageTest do
   @attempts 4
 
   setup do
-    restart_app(sender_threads: 2)
+    restart_app(lanes: 2)
   end
 
   test "1 000 subscribers, log batches of about 8 KiB, 200 KiB and 800 KiB: short slices" do

@@ -27,7 +27,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.FaultsTest do
 
   describe "producers waiting for room" do
     setup do
-      restart_app(queue_capacity: 1, sender_threads: 2)
+      restart_app(queue_capacity: 1, lanes: 2)
     end
 
     test "wait in a plain receive: inspected and killed at once, and no credit is lost" do
@@ -64,7 +64,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.FaultsTest do
 
   describe "our processes killed under a flood" do
     setup do
-      restart_app(queue_capacity: 1, sender_threads: 2)
+      restart_app(queue_capacity: 1, lanes: 2)
     end
 
     test "each sender, the server, the watchdog, then the supervisor" do
@@ -123,7 +123,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.FaultsTest do
 
   describe "a killed sender" do
     setup do
-      restart_app(queue_capacity: 8, sender_threads: 2)
+      restart_app(queue_capacity: 8, lanes: 2)
     end
 
     test "what it had not delivered is counted exactly and logged; its lane goes on" do
@@ -186,7 +186,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.FaultsTest do
 
   describe "a killed server" do
     setup do
-      restart_app(sender_threads: 2)
+      restart_app(lanes: 2)
     end
 
     test "its successor adopts the registry: subscriptions are kept and delivered to" do

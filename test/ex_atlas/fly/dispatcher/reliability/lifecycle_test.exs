@@ -341,7 +341,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
 
   defp vm_script(mode) do
     """
-    Application.put_env(:ex_atlas, :fly, queue_capacity: 2, sender_threads: 2)
+    Application.put_env(:ex_atlas, :fly, queue_capacity: 2, lanes: 2)
     {:ok, _} = Application.ensure_all_started(:ex_atlas)
     alias ExAtlas.Fly.Dispatcher
     alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
