@@ -85,6 +85,22 @@ defmodule ExAtlas.Fly.Dispatcher do
   @typedoc "A topic: any binary, for example `\"logs:\" <> app_name`."
   @type topic :: binary()
 
+  @typedoc "The figures of `stats/0`."
+  @type stats :: %{
+          subscriptions: non_neg_integer(),
+          topics: non_neg_integer(),
+          subscribers: non_neg_integer(),
+          lanes: non_neg_integer(),
+          queue_capacity: non_neg_integer(),
+          in_flight: non_neg_integer(),
+          peak_in_flight: non_neg_integer(),
+          delivered_batches: non_neg_integer(),
+          waiting: non_neg_integer(),
+          lost_batches: non_neg_integer(),
+          lost_deliveries: non_neg_integer(),
+          cluster: %{node() => %{queued: non_neg_integer(), dropped: non_neg_integer()}}
+        }
+
   @registry ExAtlas.Fly.Dispatcher.Registry
 
   @doc """
@@ -221,6 +237,40 @@ defmodule ExAtlas.Fly.Dispatcher do
     check_topic!(topic)
     {backend, arg} = Config.backend()
     backend.subscribers(topic, arg)
+  end
+
+  @doc """
+  The registry's figures, for dashboards and metrics pollers (`:telemetry_poller`,
+  PromEx, LiveDashboard); counters count since the registry started.
+
+    * `:subscriptions` - subscriptions, duplicates counted; `:topics` - topics with at
+      least one subscription; `:subscribers` - distinct subscribed processes;
+    * `:lanes` - fan-out lanes (one sender process each) and `:queue_capacity`, the
+      dispatches each lane may hold in flight;
+    * `:in_flight` - batches handed to the senders and not yet delivered, all lanes
+      together (a batch is one dispatch's share of one lane); `:peak_in_flight` - the
+      most any one lane has held;
+    * `:delivered_batches` - batches delivered;
+    * `:waiting` - producers waiting for room in a full lane now (see the `:wait`
+      telemetry events);
+    * `:lost_batches`, `:lost_deliveries` - what senders that exited had not delivered;
+    * `:cluster` - in cluster mode, per connected node, the messages queued for it
+      (`:queued`, unacknowledged ones included) and those dropped since its link started
+      (`:dropped`); `%{}` outside cluster mode.
+
+  Counting topics walks all of them on a dirty scheduler: poll it every few seconds, not
+  per dispatch. Raises `ArgumentError` in `:registry` mode when no registry runs. The
+  `:phoenix_pubsub` and `{:mfa, _}` modes keep no subscribers and no lanes: every figure
+  is `0` and `:cluster` is `%{}`, as `count/1` answers `0` there.
+
+      iex> stats = ExAtlas.Fly.Dispatcher.stats()
+      iex> stats.lanes > 0 and stats.cluster == %{}
+      true
+  """
+  @spec stats() :: stats()
+  def stats do
+    {backend, arg} = Config.backend()
+    backend.stats(arg)
   end
 
   @doc """

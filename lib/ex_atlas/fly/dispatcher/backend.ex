@@ -13,4 +13,25 @@ defmodule ExAtlas.Fly.Dispatcher.Backend do
   @callback sync(arg()) :: :ok
   @callback count(topic :: binary(), arg()) :: non_neg_integer()
   @callback subscribers(topic :: binary(), arg()) :: [pid()]
+  @doc "The figures of `ExAtlas.Fly.Dispatcher.stats/0`."
+  @callback stats(arg()) :: ExAtlas.Fly.Dispatcher.stats()
+
+  @doc "`stats/1` of a mode that keeps no subscribers and no lanes: every figure zero."
+  @spec zero_stats() :: ExAtlas.Fly.Dispatcher.stats()
+  def zero_stats do
+    %{
+      subscriptions: 0,
+      topics: 0,
+      subscribers: 0,
+      lanes: 0,
+      queue_capacity: 0,
+      in_flight: 0,
+      peak_in_flight: 0,
+      delivered_batches: 0,
+      waiting: 0,
+      lost_batches: 0,
+      lost_deliveries: 0,
+      cluster: %{}
+    }
+  end
 end

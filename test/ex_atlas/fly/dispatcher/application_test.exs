@@ -18,6 +18,7 @@ defmodule ExAtlas.Fly.Dispatcher.ApplicationTest do
       sync: fn -> Dispatcher.sync() end,
       count: fn -> Dispatcher.count("t") end,
       subscribers: fn -> Dispatcher.subscribers("t") end,
+      stats: fn -> Dispatcher.stats() end,
       subscribe_with_backpressure: fn -> Dispatcher.subscribe_with_backpressure("t") end
     ]
   end

@@ -39,6 +39,9 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.MFA do
   @impl true
   def subscribers(_topic, _mfa), do: []
 
+  @impl true
+  def stats(_mfa), do: ExAtlas.Fly.Dispatcher.Backend.zero_stats()
+
   defp format_mfa({mod, fun, extra}),
     do: Exception.format_mfa(mod, fun, length(extra) + 2)
 end

@@ -39,4 +39,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.PhoenixPubSub do
 
   @impl true
   def subscribers(_topic, _pubsub), do: []
+
+  @impl true
+  def stats(_pubsub), do: ExAtlas.Fly.Dispatcher.Backend.zero_stats()
 end

@@ -108,7 +108,28 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   @spec evict(binary(), pid()) :: non_neg_integer()
   def evict(topic, pid), do: Native.unsubscribe_pid(dispatcher!(), topic, pid)
 
-  @doc "Registry and queue figures reported by the NIF."
+  # The NIF's figures that `ExAtlas.Fly.Dispatcher.stats/0` publishes; `monitors`,
+  # `max_in_flight` and `allocated_bytes` (alloc-stats builds) are for our tests.
+  @public_stats [
+    :subscriptions,
+    :topics,
+    :subscribers,
+    :lanes,
+    :queue_capacity,
+    :in_flight,
+    :peak_in_flight,
+    :delivered_batches,
+    :waiting,
+    :lost_batches,
+    :lost_deliveries
+  ]
+
+  @impl true
+  def stats(_arg) do
+    stats() |> Map.take(@public_stats) |> Map.put(:cluster, Cluster.stats())
+  end
+
+  @doc "Every figure the NIF reports, internal ones included."
   @spec stats() :: %{atom() => non_neg_integer()}
   def stats, do: Map.new(Native.stats(dispatcher!()))
 

@@ -1,0 +1,124 @@
+defmodule ExAtlas.Fly.Dispatcher.StatsTest do
+  # ExAtlas.Fly.Dispatcher.stats/0 in every mode. The tests restart the application (for
+  # a registry with known figures) or change the mode, so the module runs alone.
+  use ExUnit.Case, async: false
+
+  import ExAtlas.Test.FlyEnv
+
+  alias ExAtlas.Fly.Dispatcher
+
+  @keys [
+    :subscriptions,
+    :topics,
+    :subscribers,
+    :lanes,
+    :queue_capacity,
+    :in_flight,
+    :peak_in_flight,
+    :delivered_batches,
+    :waiting,
+    :lost_batches,
+    :lost_deliveries,
+    :cluster
+  ]
+
+  @zero %{
+    subscriptions: 0,
+    topics: 0,
+    subscribers: 0,
+    lanes: 0,
+    queue_capacity: 0,
+    in_flight: 0,
+    peak_in_flight: 0,
+    delivered_batches: 0,
+    waiting: 0,
+    lost_batches: 0,
+    lost_deliveries: 0,
+    cluster: %{}
+  }
+
+  defmodule Sink do
+    @moduledoc false
+    def drop(_topic, _message), do: :ok
+  end
+
+  setup do
+    remove_phoenix_pubsub()
+    on_exit(&remove_phoenix_pubsub/0)
+    :ok
+  end
+
+  describe ":registry mode" do
+    setup do
+      restart_app(lanes: 2, queue_capacity: 16)
+    end
+
+    test "the registry's figures, with an empty cluster map outside cluster mode" do
+      assert Enum.sort(Map.keys(Dispatcher.stats())) == Enum.sort(@keys)
+
+      assert %{subscriptions: 0, topics: 0, subscribers: 0, lanes: 2, queue_capacity: 16} =
+               Dispatcher.stats()
+
+      [a, b] = topics = [unique_topic("stats:a"), unique_topic("stats:b")]
+      :ok = Dispatcher.subscribe(a)
+      :ok = Dispatcher.subscribe(a)
+      :ok = Dispatcher.subscribe(b)
+      other = spawn_subscriber(b)
+
+      for topic <- topics, _ <- 1..3, do: :ok = Dispatcher.dispatch(topic, :counted)
+      :ok = Dispatcher.sync()
+
+      stats = Dispatcher.stats()
+      assert %{subscriptions: 4, topics: 2, subscribers: 2} = stats
+      assert %{in_flight: 0, waiting: 0, lost_batches: 0, lost_deliveries: 0} = stats
+      # Small dispatches to idle lanes are sent inline, without a batch: the batch
+      # figures are tested with the NIF's (registry_backend_test.exs, reliability/).
+      assert stats.peak_in_flight <= 16
+      assert stats.cluster == %{}
+      assert Enum.all?(Map.delete(stats, :cluster), fn {_, v} -> is_integer(v) and v >= 0 end)
+
+      Process.exit(other, :kill)
+      :ok = Dispatcher.unsubscribe(a)
+      :ok = Dispatcher.unsubscribe(b)
+      eventually(fn -> match?(%{subscriptions: 0, topics: 0}, Dispatcher.stats()) end)
+    end
+
+    test "raises ArgumentError when no registry runs" do
+      restart_app(enabled: false)
+      assert_raise ArgumentError, ~r/registry is not running/, &Dispatcher.stats/0
+    end
+
+    test ":phoenix_pubsub without Phoenix.PubSub falls back to the registry's figures" do
+      put_fly(dispatcher: :phoenix_pubsub, pubsub: MyApp.PubSub)
+      assert %{lanes: 2, queue_capacity: 16, cluster: %{}} = Dispatcher.stats()
+    end
+  end
+
+  describe "modes without a registry" do
+    test "{:mfa, _}: every figure zero and no cluster" do
+      put_fly(dispatcher: {:mfa, {Sink, :drop, []}})
+      assert Dispatcher.stats() == @zero
+    end
+
+    test ":phoenix_pubsub: every figure zero and no cluster" do
+      define_phoenix_pubsub(ExAtlas.StatsTest.PubSub)
+      put_fly(dispatcher: :phoenix_pubsub, pubsub: ExAtlas.StatsTest.PubSub)
+      :ok = Dispatcher.subscribe("stats:pubsub")
+      assert Dispatcher.stats() == @zero
+    end
+  end
+
+  defp spawn_subscriber(topic) do
+    parent = self()
+
+    pid =
+      spawn(fn ->
+        :ok = Dispatcher.subscribe(topic)
+        send(parent, {:subscribed, self()})
+        Process.sleep(:infinity)
+      end)
+
+    assert_receive {:subscribed, ^pid}, 5_000
+    pid
+  end
+end
