@@ -1,7 +1,7 @@
 defmodule ExAtlas.Test.FlyEnv do
   @moduledoc """
   Helpers for tests that change `config :ex_atlas, :fly`, restart the `:ex_atlas`
-  application or define a `Phoenix.PubSub` module at runtime.
+  application or define a `Phoenix.PubSub` or `:telemetry` module at runtime.
 
   Every change is undone in an `ExUnit.Callbacks.on_exit/1` callback, so the functions
   must be called from a test process (or a `setup` block), and modules using them must be
@@ -10,7 +10,7 @@ defmodule ExAtlas.Test.FlyEnv do
 
   import ExUnit.Callbacks, only: [on_exit: 1]
 
-  alias ExAtlas.Test.PubSubStandIn
+  alias ExAtlas.Test.{PubSubStandIn, TelemetryStandIn}
 
   @doc """
   Merges `settings` into `config :ex_atlas, :fly` for the current test; the previous
@@ -79,6 +79,38 @@ defmodule ExAtlas.Test.FlyEnv do
     :code.purge(Phoenix.PubSub)
     :code.delete(Phoenix.PubSub)
     :code.purge(Phoenix.PubSub)
+    :ok
+  end
+
+  @doc """
+  Defines a `:telemetry` module that delegates to `ExAtlas.Test.TelemetryStandIn`, starts
+  its handler table and removes both when the test exits. Returns `:ok`; attach with
+  `ExAtlas.Test.TelemetryStandIn.capture/1` or `:telemetry.attach/4`.
+  """
+  @spec define_telemetry() :: :ok
+  def define_telemetry do
+    on_exit(&remove_telemetry/0)
+
+    body =
+      quote do
+        @moduledoc false
+        defdelegate execute(event, measurements, metadata), to: unquote(TelemetryStandIn)
+        defdelegate attach(id, event, handler, config), to: unquote(TelemetryStandIn)
+        defdelegate attach_many(id, events, handler, config), to: unquote(TelemetryStandIn)
+        defdelegate detach(id), to: unquote(TelemetryStandIn)
+      end
+
+    Module.create(:telemetry, body, Macro.Env.location(__ENV__))
+    ExUnit.Callbacks.start_supervised!(TelemetryStandIn)
+    :ok
+  end
+
+  @doc "Purges and deletes any loaded `:telemetry` module."
+  @spec remove_telemetry() :: :ok
+  def remove_telemetry do
+    :code.purge(:telemetry)
+    :code.delete(:telemetry)
+    :code.purge(:telemetry)
     :ok
   end
 

@@ -67,6 +67,19 @@ defmodule ExAtlas.Fly.Dispatcher do
   schedulers; on a 2-core machine it delivers more slowly, because the dirty threads then
   compete with the schedulers for the cores.
 
+  ## Telemetry
+
+  When the host has `:telemetry` (an optional dependency, as Phoenix.PubSub is), these
+  events are emitted; their measurements and metadata are listed in the README's
+  "Telemetry" section, and `stats/0` gives the registry's figures for pollers:
+
+    * `[:ex_atlas, :fly, :dispatcher, :evict]` - the watchdog evicted a slow subscriber;
+    * `[:ex_atlas, :fly, :dispatcher, :wait, :start | :stop]` - a producer waited for
+      room in a full lane;
+    * `[:ex_atlas, :fly, :dispatcher, :cluster, :drop]` - dispatches dropped for a node
+      (cluster mode);
+    * `[:ex_atlas, :fly, :dispatcher, :lost]` - deliveries lost with a sender that exited.
+
   ## Example
 
       iex> :ok = ExAtlas.Fly.Dispatcher.subscribe("logs:my-app")

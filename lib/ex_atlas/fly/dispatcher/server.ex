@@ -16,13 +16,14 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
   # that does not trap exits stops, and its supervisor starts it again, subscribing anew.
   #
   # What a dead sender had not delivered is counted by the NIF (its batches give their
-  # credits back when dropped); this process logs it, checking every second.
+  # credits back when dropped); this process logs it and emits the `:lost` telemetry
+  # event, checking every second.
 
   use GenServer
 
   require Logger
 
-  alias ExAtlas.Fly.Dispatcher.{Config, Native, Sender}
+  alias ExAtlas.Fly.Dispatcher.{Config, Native, Sender, Telemetry}
 
   @key {__MODULE__, :dispatcher}
   # An :atomics of {lost_batches, lost_deliveries} already logged, kept beside the
@@ -198,6 +199,8 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
         lost_deliveries: new,
         lost_batches: new_batches
       )
+
+      Telemetry.lost(new, new_batches)
     end
 
     :ok

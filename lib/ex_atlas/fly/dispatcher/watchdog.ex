@@ -39,6 +39,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
 
   alias ExAtlas.Fly.Dispatcher.Backend
   alias ExAtlas.Fly.Dispatcher.Config
+  alias ExAtlas.Fly.Dispatcher.Telemetry
 
   @table __MODULE__
   # The number of watches, in an :atomics published once per watchdog start, so callers of
@@ -377,6 +378,8 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
         queue_len: len,
         threshold: threshold
       )
+
+      Telemetry.evict(topic, pid, len, threshold)
     end
 
     unwatch(state, key)

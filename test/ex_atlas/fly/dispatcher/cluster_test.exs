@@ -4,7 +4,9 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterTest do
   # from this build with `cluster: true`.
   use ExUnit.Case, async: false
 
-  import ExAtlas.Test.FlyEnv, only: [restart_app: 1, unique_topic: 1, eventually: 2]
+  import ExAtlas.Test.FlyEnv,
+    only: [restart_app: 1, unique_topic: 1, eventually: 2, define_telemetry: 0]
+
   import ExUnit.CaptureLog
 
   alias ExAtlas.Fly.Dispatcher
@@ -14,6 +16,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterTest do
   @moduletag :cluster
   @moduletag timeout: 120_000
   @bound 300
+  @drop [:ex_atlas, :fly, :dispatcher, :cluster, :drop]
 
   setup_all do
     :ok = Peers.ensure_distribution()
@@ -150,6 +153,8 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterTest do
   test "a suspended relay: dispatch goes on, the node's queue stays bounded, drops are counted",
        %{b: b, c: c} do
     restart_app(cluster: true, cluster_queue: @bound)
+    define_telemetry()
+    ExAtlas.Test.TelemetryStandIn.capture([@drop])
     topic = unique_topic("cluster:suspended")
     _sub_b = Peers.subscriber(b, topic)
     sub_c = Peers.subscriber(c, topic)
@@ -171,6 +176,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterTest do
           assert queued <= @bound
           assert dropped == 4 * @bound - queued
           assert Cluster.stats()[c].dropped == 0
+          assert %{^b => %{dropped: ^dropped}, ^c => %{dropped: 0}} = Dispatcher.stats().cluster
           # The suspended node cannot answer a barrier; the other one got everything.
           assert Dispatcher.sync(:cluster, 1_000) == {:error, {:no_answer, [b]}}
           assert Peers.report(sub_c) == for(seq <- 1..(4 * @bound), do: {:p, :a, seq})
@@ -182,8 +188,18 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterTest do
 
     assert log =~ "dropped"
     assert log =~ inspect(b)
+    # The link reported every drop (once a second, the new ones each time) to telemetry.
+    assert telemetry_drops(b, 0) == Cluster.stats()[b].dropped
     eventually(fn -> Cluster.stats()[b].queued == 0 end, 10_000)
   end
 
   defp received(node), do: :erpc.call(node, Cluster, :relay_counts, []).received
+
+  defp telemetry_drops(node, sum) do
+    receive do
+      {:telemetry, @drop, %{count: count}, %{node: ^node}} -> telemetry_drops(node, sum + count)
+    after
+      0 -> sum
+    end
+  end
 end

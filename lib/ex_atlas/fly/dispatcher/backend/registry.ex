@@ -4,7 +4,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   @behaviour ExAtlas.Fly.Dispatcher.Backend
 
-  alias ExAtlas.Fly.Dispatcher.{Cluster, Native, Sender, Server}
+  alias ExAtlas.Fly.Dispatcher.{Cluster, Native, Sender, Server, Telemetry}
 
   @room :"$ex_atlas_room"
 
@@ -40,28 +40,43 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
     case Native.dispatch(dispatcher, topic, message) do
       :ok -> :ok
-      {:full, pending} -> await_room(pending, message)
+      {:full, pending} -> make_room(pending, topic, message)
       :closed -> raise not_started()
     end
   end
 
   # A lane was full. The rest of the dispatch waits in `pending`; the caller queues for
-  # the lane's next free credit and waits for it in a plain receive, holding no scheduler
-  # thread: it can be killed, inspected and preempted as usual. Credits are handed out
-  # first come, first served; one freed by a delivered (or dropped) batch comes with
-  # exactly one {:"$ex_atlas_room", pending} message, so nothing is left in the mailbox.
-  defp await_room(pending, message) do
+  # the lane's next free credit and waits for it in a plain receive (`await_room/2`, the
+  # current function a waiting producer shows), holding no scheduler thread: it can be
+  # killed, inspected and preempted as usual. Credits are handed out first come, first
+  # served; one freed by a delivered (or dropped) batch comes with exactly one
+  # {:"$ex_atlas_room", pending} message, so nothing is left in the mailbox. Only a real
+  # wait (a `:wait` answer) is reported to telemetry, as one start/stop span however
+  # many lanes it waits for in turn.
+  defp make_room(pending, topic, message) do
     case Native.resume(pending, message) do
       :ok ->
         :ok
 
       :wait ->
-        receive do
-          {@room, ^pending} -> await_room(pending, message)
-        end
+        span = Telemetry.wait_start(topic)
+        result = await_room(pending, message)
+        Telemetry.wait_stop(span)
+        if result == :closed, do: raise(not_started()), else: :ok
 
       :closed ->
         raise not_started()
+    end
+  end
+
+  defp await_room(pending, message) do
+    receive do
+      {@room, ^pending} -> :ok
+    end
+
+    case Native.resume(pending, message) do
+      :wait -> await_room(pending, message)
+      done -> done
     end
   end
 

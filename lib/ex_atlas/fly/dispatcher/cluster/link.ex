@@ -10,7 +10,9 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
   #   * the node's queue: queued plus unacknowledged messages are counted in an :atomics
   #     that callers of dispatch/2 check before they send here. At the bound
   #     (`cluster_queue`, default 10 000) a dispatch is dropped for this node alone:
-  #     counted (`Cluster.stats/0`) and logged at warning level, at most once a second.
+  #     counted (`Cluster.stats/0`), logged at warning level and reported to telemetry
+  #     (`[:ex_atlas, :fly, :dispatcher, :cluster, :drop]`), both at most once a second
+  #     from here: never in the dispatching process, which only bumps the counter.
   #
   # Sends use `:nosuspend`: when the distribution buffer is busy the message stays queued
   # and the link tries again shortly; `dispatch/2` and the other links go on. What was
@@ -19,6 +21,8 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
   use GenServer
 
   require Logger
+
+  alias ExAtlas.Fly.Dispatcher.Telemetry
 
   @window 256
   @retry_ms 5
@@ -142,6 +146,8 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
         node: state.node,
         dropped: dropped - state.reported
       )
+
+      Telemetry.cluster_drop(state.node, dropped - state.reported)
     end
 
     Process.send_after(self(), :report, @report_ms)
