@@ -88,9 +88,27 @@ mod nif {
         /// Raw pid of the cluster relay told about topics this node gains or loses; 0
         /// when not in cluster mode.
         relay: AtomicU64,
+        /// The senders this resource monitors (a `down` for one of them reclaims its
+        /// batches; any other `down` is a subscriber's).
+        sender_monitors: Mutex<Vec<u64>>,
     }
 
     impl Dispatcher {
+        /// The batches the dead sender `pid` had not delivered: counted as lost, their
+        /// credits given back (to waiting producers first).
+        fn reclaim(&self, env: Env<'_>, pid: u64) {
+            for slot in self.senders.iter() {
+                for batch in slot.reclaim(pid) {
+                    let lost = batch
+                        .part
+                        .len()
+                        .saturating_sub(batch.cursor.load(Ordering::Acquire));
+                    self.lanes
+                        .give_back(batch.lane, lost, granting(env, batch.lane));
+                }
+            }
+        }
+
         /// Tells the relay (cluster mode) about each topic that `pid`'s last change
         /// created or emptied in its shard, with `{:"$ex_atlas_interest", topic}`: a hint,
         /// which the relay checks against `count/2`, so hints from several processes may
@@ -123,6 +141,15 @@ mod nif {
         fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
             // rustler catches panics here too, but do not rely on the version for that.
             let _ = catch_unwind(AssertUnwindSafe(|| {
+                let raw = pid_to_raw(&pid);
+                let mut senders = lock(&self.sender_monitors);
+                if let Some(at) = senders.iter().position(|&s| s == raw) {
+                    senders.swap_remove(at);
+                    drop(senders);
+                    self.reclaim(env, raw);
+                    return;
+                }
+                drop(senders);
                 self.monitors.fetch_sub(1, Ordering::Relaxed);
                 self.registry.remove_subscriber(pid_to_raw(&pid));
                 self.tell_relay(env, pid_to_raw(&pid));
@@ -267,43 +294,113 @@ mod nif {
         }
     }
 
-    /// One lane's sender process, and the batches handed to the lane while it had none
-    /// alive (between a sender's death and its replacement), in order, each holding its
-    /// credit: the next sender gets them first, so nothing dispatched meanwhile is lost.
+    /// One lane's sender process and the lane's batches on their way:
+    ///
+    /// * `in_flight`: each batch handed to a sender, with that sender's pid, until it is
+    ///   delivered. The dispatcher monitors its senders; when one dies, the batches it
+    ///   held are reclaimed from here (counted as lost, credits given back) at once, even
+    ///   while another process still holds a stale reference to them;
+    /// * `parked`: batches handed to the lane while it had no live sender (between a
+    ///   sender's death and its replacement), in order, each holding its credit: the next
+    ///   sender gets them first, so nothing dispatched meanwhile is lost.
     struct SenderSlot {
         pid: AtomicU64,
-        parked: Mutex<Vec<Outgoing>>,
+        in_flight: Mutex<InFlight>,
+        parked: Mutex<Parked>,
         parked_len: AtomicUsize,
     }
+
+    /// Batches sent, each with the pid of the sender it went to, oldest first.
+    type InFlight = VecDeque<(u64, ResourceArc<Batch>)>;
+    /// Batches waiting for a live sender, in order, each with its message.
+    type Parked = Vec<(ResourceArc<Batch>, Outgoing)>;
 
     impl SenderSlot {
         fn new() -> Self {
             SenderSlot {
                 pid: AtomicU64::new(0),
+                in_flight: Mutex::new(VecDeque::new()),
                 parked: Mutex::new(Vec::new()),
                 parked_len: AtomicUsize::new(0),
             }
         }
 
-        /// Sends `out` to the lane's sender, or parks it behind the batches parked
-        /// before it. Checking the parked count first keeps a caller's later batch from
-        /// overtaking its earlier, parked one.
-        fn hand(&self, env: Env<'_>, mut out: Outgoing) {
-            if self.parked_len.load(Ordering::SeqCst) == 0 {
-                match out.send(env, self.pid.load(Ordering::SeqCst)) {
-                    Ok(()) => return,
-                    Err(unsent) => out = unsent,
-                }
+        /// Sends `batch` with `message` to the lane's sender, or parks it behind the
+        /// batches parked before it. Checking the parked count first keeps a caller's
+        /// later batch from overtaking its earlier, parked one.
+        fn hand<'a>(&self, env: Env<'a>, batch: ResourceArc<Batch>, message: Term<'a>) {
+            if self.parked_len.load(Ordering::SeqCst) == 0 && self.send(env, &batch, message) {
+                return;
             }
             let mut parked = lock(&self.parked);
-            if parked.is_empty() {
-                match out.send(env, self.pid.load(Ordering::SeqCst)) {
-                    Ok(()) => return,
-                    Err(unsent) => out = unsent,
-                }
+            if parked.is_empty() && self.send(env, &batch, message) {
+                return;
             }
-            parked.push(out);
+            // Reclaimed meanwhile (its dead sender's monitor fired): already counted.
+            if batch.done.load(Ordering::Acquire) {
+                return;
+            }
+            // Only while the lane has no live sender: the message gets an env of its own
+            // (a copy that does not keep literals shared, unlike a send from the caller).
+            let out = Outgoing::build(|menv| {
+                (
+                    atoms::ex_atlas_deliver(),
+                    batch.clone(),
+                    message.in_env(menv),
+                )
+                    .encode(menv)
+            });
+            parked.push((batch, out));
             self.parked_len.store(parked.len(), Ordering::SeqCst);
+        }
+
+        /// Sends from the caller's env, so the VM copies the message once and keeps its
+        /// literals shared. The batch is recorded as in flight first: once sent, its
+        /// sender may die at any moment, and its monitor must find it.
+        fn send<'a>(&self, env: Env<'a>, batch: &ResourceArc<Batch>, message: Term<'a>) -> bool {
+            let pid = self.pid.load(Ordering::SeqCst);
+            if pid == 0 {
+                return false;
+            }
+            self.record(pid, batch.clone());
+            let deliver = (atoms::ex_atlas_deliver(), batch.clone(), message);
+            if env.send(&pid_from_raw(pid), deliver).is_ok() {
+                return true;
+            }
+            let mut in_flight = lock(&self.in_flight);
+            if let Some(at) = in_flight.iter().rposition(|(_, b)| same(b, batch)) {
+                in_flight.remove(at);
+            }
+            false
+        }
+
+        /// Adds `batch` as sent to `pid`, dropping delivered batches from the front.
+        fn record(&self, pid: u64, batch: ResourceArc<Batch>) {
+            let mut in_flight = lock(&self.in_flight);
+            while in_flight
+                .front()
+                .is_some_and(|(_, b)| b.done.load(Ordering::Acquire))
+            {
+                in_flight.pop_front();
+            }
+            in_flight.push_back((pid, batch));
+        }
+
+        /// Takes out the undelivered batches sent to `pid`, marked done so that nothing
+        /// else counts or releases them again.
+        fn reclaim(&self, pid: u64) -> Vec<ResourceArc<Batch>> {
+            let mut in_flight = lock(&self.in_flight);
+            let mut taken = Vec::new();
+            in_flight.retain(|(to, batch)| {
+                if *to != pid {
+                    return true;
+                }
+                if !batch.done.swap(true, Ordering::AcqRel) {
+                    taken.push(batch.clone());
+                }
+                false
+            });
+            taken
         }
 
         /// Installs `pid` and hands it what was parked, in order; what it does not take
@@ -312,9 +409,16 @@ mod nif {
             let mut parked = lock(&self.parked);
             self.pid.store(pid, Ordering::SeqCst);
             let mut queue = std::mem::take(&mut *parked).into_iter();
-            for out in queue.by_ref() {
+            for (batch, out) in queue.by_ref() {
+                // Recorded first, as in `send`; taken back if the new sender is gone too.
+                self.record(pid, batch.clone());
                 if let Err(unsent) = out.send(env, pid) {
-                    parked.push(unsent);
+                    let mut in_flight = lock(&self.in_flight);
+                    if let Some(at) = in_flight.iter().rposition(|(_, b)| same(b, &batch)) {
+                        in_flight.remove(at);
+                    }
+                    drop(in_flight);
+                    parked.push((batch, unsent));
                     break;
                 }
             }
@@ -322,12 +426,18 @@ mod nif {
             self.parked_len.store(parked.len(), Ordering::SeqCst);
         }
 
-        /// Takes every parked batch out, for the caller to drop after unlocking.
-        fn unpark_all(&self) -> Vec<Outgoing> {
+        /// Empties both lists, for the caller to drop after unlocking (closing).
+        fn clear(&self) -> (InFlight, Parked) {
+            let in_flight = std::mem::take(&mut *lock(&self.in_flight));
             let mut parked = lock(&self.parked);
             self.parked_len.store(0, Ordering::SeqCst);
-            std::mem::take(&mut *parked)
+            (in_flight, std::mem::take(&mut *parked))
         }
+    }
+
+    /// Whether two handles name the same batch.
+    fn same(a: &ResourceArc<Batch>, b: &ResourceArc<Batch>) -> bool {
+        std::ptr::eq::<Batch>(&**a, &**b)
     }
 
     /// `{:"$ex_atlas_room", pending}` to the producer waiting with `pending`.
@@ -368,10 +478,7 @@ mod nif {
             cursor: AtomicUsize::new(start),
             done: AtomicBool::new(false),
         });
-        let out = Outgoing::build(|menv| {
-            (atoms::ex_atlas_deliver(), batch, message.in_env(menv)).encode(menv)
-        });
-        dispatcher.senders[lane].hand(env, out);
+        dispatcher.senders[lane].hand(env, batch, message);
     }
 
     /// The share of the calling process's timeslice spent so far, told to the VM as it
@@ -455,6 +562,7 @@ mod nif {
             lanes,
             monitors: AtomicUsize::new(0),
             relay: AtomicU64::new(0),
+            sender_monitors: Mutex::new(Vec::new()),
         }))
     }
 
@@ -475,7 +583,13 @@ mod nif {
             return Err(rustler::Error::BadArg);
         }
         for (slot, pid) in dispatcher.senders.iter().zip(&senders) {
-            slot.install(env, pid_to_raw(pid));
+            let raw = pid_to_raw(pid);
+            let mut monitored = lock(&dispatcher.sender_monitors);
+            if !monitored.contains(&raw) && dispatcher.monitor(Some(env), pid).is_some() {
+                monitored.push(raw);
+            }
+            drop(monitored);
+            slot.install(env, raw);
         }
         Ok(atoms::ok())
     }
@@ -788,13 +902,10 @@ mod nif {
             wake(env, waiter);
         }
         drop(waiters);
-        // Batches parked for a sender that never came: dropped, counted as lost.
-        let parked: Vec<Outgoing> = dispatcher
-            .senders
-            .iter()
-            .flat_map(|slot| slot.unpark_all())
-            .collect();
-        drop(parked);
+        // Batches parked for a sender that never came, and the record of those in
+        // flight: dropped (an undelivered one is counted as lost when freed).
+        let cleared: Vec<_> = dispatcher.senders.iter().map(|slot| slot.clear()).collect();
+        drop(cleared);
         subscribers
             .into_iter()
             .map(|(pid, _)| pid_from_raw(pid))
