@@ -164,7 +164,13 @@ defmodule ClusterBench do
   def main(argv, node_code) do
     {opts, _, _} =
       OptionParser.parse(argv,
-        strict: [quick: :boolean, subscribers: :integer, reps: :integer, out: :string]
+        strict: [
+          quick: :boolean,
+          subscribers: :integer,
+          reps: :integer,
+          out: :string,
+          lanes: :integer
+        ]
       )
 
     quick = Keyword.get(opts, :quick, false)
@@ -180,9 +186,10 @@ defmodule ClusterBench do
 
     start_distribution()
     Application.stop(:ex_atlas)
-    Application.put_env(:ex_atlas, :fly, cluster: true)
+    fly = [cluster: true] ++ Keyword.take(opts, [:lanes])
+    Application.put_env(:ex_atlas, :fly, fly)
     {:ok, _} = Application.ensure_all_started(:ex_atlas)
-    nodes = [node() | for(name <- ["bench_b", "bench_c"], do: start_peer(name))]
+    nodes = [node() | for(name <- ["bench_b", "bench_c"], do: start_peer(name, fly))]
     IO.puts("nodes: #{inspect(nodes)}; #{n} subscribers each; #{reps} repetitions")
 
     for node <- tl(nodes),
@@ -327,7 +334,7 @@ defmodule ClusterBench do
     {:ok, _} = Node.start(:"bench_a_#{System.unique_integer([:positive])}@127.0.0.1", :longnames)
   end
 
-  defp start_peer(name) do
+  defp start_peer(name, fly) do
     paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
 
     args =
@@ -342,7 +349,7 @@ defmodule ClusterBench do
         args: args
       })
 
-    :ok = :erpc.call(node, Application, :put_env, [:ex_atlas, :fly, [cluster: true]])
+    :ok = :erpc.call(node, Application, :put_env, [:ex_atlas, :fly, fly])
     {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:ex_atlas])
     node
   end

@@ -9,7 +9,14 @@ defmodule FanoutBench.Subscriber do
   @doc "Spawns `count` subscribers that report completed rounds to `waiter`."
   @spec spawn_many(pos_integer(), :atomics.atomics_ref(), pid()) :: [pid()]
   def spawn_many(count, counters, waiter) do
-    for _ <- 1..count, do: spawn(fn -> loop(counters, waiter) end)
+    # They trap exits: the :ex_atlas application restarts between passes, and closing the
+    # registry tells its subscribers with an exit signal; they subscribe again anyway.
+    for _ <- 1..count do
+      spawn(fn ->
+        Process.flag(:trap_exit, true)
+        loop(counters, waiter)
+      end)
+    end
   end
 
   @doc """
@@ -57,6 +64,9 @@ defmodule FanoutBench.Subscriber do
 
       {:run, from, ref, fun} ->
         send(from, {:ran, ref, fun.()})
+        loop(counters, waiter)
+
+      {:EXIT, _from, _reason} ->
         loop(counters, waiter)
     end
   end

@@ -27,8 +27,11 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   @impl true
   def dispatch(topic, message, _arg) do
-    :ok = dispatch_local(topic, message)
-    Cluster.forward(topic, message)
+    # Other nodes first: their links then run before this node's senders, which the
+    # local hand-over keeps busy, so the remote fan-out starts at once. Order is kept
+    # per node, so which node starts first does not matter to it.
+    :ok = Cluster.forward(topic, message)
+    dispatch_local(topic, message)
   end
 
   @doc """
