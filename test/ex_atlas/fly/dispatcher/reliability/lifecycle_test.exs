@@ -127,8 +127,11 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
     test "init:stop/0 and System.halt/0 both end the VM promptly" do
       ebin = Path.join(:code.lib_dir(:ex_atlas), "ebin")
 
+      # kill_then_init_stop: each sender, the server, the watchdog and the supervisor are
+      # killed under that load first (issue 9 §3); the time from :init.stop/0 to the exit
+      # is printed (the issue's figure: within 5 s; the guard below is generous).
       runs =
-        for mode <- ["init_stop", "halt"] do
+        for mode <- ["init_stop", "halt", "kill_then_init_stop"] do
           Task.async(fn -> {mode, run_vm(ebin, mode, 120_000)} end)
         end
 
@@ -137,7 +140,8 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
         assert status == 0, "#{mode}: exit status #{status}:\n#{output}"
 
         IO.puts(
-          "\nlifecycle, VM #{mode} with full lanes: exited 0; #{first_line(output, "FULL")}"
+          "\nlifecycle, VM #{mode} with full lanes: exited 0; #{first_line(output, "FULL")}" <>
+            stop_time(output)
         )
       end
     end
@@ -330,8 +334,11 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
 
   defp collect_vm(port, os_pid, deadline, output) do
     receive do
-      {^port, {:data, data}} -> collect_vm(port, os_pid, deadline, output <> data)
-      {^port, {:exit_status, status}} -> {status, output}
+      {^port, {:data, data}} ->
+        collect_vm(port, os_pid, deadline, output <> data)
+
+      {^port, {:exit_status, status}} ->
+        {status, output <> "\nEXITED #{System.os_time(:millisecond)}"}
     after
       max(deadline - System.monotonic_time(:millisecond), 0) ->
         System.cmd("kill", ["-9", Integer.to_string(os_pid)])
@@ -376,6 +383,17 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
 
     case "#{mode}" do
       "init_stop" ->
+        IO.puts("STOPPING #{System.os_time(:millisecond)}")
+        :init.stop()
+        Process.sleep(:infinity)
+
+      "kill_then_init_stop" ->
+        kill = fn pid -> Process.exit(pid, :kill) && Process.sleep(200) end
+        Enum.each(ExAtlas.Fly.Dispatcher.Server.senders(), kill)
+        for name <- [Dispatcher.registry_name(), ExAtlas.Fly.Dispatcher.Watchdog, ExAtlas.Fly.Dispatcher.Supervisor] do
+          if pid = Process.whereis(name), do: kill.(pid)
+        end
+        IO.puts("STOPPING #{System.os_time(:millisecond)}")
         :init.stop()
         Process.sleep(:infinity)
 
@@ -383,6 +401,17 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
         System.halt()
     end
     """
+  end
+
+  # "STOPPING <monotonic ms>" is printed just before :init.stop/0; "EXITED <ms>" by the
+  # collector when the port closed, on the same machine's monotonic clock (OS-wide).
+  defp stop_time(output) do
+    with [_, stop] <- Regex.run(~r/STOPPING (\d+)/, output),
+         [_, exit] <- Regex.run(~r/EXITED (\d+)/, output) do
+      "; :init.stop/0 to exit #{String.to_integer(exit) - String.to_integer(stop)} ms"
+    else
+      _ -> ""
+    end
   end
 
   defp first_line(output, prefix) do
