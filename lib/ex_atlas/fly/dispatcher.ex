@@ -65,7 +65,8 @@ defmodule ExAtlas.Fly.Dispatcher do
   preempted between calls like any send loop, whatever the message size. With
   `delivery: :dirty` everything past a batch's first timeslice is sent from dirty CPU
   schedulers; on a 2-core machine it delivers more slowly, because the dirty threads then
-  compete with the schedulers for the cores.
+  compete with the schedulers for the cores (figures in the repository's
+  `bench/README.md`).
 
   ## Telemetry
 

@@ -7,7 +7,8 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
   #
   # Delivery runs in NIF calls that send with this process's environment, which lets the
   # VM build each copy straight on the receiver's heap; a thread of our own would go
-  # through heap fragments and unmanaged-thread locking (about 3x slower, measured).
+  # through heap fragments and unmanaged-thread locking (measured several times slower
+  # per delivery: docs/design.md).
   # Two ways, set by `config :ex_atlas, :fly, delivery: ...`:
   #
   #   * `:scheduler` (default) - each NIF call sends for at most one timeslice (about
@@ -15,7 +16,7 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
   #     VM the time it took, so the process is preempted between calls like any send
   #     loop, and the VM balances senders and receivers over the schedulers.
   #   * `:dirty` - the first timeslice on a normal scheduler, the rest in slices of
-  #     16 384 pids on a dirty CPU scheduler; slower on few cores (see bench/README.md).
+  #     16 384 pids on a dirty CPU scheduler; slower on few cores (figures: bench/README.md).
   #
   # The registry, the lanes' credits and the subscribers' monitors belong to the NIF
   # resource, not to this process: if it dies, the server starts another for its lane;

@@ -3,13 +3,12 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   # Slow-consumer eviction behind `ExAtlas.Fly.Dispatcher.subscribe_with_backpressure/2`.
   #
   # One process (this GenServer, started beside the registry by
-  # `ExAtlas.Fly.Dispatcher.Supervisor`) watches every subscription. Measured on the 2-core
-  # machine with 10 000 idle subscribers polled every second (bench/watchdog.exs, figures
-  # in bench/results/watchdog.md): one poller took 0.4-0.9% of one scheduler, 0.4% of a
-  # core in CPU time and about 1 MiB; one process per subscription 1.1-3.9% of a
-  # scheduler, 1.5-32% of a core (10 000 wake-ups a second keep schedulers spinning) and
-  # 28-68 MiB. So: one poller, with one timer per distinct `:poll_ms`. Its cost grows
-  # linearly: 100 000 watches at poll_ms 1 000 took 3.4% of a scheduler (one run).
+  # `ExAtlas.Fly.Dispatcher.Supervisor`) watches every subscription. One poller was chosen
+  # over one process per subscription by bench/watchdog.exs (its design comparison; the
+  # figures are in bench/results/watchdog.md): per-subscription processes wake the
+  # schedulers once per subscription and poll, which costs several times the scheduler
+  # time, CPU time and memory of one poller walking a map. So: one poller, with one timer
+  # per distinct `:poll_ms`. Its cost grows linearly with the watches.
   #
   # State:
   #   * `groups`: poll_ms => %{timer: ref, polls: n, watches: %{{pid, topic} => watch}};
