@@ -1,28 +1,11 @@
-# Cluster benchmark (issue 10): one producer, three nodes of N subscribers each, on this
-# machine (peers on 127.0.0.1 through OTP's :peer; epmd started when needed).
+# Cluster benchmark: one producer, three nodes of N subscribers each on this machine
+# (:peer on 127.0.0.1): ExAtlas cluster mode, :pg send to every member, and forward +
+# Registry.dispatch (Phoenix.PubSub's way). What it measures and the targets: bench/README.md.
 #
-#     MIX_ENV=prod mix run bench/cluster.exs            # N = 10 000, writes bench/results/cluster.md
-#     MIX_ENV=prod mix run bench/cluster.exs --quick    # N = 1 000, seconds; temp dir (CI)
-#
-# Options: --subscribers N  --reps R  --out DIR
-#
-# Contenders, on the same subscriber processes (each subscribes to all three):
-#   * ours: ExAtlas in cluster mode; dispatch/2 fans out locally and sends once to each
-#     other node whose relay is in the topic's :pg group;
-#   * :pg send: every subscriber joins a :pg group; the producer sends to each member,
-#     local and remote (one inter-node message per remote subscriber);
-#   * forward + Registry: Phoenix.PubSub's way: one message to a forwarder process on
-#     each other node, which runs Registry.dispatch/3 there; Registry.dispatch/3 here.
-# Measured per dispatch: how long the caller is blocked, end to end until the last
-# subscriber on any node has the message (wall clock, comparable: one machine), and the
-# inter-node messages, counted where they arrive (relays, forwarders) or by
-# construction (:pg). The message is the fanout benchmark's: 20 small log maps.
+#     MIX_ENV=prod mix run bench/cluster.exs [--quick] [--subscribers N] [--reps R] [--lanes L]
+#                                            [--out DIR]
 
-{:ok, _modules, _warnings} =
-  __DIR__
-  |> Path.join("support/{stats,machine}.ex")
-  |> Path.wildcard()
-  |> Kernel.ParallelCompiler.require()
+Code.require_file("support/bench.ex", __DIR__)
 
 {:module, _, node_code, _} =
   defmodule ClusterBench.Node do
@@ -159,36 +142,23 @@ defmodule ClusterBench do
   @moduledoc false
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Cluster
-  alias FanoutBench.{Machine, Stats}
 
   def main(argv, node_code) do
-    {opts, _, _} =
-      OptionParser.parse(argv,
-        strict: [
-          quick: :boolean,
-          subscribers: :integer,
-          reps: :integer,
-          out: :string,
-          lanes: :integer
-        ]
+    opts =
+      Bench.options(
+        argv,
+        "cluster",
+        [subscribers: :integer, reps: :integer, lanes: :integer],
+        fn quick ->
+          if quick, do: %{subscribers: 1_000, reps: 5}, else: %{subscribers: 10_000, reps: 30}
+        end
       )
 
-    quick = Keyword.get(opts, :quick, false)
-    n = Keyword.get(opts, :subscribers, if(quick, do: 1_000, else: 10_000))
-    reps = Keyword.get(opts, :reps, if(quick, do: 5, else: 30))
-
-    out =
-      Keyword.get(
-        opts,
-        :out,
-        if(quick, do: System.tmp_dir!(), else: Path.join(__DIR__, "results"))
-      )
-
+    %{quick: quick, subscribers: n, reps: reps, out: out} = opts
+    machine = Bench.machine()
     start_distribution()
-    Application.stop(:ex_atlas)
-    fly = [cluster: true] ++ Keyword.take(opts, [:lanes])
-    Application.put_env(:ex_atlas, :fly, fly)
-    {:ok, _} = Application.ensure_all_started(:ex_atlas)
+    fly = [cluster: true] ++ if(opts[:lanes], do: [lanes: opts.lanes], else: [])
+    :ok = Bench.restart(fly)
     nodes = [node() | for(name <- ["bench_b", "bench_c"], do: start_peer(name, fly))]
     IO.puts("nodes: #{inspect(nodes)}; #{n} subscribers each; #{reps} repetitions")
 
@@ -206,19 +176,15 @@ defmodule ClusterBench do
 
     await_visible(all, [b, c])
 
-    message =
-      {:bench, 0,
-       for(i <- 1..20, do: %{"i" => i, "line" => "GET /api #{i} 200", "level" => "info"})}
-
-    contenders = contenders()
+    message = {:bench, 0, Bench.entries()}
 
     rows =
-      for {name, fun} <- contenders do
+      for {name, fun} <- contenders() do
         samples =
           for round <- 1..(reps + 3), do: round(fun, all, put_elem(message, 1, round), nodes, n)
 
         {call, e2e} = samples |> Enum.drop(3) |> Enum.unzip()
-        {name, Stats.summarize(call), Stats.summarize(e2e)}
+        {name, Bench.summary(call), Bench.summary(e2e)}
       end
 
     # Inter-node messages per dispatch: subscribers on every node, then on b only.
@@ -228,7 +194,7 @@ defmodule ClusterBench do
     ]
 
     interest = interest(b, if(quick, do: 20, else: 100), if(quick, do: 500, else: 5_000))
-    report(rows, counts, interest, n, reps, out)
+    report(rows, counts, interest, {n, reps, quick}, machine, out)
   end
 
   # How long until a subscription on b is visible to dispatches here (b's relay in the
@@ -254,13 +220,8 @@ defmodule ClusterBench do
     kept = :erpc.call(b, ClusterBench.Node, :churn, [cycles, false], 120_000)
     fresh = :erpc.call(b, ClusterBench.Node, :churn, [cycles, true], 120_000)
 
-    %{
-      visible: Stats.summarize(windows),
-      samples: samples,
-      cycles: cycles,
-      kept_us: kept / cycles,
-      fresh_us: fresh / cycles
-    }
+    %{visible: Bench.summary(windows), samples: samples, cycles: cycles}
+    |> Map.merge(%{kept_us: kept / cycles, fresh_us: fresh / cycles})
   end
 
   defp setup_one_and_count(topic, b, c, message, n) do
@@ -364,59 +325,61 @@ defmodule ClusterBench do
     end
   end
 
-  defp report(rows, counts, interest, n, reps, out) do
+  defp report(rows, counts, interest, {n, reps, quick}, machine, out) do
     [{_, ours_call, ours_e2e}, _pg, {_, fwd_call, fwd_e2e}] = rows
     one = counts |> List.last() |> elem(1)
+    command = "MIX_ENV=prod mix run bench/cluster.exs#{if quick, do: " --quick"}"
+    both = &"#{Bench.dur(&1.median)} / #{Bench.dur(&1.p99)}"
 
-    targets = [
-      {"caller blocked <= 1/100 of forward + Registry",
-       "1/#{round(fwd_call.median / ours_call.median)}",
-       ours_call.median * 100 <= fwd_call.median},
-      {"end to end >= 1.0x forward + Registry", Stats.ratio(fwd_e2e.median, ours_e2e.median),
-       fwd_e2e.median >= ours_e2e.median},
-      {"subscribers on one other node: inter-node messages per dispatch 1 (forward: 2)",
-       "#{Stats.sig(one.ours_data)} (+#{Stats.sig(one.ours_acks)} acks) vs #{Stats.sig(one.forward)}",
-       one.ours_data == 1.0 and one.forward == 2.0}
-    ]
-
-    md =
-      [
-        "# Cluster benchmark\n",
-        Enum.map(Machine.info(), fn {k, v} -> "- #{k}: #{v}\n" end),
-        "- nodes: 3 on this machine (:peer, 127.0.0.1), #{n} subscribers each; one producer; " <>
-          "#{reps} repetitions after 3 warm-up; medians and p99\n\n",
-        "| contender | caller blocked (median / p99) | end to end (median / p99) |\n|---|---:|---:|\n",
-        for {name, call, e2e} <- rows do
-          "| #{name} | #{Stats.duration(call.median)} / #{Stats.duration(call.p99)} | " <>
-            "#{Stats.duration(e2e.median)} / #{Stats.duration(e2e.p99)} |\n"
-        end,
-        "\nInter-node messages per dispatch (#{@k} dispatches; acknowledgements of ours " <>
-          "separately: they go back after 64 messages or 500 ms):\n\n",
-        "| subscribers | ExAtlas (data + acks) | :pg send | forward + Registry |\n|---|---:|---:|---:|\n",
+    Bench.write(out, "cluster.md", [
+      Bench.header("Cluster benchmark", command, machine),
+      Bench.table(
+        "One dispatch to 3 nodes of #{n} subscribers (3 warm-up + #{reps} repetitions)",
+        ["contender", "caller blocked (median / p99)", "end to end (median / p99)"],
+        for({name, call, e2e} <- rows, do: [name, both.(call), both.(e2e)]),
+        note: "nodes: 3 on this machine (:peer, 127.0.0.1); one producer"
+      ),
+      Bench.table(
+        "Inter-node messages per dispatch (#{@k} dispatches)",
+        ["subscribers", "ExAtlas (data + acks)", ":pg send", "forward + Registry"],
         for {label, c} <- counts do
-          "| #{label} | #{Stats.sig(c.ours_data)} + #{Stats.sig(c.ours_acks)} | #{c.pg} | #{Stats.sig(c.forward)} |\n"
+          [label, "#{Bench.sig(c.ours_data)} + #{Bench.sig(c.ours_acks)}", c.pg] ++
+            [Bench.sig(c.forward)]
         end,
-        "\nInterest (subscriptions on a peer, seen from the dispatching node):\n\n",
-        "- visibility window, from `subscribe/1` on the peer to its relay in the topic's " <>
-          ":pg group here (#{interest.samples} new topics): median " <>
-          "#{Stats.duration(interest.visible.median)}, p99 #{Stats.duration(interest.visible.p99)}\n",
-        "- subscribe + unsubscribe, #{interest.cycles} cycles on the peer: to a topic the " <>
-          "node already has (no interest change) #{Stats.sig(interest.kept_us)} us a cycle; " <>
-          "to a new topic each time (the node joins and leaves the group: a :pg join and " <>
-          "leave to each other node) #{Stats.sig(interest.fresh_us)} us a cycle, the " <>
-          "relay's work included\n",
-        "\n| target | measured | verdict |\n|---|---|---|\n",
-        for {target, measured, ok} <- targets do
-          "| #{target} | #{measured} | #{if ok, do: "PASS", else: "**MISS**"} |\n"
-        end
-      ]
-      |> IO.iodata_to_binary()
-
-    IO.puts("\n" <> md)
-    File.mkdir_p!(out)
-    path = Path.join(out, "cluster.md")
-    File.write!(path, md)
-    IO.puts("written: #{path}")
+        note: "ExAtlas's acknowledgements go back after 64 messages or 500 ms"
+      ),
+      Bench.table(
+        "Interest: subscriptions on a peer, seen from the dispatching node",
+        ["measure", "value"],
+        [
+          [
+            "visibility: subscribe/1 on the peer until its relay is in the topic's :pg group " <>
+              "here (#{interest.samples} new topics), median / p99",
+            both.(interest.visible)
+          ],
+          [
+            "subscribe + unsubscribe on the peer, topic the node already has (no interest " <>
+              "change), per cycle (#{interest.cycles} cycles)",
+            "#{Bench.sig(interest.kept_us)} us"
+          ],
+          [
+            "the same, a new topic each cycle (a :pg join and leave to each other node, the " <>
+              "relay's work included)",
+            "#{Bench.sig(interest.fresh_us)} us"
+          ]
+        ]
+      ),
+      Bench.targets("Targets", [
+        {"caller blocked <= 1/100 of forward + Registry",
+         "1/#{round(fwd_call.median / ours_call.median)}",
+         ours_call.median * 100 <= fwd_call.median},
+        {"end to end >= 1.0x forward + Registry", Bench.ratio(fwd_e2e.median, ours_e2e.median),
+         fwd_e2e.median >= ours_e2e.median},
+        {"subscribers on one other node: inter-node messages per dispatch 1 (forward: 2)",
+         "#{Bench.sig(one.ours_data)} (+#{Bench.sig(one.ours_acks)} acks) vs #{Bench.sig(one.forward)}",
+         one.ours_data == 1.0 and one.forward == 2.0}
+      ])
+    ])
   end
 
   defp contenders do
