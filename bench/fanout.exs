@@ -61,7 +61,8 @@ defmodule FanoutBench do
     parent = self()
 
     pids =
-      for _ <- 1..max(Enum.max(o.sizes), many_count), do: spawn(fn -> loop(counters, parent) end)
+      for _ <- 1..max(Enum.max(o.sizes), many_count),
+          do: spawn(fn -> subscriber(counters, parent) end)
 
     many =
       for {chunk, t} <- Enum.with_index(Enum.chunk_every(Enum.take(pids, many_count), 10)),
@@ -154,9 +155,18 @@ defmodule FanoutBench do
 
   # One subscriber serves every contender: the message's "appN" names the contender's
   # :atomics slot, set to -expected before each round; whoever brings it to 0 tells the
-  # waiting process, so nobody spins.
+  # waiting process, so nobody spins. It traps exits: closing the registry between passes
+  # sends every subscriber {:shutdown, :ex_atlas_dispatcher_closed}.
+  defp subscriber(counters, waiter) do
+    Process.flag(:trap_exit, true)
+    loop(counters, waiter)
+  end
+
   defp loop(counters, waiter) do
     receive do
+      {:EXIT, _, {:shutdown, :ex_atlas_dispatcher_closed}} ->
+        :ok
+
       {:ex_atlas_fly_logs, <<"app", d>>, _} ->
         if :atomics.add_get(counters, d - ?0, 1) == 0, do: send(waiter, {:done, d - ?0})
 
@@ -455,7 +465,7 @@ defmodule FanoutBench do
           r <- p.fanout,
           do: [r.n, @labels[r.contender], r.reps | times(r)] ++ [vs(p.fanout, r, :plain)]
         ),
-        left: 0
+        left: 2
       ),
       Bench.table(
         "CPU time per delivery, by VM thread class #{l}",
@@ -464,7 +474,7 @@ defmodule FanoutBench do
           [r.n, @labels[r.contender] | Enum.map([:total | @classes], &Bench.dur(r.cpu[&1]))] ++
             [vs(rows, r, :plain, & &1.cpu.total), Bench.dur(r.cpu.wait)]
         end,
-        left: 0,
+        left: 2,
         note: "burst: one dispatch to each of the many topics, back to back"
       ),
       Bench.table(
