@@ -214,6 +214,16 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
 
     subscribers = Native.close(dispatcher)
     Enum.each(subscribers, &Process.exit(&1, @closed_reason))
+
+    # Supervisor reports are not logged by default: say why subscribers were stopped.
+    if subscribers != [] do
+      Logger.info(
+        "[ExAtlas.Fly.Dispatcher] registry closed; #{length(subscribers)} subscribers got " <>
+          "the exit signal #{inspect(@closed_reason)}",
+        subscribers: length(subscribers)
+      )
+    end
+
     :ok
   end
 end
