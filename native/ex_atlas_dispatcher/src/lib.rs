@@ -99,12 +99,7 @@ mod nif {
         fn reclaim(&self, env: Env<'_>, pid: u64) {
             for slot in self.senders.iter() {
                 for batch in slot.reclaim(pid) {
-                    let lost = batch
-                        .part
-                        .len()
-                        .saturating_sub(batch.cursor.load(Ordering::Acquire));
-                    self.lanes
-                        .give_back(batch.lane, lost, granting(env, batch.lane));
+                    batch.give_back_undelivered(env);
                 }
             }
         }
@@ -159,8 +154,10 @@ mod nif {
 
     /// One lane's share of one dispatch: a snapshot of the subscribers in that lane's
     /// shard, travelling to the lane's sender process with the message. It holds one
-    /// credit of its lane until it is delivered; if it is dropped before that (its sender
-    /// died), its destructor counts what it had not delivered and gives the credit back.
+    /// credit of its lane until it is delivered. If its sender dies first, the sender's
+    /// monitor reclaims it (`Dispatcher::reclaim`); if it is dropped undelivered any other
+    /// way, its destructor does the same: what it had not delivered is counted as lost and
+    /// the credit goes back.
     pub struct Batch {
         dispatcher: ResourceArc<Dispatcher>,
         part: Part,
@@ -175,13 +172,22 @@ mod nif {
 
         fn destructor(self, env: Env<'_>) {
             if !self.done.swap(true, Ordering::AcqRel) {
-                let lost = self
-                    .part
-                    .len()
-                    .saturating_sub(self.cursor.load(Ordering::Acquire));
-                let grant = granting(env, self.lane);
-                self.dispatcher.lanes.give_back(self.lane, lost, grant);
+                self.give_back_undelivered(env);
             }
+        }
+    }
+
+    impl Batch {
+        /// For a batch that will deliver nothing more (whoever set `done` owns this
+        /// step): counts the deliveries it had not made as lost and gives its credit back,
+        /// to the first waiting producer if any.
+        fn give_back_undelivered(&self, env: Env<'_>) {
+            let lost = self
+                .part
+                .len()
+                .saturating_sub(self.cursor.load(Ordering::Acquire));
+            let grant = granting(env, self.lane);
+            self.dispatcher.lanes.give_back(self.lane, lost, grant);
         }
     }
 

@@ -15,9 +15,9 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
   # signal `closed_reason/0`, as the links of the original Registry did: a subscriber
   # that does not trap exits stops, and its supervisor starts it again, subscribing anew.
   #
-  # What a dead sender had not delivered is counted by the NIF (its batches give their
-  # credits back when dropped); this process logs it and emits the `:lost` telemetry
-  # event, checking every second.
+  # What a dead sender had not delivered is counted by the NIF (the resource monitors the
+  # senders and reclaims a dead one's batches, giving their credits back); this process
+  # logs it and emits the `:lost` telemetry event, checking every second.
 
   use GenServer
 
@@ -149,7 +149,7 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
           reason: reason
         )
 
-        # Its batches give their credits back as the VM frees its mailbox: log soon.
+        # Its monitor in the NIF reclaims its batches about now: log the loss soon.
         Process.send_after(self(), :check_lost, 100)
         {:noreply, %{state | senders: senders}}
     end
