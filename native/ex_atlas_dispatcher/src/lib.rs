@@ -488,31 +488,46 @@ mod nif {
     }
 
     /// The share of the calling process's timeslice spent so far, told to the VM as it
-    /// grows, so that the process is preempted on time like any send loop.
+    /// grows, so that the process is preempted on time like any send loop. The clock
+    /// (about 25 ns a reading) is first read when sending starts: a call that sends
+    /// nothing reads it never.
     struct Timeslice<'a> {
         env: Env<'a>,
-        started: Instant,
+        started: Option<Instant>,
+        /// Time from `started` to the last reading.
+        elapsed: Duration,
         reported: i32,
     }
 
     impl<'a> Timeslice<'a> {
-        fn start(env: Env<'a>) -> Self {
+        fn new(env: Env<'a>) -> Self {
             Timeslice {
                 env,
-                started: Instant::now(),
+                started: None,
+                elapsed: Duration::ZERO,
                 reported: 0,
             }
         }
 
-        /// Reports the time spent since the last report; true when the timeslice is used
-        /// up or `budget` has passed.
+        /// Starts the clock, unless it runs already.
+        fn begin(&mut self) {
+            if self.started.is_none() {
+                self.started = Some(Instant::now());
+            }
+        }
+
+        /// Reads the clock and reports the time spent since the last report; true when
+        /// the timeslice is used up or `budget` has passed.
         fn used_up(&mut self, budget: Duration) -> bool {
-            let elapsed = self.started.elapsed();
-            let percent = (elapsed.as_micros() / 10).min(100) as i32;
+            let Some(started) = self.started else {
+                return false;
+            };
+            self.elapsed = started.elapsed();
+            let percent = (self.elapsed.as_micros() / 10).min(100) as i32;
             let exhausted = percent > self.reported
                 && rustler::schedule::consume_timeslice(self.env, percent - self.reported);
             self.reported = self.reported.max(percent);
-            exhausted || elapsed >= budget
+            exhausted || self.elapsed >= budget
         }
 
         /// Reports at least 1%, so even a tiny call is accounted for.
@@ -526,9 +541,10 @@ mod nif {
 
     /// Sends `message` to `pids` in order from the calling process's env until they run
     /// out or `slice` says the time is up; returns how many were sent. The clock is read
-    /// after about 20 us worth of sends, judged by the sends since the last reading (so a
-    /// slowdown within the call, such as copies into fresh memory, is seen at once), and
-    /// at least every 16 sends: reading it costs about 25 ns.
+    /// before a send once about 20 us worth of sends have passed, judged by the sends
+    /// since the last reading (so a slowdown within the call, such as copies into fresh
+    /// memory, is seen at once), and at least every 16 sends; never after the last send,
+    /// which `Timeslice::finish` accounts for.
     fn send_within(
         env: Env<'_>,
         pids: impl Iterator<Item = u64>,
@@ -536,22 +552,22 @@ mod nif {
         slice: &mut Timeslice<'_>,
         budget: Duration,
     ) -> usize {
+        slice.begin();
         let mut sent = 0;
         let mut next_look = 1;
-        let mut last = (0, Duration::ZERO);
+        let mut last = (0, slice.elapsed);
         for pid in pids {
-            // A dead receiver is not an error: its monitor removes it shortly.
-            let _ = env.send(&pid_from_raw(pid), message);
-            sent += 1;
             if sent == next_look {
                 if slice.used_up(budget) {
                     break;
                 }
-                let now = slice.started.elapsed();
-                let per_send = (now - last.1).as_nanos() as usize / (sent - last.0) + 1;
-                last = (sent, now);
+                let per_send = (slice.elapsed - last.1).as_nanos() as usize / (sent - last.0) + 1;
+                last = (sent, slice.elapsed);
                 next_look = sent + (20_000 / per_send).clamp(1, 16);
             }
+            // A dead receiver is not an error: its monitor removes it shortly.
+            let _ = env.send(&pid_from_raw(pid), message);
+            sent += 1;
         }
         sent
     }
@@ -702,7 +718,7 @@ mod nif {
         topic: Binary<'a>,
         message: Term<'a>,
     ) -> Term<'a> {
-        let mut slice = Timeslice::start(env);
+        let mut slice = Timeslice::new(env);
         let Ok(snapshot) = dispatcher.registry.snapshot(topic.as_slice()) else {
             return atoms::closed().encode(env);
         };
@@ -797,7 +813,7 @@ mod nif {
     /// left; the sender calls again after the VM had the chance to preempt it.
     #[rustler::nif]
     fn deliver<'a>(env: Env<'a>, batch: ResourceArc<Batch>, message: Term<'a>) -> Atom {
-        let mut slice = Timeslice::start(env);
+        let mut slice = Timeslice::new(env);
         let start = batch.cursor.load(Ordering::Acquire);
         let sent = send_within(
             env,
