@@ -151,11 +151,16 @@ defmodule ExAtlas.Fly.Dispatcher do
   before returning); use `sync/0` to wait for delivery.
   """
   @spec dispatch(topic(), term()) :: :ok
-  def dispatch(topic, message) do
-    check_topic!(topic)
-    {backend, arg} = Config.backend()
-    backend.dispatch(topic, message, arg)
+  def dispatch(topic, message) when is_binary(topic) do
+    # The default mode by a direct call: an apply through a variable module costs about
+    # as much as a small topic's whole NIF call.
+    case Config.backend() do
+      {Backend.Registry, _} -> Backend.Registry.dispatch(topic, message, nil)
+      {backend, arg} -> backend.dispatch(topic, message, arg)
+    end
   end
+
+  def dispatch(topic, _message), do: check_topic!(topic)
 
   @doc """
   Subscribes the calling process to `topic` and evicts it if it falls behind.

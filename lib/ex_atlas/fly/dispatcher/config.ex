@@ -16,11 +16,14 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
 
   @spec fly() :: keyword()
   def fly do
-    case Application.get_env(:ex_atlas, :fly, []) do
-      config when is_list(config) ->
+    case :application.get_env(:ex_atlas, :fly) do
+      {:ok, config} when is_list(config) ->
         config
 
-      other ->
+      :undefined ->
+        []
+
+      {:ok, other} ->
         raise ArgumentError,
               "expected `config :ex_atlas, :fly` to be a keyword list, got: #{inspect(other)}"
     end
@@ -28,18 +31,24 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
 
   @doc "The configured mode, validated."
   @spec mode() :: mode()
-  def mode do
-    case Keyword.get(fly(), :dispatcher, :registry) do
-      :registry ->
+  def mode, do: mode(fly())
+
+  defp mode(config) do
+    case :lists.keyfind(:dispatcher, 1, config) do
+      false ->
         :registry
 
-      :phoenix_pubsub ->
+      {_, :registry} ->
+        :registry
+
+      {_, :phoenix_pubsub} ->
         :phoenix_pubsub
 
-      {:mfa, {mod, fun, extra}} = mode when is_atom(mod) and is_atom(fun) and is_list(extra) ->
+      {_, {:mfa, {mod, fun, extra}} = mode}
+      when is_atom(mod) and is_atom(fun) and is_list(extra) ->
         mode
 
-      other ->
+      {_, other} ->
         raise ArgumentError,
               "unknown ExAtlas.Fly.Dispatcher mode #{inspect(other)} in " <>
                 "`config :ex_atlas, :fly, dispatcher: ...`; expected :registry, " <>
@@ -50,16 +59,19 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
   @doc """
   The backend module and its argument for the configured mode. `:phoenix_pubsub` falls
   back to the registry when `Phoenix.PubSub` is not loaded or `:pubsub` is unset, as the
-  original did.
+  original did. Runs on every call of the public API (one read of the application
+  environment), so it is kept to the bare minimum.
   """
   @spec backend() :: {module(), term()}
   def backend do
-    case mode() do
+    config = fly()
+
+    case mode(config) do
       :registry ->
         {Backend.Registry, nil}
 
       :phoenix_pubsub ->
-        pubsub = Keyword.get(fly(), :pubsub)
+        pubsub = Keyword.get(config, :pubsub)
 
         if pubsub != nil and Backend.PhoenixPubSub.available?() do
           {Backend.PhoenixPubSub, pubsub}
