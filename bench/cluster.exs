@@ -143,6 +143,8 @@ defmodule ClusterBench do
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Cluster
 
+  @warmup 5
+
   def main(argv, node_code) do
     opts =
       Bench.options(
@@ -179,12 +181,22 @@ defmodule ClusterBench do
     entries = for i <- 1..20, do: %{"i" => i, "line" => "GET /api #{i} 200", "level" => "info"}
     message = {:bench, 0, entries}
 
-    rows =
-      for {name, fun} <- contenders() do
-        samples =
-          for round <- 1..(reps + 3), do: round(fun, all, put_elem(message, 1, round), nodes, n)
+    # Contenders take turns within each repetition, starting one further along each
+    # time, so that what the machine does meanwhile (the setup's garbage collections,
+    # other load) hits them alike; the first @warmup repetitions are not counted.
+    contenders = contenders()
 
-        {call, e2e} = samples |> Enum.drop(3) |> Enum.unzip()
+    samples =
+      for rep <- 1..(reps + @warmup), {name, fun} <- rotate(contenders, rep), reduce: %{} do
+        acc ->
+          round = System.unique_integer([:positive, :monotonic])
+          sample = round(fun, all, put_elem(message, 1, round), nodes, n)
+          if rep > @warmup, do: Map.update(acc, name, [sample], &[sample | &1]), else: acc
+      end
+
+    rows =
+      for {name, _} <- contenders do
+        {call, e2e} = samples |> Map.fetch!(name) |> Enum.unzip()
         {name, Bench.summary(call), Bench.summary(e2e)}
       end
 
@@ -335,7 +347,7 @@ defmodule ClusterBench do
     Bench.write(out, "cluster.md", [
       Bench.header("Cluster benchmark", command, machine),
       Bench.table(
-        "One dispatch to 3 nodes of #{n} subscribers (3 warm-up + #{reps} repetitions)",
+        "One dispatch to 3 nodes of #{n} subscribers (#{@warmup} warm-up + #{reps} repetitions, contenders in turn)",
         ["contender", "caller blocked (median / p99)", "end to end (median / p99)"],
         for({name, call, e2e} <- rows, do: [name, both.(call), both.(e2e)]),
         note: "nodes: 3 on this machine (:peer, 127.0.0.1); one producer"
@@ -382,6 +394,9 @@ defmodule ClusterBench do
       ])
     ])
   end
+
+  defp rotate(list, rep),
+    do: Enum.drop(list, rem(rep, length(list))) ++ Enum.take(list, rem(rep, length(list)))
 
   defp contenders do
     [
