@@ -2,7 +2,7 @@
 # floods and faults, ours beside a send/2 loop and Registry.dispatch/3, with targets as
 # PASS/MISS. What it measures and the targets: bench/README.md.
 #
-#     MIX_ENV=prod mix run bench/safety.exs [--quick] [--out DIR]   # about 4 min; --quick ~25 s
+#     MIX_ENV=prod mix run bench/safety.exs [--quick] [--out DIR] [--part 1|2|3]   # about 4 min; --quick ~25 s
 #
 # Measuring processes run at high priority, so the flood's run queue is not counted as
 # their latency; file I/O and count/1 run at normal priority, as a host's would. Nothing
@@ -32,8 +32,9 @@ defmodule SafetyBench do
 
     # Paths are made now: System.tmp_dir!/0 needs file I/O, which part 3 may wedge.
     cfg =
-      Bench.options(argv, "safety", [], fn quick ->
+      Bench.options(argv, "safety", [part: :integer], fn quick ->
         %{
+          part: nil,
           probe: Path.join(tmp, "ex_atlas_safety_probe_#{System.pid()}"),
           big_subs: if(quick, do: 1_000, else: 3_000),
           rounds: if(quick, do: 3, else: 10),
@@ -54,7 +55,13 @@ defmodule SafetyBench do
     join_registry = fn -> Registry.register(@registry, @flood, nil) |> elem(0) end
     Bench.run_in_each(subs, fn _ -> join_registry end)
 
-    tables = [big_messages(subs, counter, cfg), floods(subs, cfg), faults(subs, cfg)]
+    parts = [
+      fn -> big_messages(subs, counter, cfg) end,
+      fn -> floods(subs, cfg) end,
+      fn -> faults(subs, cfg) end
+    ]
+
+    tables = for {part, i} <- Enum.with_index(parts, 1), cfg.part in [nil, i], do: part.()
     # 1 s, not 5: a file read that takes longer means file I/O is stuck (part 3).
     load = with {:ok, load, _} <- bounded(&Bench.load_average/0, 1_000), do: load
     load = if load == :timeout, do: "no answer in 1 s", else: load
@@ -111,11 +118,16 @@ defmodule SafetyBench do
     rows =
       for kib <- [8, 64, 200, 800] do
         message = {:ex_atlas_fly_logs, "big", entries(round(kib * 1_024 / per_entry))}
-        dispatch = fn -> Dispatcher.dispatch(@big, message) end
-        {ours_e2e, ours} = monitored([self() | senders()], cfg, counter, pids, dispatch)
-        {:ok, :ok, _} = bounded(&Dispatcher.sync/0, @cap_ms)
         sender = spawn(fn -> send_loop(pids, message) end)
-        {loop_e2e, loop} = monitored([sender], cfg, counter, pids, fn -> send(sender, :go) end)
+
+        contenders = [
+          ours: {[self() | senders()], fn -> Dispatcher.dispatch(@big, message) end},
+          loop: {[sender], fn -> send(sender, :go) end}
+        ]
+
+        %{ours: {ours_e2e, ours}, loop: {loop_e2e, loop}} =
+          monitored(contenders, cfg, counter, pids)
+
         send(sender, :stop)
         size = Bench.bytes(flat_bytes(message))
         IO.puts("#{size}: long_schedule ms ours #{list(ours)}, loop #{list(loop)}")
@@ -155,32 +167,71 @@ defmodule SafetyBench do
 
   defp flat_bytes(term), do: :erts_debug.flat_size(term) * :erlang.system_info(:wordsize)
 
-  # `cfg.rounds` rounds of `start` with this process as the system monitor (the previous
-  # one is restored): end-to-end times and the long_schedule `timeout`s (ms) of `ours`.
-  defp monitored(ours, cfg, counter, pids, start) do
-    previous = :erlang.system_monitor(self(), long_schedule: 2)
+  # `cfg.rounds` rounds of each contender, `{processes, start}`, taking turns (the first
+  # one alternates), so that the memory the copies land in (the VM's carriers, the
+  # kernel's free pages) is in the same state for both; this process is the system
+  # monitor meanwhile (the previous one is restored). Per contender: end-to-end times, and
+  # the long_schedule `timeout`s (ms) of its processes. An event goes to the contender
+  # whose process it is, whenever it arrives; this process's own (it dispatches for
+  # `ours`) count in the rounds where it dispatched.
+  defp monitored(contenders, cfg, counter, pids) do
+    owners =
+      for {name, {procs, _}} <- contenders,
+          pid <- procs,
+          pid != self(),
+          into: %{},
+          do: {pid, name}
 
-    e2e =
-      try do
-        for _ <- 1..cfg.rounds do
+    previous = :erlang.system_monitor(self(), long_schedule: 2)
+    _ = long_schedules(%{}, nil, %{})
+    empty = Map.new(contenders, fn {name, _} -> {name, {[], []}} end)
+
+    try do
+      for round <- 1..cfg.rounds,
+          {name, {procs, start}} <- turn(contenders, round),
+          reduce: empty do
+        acc ->
           :atomics.put(counter, 1, -length(pids))
           t0 = now()
           start.()
-          receive(do: (:round_done -> now() - t0), after: (120_000 -> raise "round timed out"))
-        end
-      after
-        :erlang.system_monitor(previous)
-      end
 
-    {e2e, long_schedules(MapSet.new(ours), [])}
+          e2e =
+            receive(do: (:round_done -> now() - t0), after: (120_000 -> raise "round timed out"))
+
+          # The senders' last slices end after the last delivery: let them report.
+          {:ok, :ok, _} = bounded(&Dispatcher.sync/0, @cap_ms)
+          Process.sleep(2)
+          mine = if self() in procs, do: name
+          events = long_schedules(owners, mine, %{})
+
+          Enum.reduce(events, Map.update!(acc, name, fn {e, l} -> {[e2e | e], l} end), fn
+            {owner, ms}, acc -> Map.update!(acc, owner, fn {e, l} -> {e, ms ++ l} end)
+          end)
+      end
+      |> Map.new(fn {name, {e2e, events}} -> {name, {e2e, Enum.sort(events, :desc)}} end)
+    after
+      :erlang.system_monitor(previous)
+    end
   end
 
-  defp long_schedules(ours, acc) do
+  defp turn(contenders, round),
+    do: if(rem(round, 2) == 0, do: Enum.reverse(contenders), else: contenders)
+
+  # The long_schedule events received so far, as owner => [ms]; `self_owner` owns this
+  # process's own.
+  defp long_schedules(owners, self_owner, acc) do
     receive do
       {:monitor, pid, :long_schedule, info} ->
-        long_schedules(ours, if(pid in ours, do: [info[:timeout] | acc], else: acc))
+        owner = if pid == self(), do: self_owner, else: Map.get(owners, pid)
+
+        acc =
+          if owner,
+            do: Map.update(acc, owner, [info[:timeout]], &[info[:timeout] | &1]),
+            else: acc
+
+        long_schedules(owners, self_owner, acc)
     after
-      0 -> Enum.sort(acc, :desc)
+      0 -> acc
     end
   end
 

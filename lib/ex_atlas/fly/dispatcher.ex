@@ -36,8 +36,9 @@ defmodule ExAtlas.Fly.Dispatcher do
   * Memory is bounded: each lane holds at most `:queue_capacity` dispatches in flight
     (default 1 024). When it is full, `dispatch/2` waits for room in a plain `receive`
     (first come, first served), holding no scheduler thread; nothing is dropped.
-  * No NIF call holds a normal scheduler for more than about one timeslice (1 ms),
-    whatever the number of subscribers or the size of the message.
+  * No NIF call holds a normal scheduler for longer than a plain `send/2` loop's
+    timeslice (about 0.5 ms, plus one send), whatever the number of subscribers or the
+    size of the message.
   * `sync/0` returns once everything the caller dispatched before is in the
     subscribers' mailboxes.
   * The registry outlives a crash of any of its processes (a sender, the server, the
@@ -60,8 +61,8 @@ defmodule ExAtlas.Fly.Dispatcher do
 
   Each lane's sender process delivers its batches through NIF calls that send with the
   sender's own process environment (which lets the VM copy straight onto each receiver's
-  heap). With `delivery: :scheduler` (default) a call sends for about one timeslice
-  (1 ms) at most on the sender's normal scheduler and reports its time, so the sender is
+  heap). With `delivery: :scheduler` (default) a call sends for about 0.5 ms at most on
+  the sender's normal scheduler and reports it as a whole timeslice, so the sender is
   preempted between calls like any send loop, whatever the message size. With
   `delivery: :dirty` everything past a batch's first timeslice is sent from dirty CPU
   schedulers; on a 2-core machine it delivers more slowly, because the dirty threads then
