@@ -494,9 +494,14 @@ mod nif {
     }
 
     /// The share of the calling process's timeslice spent so far, told to the VM as it
-    /// grows, so that the process is preempted on time like any send loop. The clock
-    /// (about 25 ns a reading) is first read when sending starts: a call that sends
-    /// nothing reads it never.
+    /// grows, so that the process is preempted on time like any send loop.
+    ///
+    /// `enif_send` itself charges the caller one reduction per 64 words copied, as
+    /// `send/2` does, so a big message uses up the timeslice by its size alone; what it
+    /// does not charge is time, which is what bounds many small sends. The clock (about
+    /// 25 ns a reading) is therefore started only before a call's second send: the first
+    /// send is accounted by `enif_send`, and a call that sends once (most small
+    /// dispatches) never reads the clock.
     struct Timeslice<'a> {
         env: Env<'a>,
         started: Option<Instant>,
@@ -515,18 +520,14 @@ mod nif {
             }
         }
 
-        /// Starts the clock, unless it runs already.
-        fn begin(&mut self) {
-            if self.started.is_none() {
-                self.started = Some(Instant::now());
-            }
-        }
-
-        /// Reads the clock and reports the time spent since the last report; true when
-        /// the timeslice is used up or `budget` has passed.
+        /// True when the caller should stop: the timeslice is used up or `budget` has
+        /// passed. The first check starts the clock, reports 1% and learns from the VM
+        /// whether what was sent so far already used the timeslice up.
         fn used_up(&mut self, budget: Duration) -> bool {
             let Some(started) = self.started else {
-                return false;
+                self.started = Some(Instant::now());
+                self.reported = 1;
+                return rustler::schedule::consume_timeslice(self.env, 1);
             };
             self.elapsed = started.elapsed();
             let percent = (self.elapsed.as_micros() * 100 / TIMESLICE.as_micros()).min(100) as i32;
@@ -536,9 +537,12 @@ mod nif {
             exhausted || self.elapsed >= budget
         }
 
-        /// Reports at least 1%, so even a tiny call is accounted for.
+        /// Reports the time spent since the last report, and at least 1% in all, so even
+        /// a tiny call is accounted for.
         fn finish(mut self) {
-            self.used_up(Duration::MAX);
+            if self.started.is_some() {
+                self.used_up(Duration::MAX);
+            }
             if self.reported == 0 {
                 rustler::schedule::consume_timeslice(self.env, 1);
             }
@@ -546,11 +550,11 @@ mod nif {
     }
 
     /// Sends `message` to `pids` in order from the calling process's env until they run
-    /// out or `slice` says the time is up; returns how many were sent. The clock is read
-    /// before a send once about 20 us worth of sends have passed, judged by the sends
-    /// since the last reading (so a slowdown within the call, such as copies into fresh
-    /// memory, is seen at once), and at least every 16 sends; never after the last send,
-    /// which `Timeslice::finish` accounts for.
+    /// out or `slice` says to stop; returns how many were sent. `slice` is asked before
+    /// every send but the first: at once before the second, then once about 20 us worth
+    /// of sends have passed, judged by the sends since the last reading (so a slowdown
+    /// within the call, such as copies into fresh memory, is seen at once), and at least
+    /// every 16 sends. Never after the last send, which `Timeslice::finish` accounts for.
     fn send_within(
         env: Env<'_>,
         pids: impl Iterator<Item = u64>,
@@ -558,18 +562,24 @@ mod nif {
         slice: &mut Timeslice<'_>,
         budget: Duration,
     ) -> usize {
-        slice.begin();
         let mut sent = 0;
         let mut next_look = 1;
         let mut last = (0, slice.elapsed);
         for pid in pids {
             if sent == next_look {
+                let first = slice.started.is_none();
                 if slice.used_up(budget) {
                     break;
                 }
-                let per_send = (slice.elapsed - last.1).as_nanos() as usize / (sent - last.0) + 1;
+                next_look = if first {
+                    // Nothing measured yet: time the next send alone.
+                    sent + 1
+                } else {
+                    let per_send =
+                        (slice.elapsed - last.1).as_nanos() as usize / (sent - last.0) + 1;
+                    sent + (20_000 / per_send).clamp(1, 16)
+                };
                 last = (sent, slice.elapsed);
-                next_look = sent + (20_000 / per_send).clamp(1, 16);
             }
             // A dead receiver is not an error: its monitor removes it shortly.
             let _ = env.send(&pid_from_raw(pid), message);
