@@ -177,6 +177,9 @@ defmodule ClusterBench do
         do: :ok = :erpc.call(node, ClusterBench.Node, :setup, [n, all, self()], 120_000)
 
     await_visible(all, [b, c])
+    # The :pg contender sends to the members this node sees: wait for all of them, so
+    # that it never runs before the peers' 2 x N joins have arrived.
+    await_members(all, 3 * n)
 
     entries = for i <- 1..20, do: %{"i" => i, "line" => "GET /api #{i} 200", "level" => "info"}
     message = {:bench, 0, entries}
@@ -240,6 +243,7 @@ defmodule ClusterBench do
   defp setup_one_and_count(topic, b, c, message, n) do
     :ok = :erpc.call(b, ClusterBench.Node, :setup_one, [n, topic], 120_000)
     await_visible(topic, [b])
+    await_members(topic, n)
     message_counts(topic, [b], [b, c], message, n)
   end
 
@@ -338,6 +342,14 @@ defmodule ClusterBench do
     end
   end
 
+  defp await_members(topic, count, tries \\ 3_000) do
+    cond do
+      length(:pg.get_members(ClusterBench.PG, topic)) == count -> :ok
+      tries == 0 -> raise "#{topic}: never saw #{count} :pg members"
+      true -> Process.sleep(10) && await_members(topic, count, tries - 1)
+    end
+  end
+
   defp report(rows, counts, interest, {n, reps, quick}, machine, out) do
     [{_, ours_call, ours_e2e}, _pg, {_, fwd_call, fwd_e2e}] = rows
     one = counts |> List.last() |> elem(1)
@@ -432,7 +444,9 @@ defmodule ClusterBench do
                   do:
                     {node, :erpc.call(node, ClusterBench.Node, :progress, []),
                      :erpc.call(node, Dispatcher, :count, [topic]),
-                     :erpc.call(node, Registry, :count, [ClusterBench.Registry])}
+                     :erpc.call(node, Registry, :count, [ClusterBench.Registry]),
+                     :erpc.call(node, Dispatcher, :stats, []),
+                     :erpc.call(node, Cluster, :relay_counts, [])}
 
             raise "round #{round}: a node did not finish: #{inspect(seen)}"
         end
