@@ -129,6 +129,44 @@ Code.require_file("support/bench.ex", __DIR__)
       us
     end
 
+    # A subscriber of `topic` that drops whatever it gets; returns once it is subscribed.
+    def sink(topic) do
+      parent = self()
+
+      spawn(fn ->
+        :ok = Dispatcher.subscribe(topic)
+        send(parent, :subscribed)
+        drop()
+      end)
+
+      receive do: (:subscribed -> :ok)
+    end
+
+    defp drop do
+      receive do
+        _ -> drop()
+      end
+    end
+
+    # Suspends this node's relay from a process that resumes it on `:resume`; returns
+    # that process. (`:erlang.resume_process/1` must come from the suspending process.)
+    def suspend_relay do
+      parent = self()
+
+      holder =
+        spawn(fn ->
+          true = :erlang.suspend_process(Process.whereis(ExAtlas.Fly.Dispatcher.Cluster.Relay))
+          send(parent, :suspended)
+
+          receive do
+            :resume ->
+              :erlang.resume_process(Process.whereis(ExAtlas.Fly.Dispatcher.Cluster.Relay))
+          end
+        end)
+
+      receive do: (:suspended -> holder)
+    end
+
     # `n` more subscribers here, of `topic` only (the one-node scenario).
     def setup_one(n, topic) do
       parent = self()
@@ -210,7 +248,8 @@ defmodule ClusterBench do
     ]
 
     interest = interest(b, if(quick, do: 20, else: 100), if(quick, do: 500, else: 5_000))
-    report(rows, counts, interest, {n, reps, quick}, machine, out)
+    stalled = stalled_node(nodes, message, if(quick, do: 2_000, else: 12_000))
+    report(rows, counts, interest, stalled, {n, reps, quick}, machine, out)
   end
 
   # How long until a subscription on b is visible to dispatches here (b's relay in the
@@ -342,6 +381,57 @@ defmodule ClusterBench do
     end
   end
 
+  # A node whose relay is suspended (`:erlang.suspend_process/1`): how long dispatch/2
+  # blocks its caller, `k` dispatches to a topic with one subscriber on each node, first
+  # with every node draining, then with c's relay suspended; meanwhile, the most c's
+  # link held (queued + unacknowledged; the bound is `cluster_queue`, 10 000), what it
+  # dropped and the link's memory. c's relay is resumed and its link drained after.
+  defp stalled_node([_, b, c] = nodes, message, k) do
+    topic = "bench:stalled"
+    for node <- nodes, do: :ok = :erpc.call(node, ClusterBench.Node, :sink, [topic])
+    await_visible(topic, [b, c])
+    [{^c, {link, _}}] = :ets.lookup(Cluster.links_table(), c)
+    normal = timed_dispatches(topic, message, k, c)
+    drained(c)
+    dropped = Cluster.stats()[c].dropped
+    holder = :erpc.call(c, ClusterBench.Node, :suspend_relay, [])
+    suspended = timed_dispatches(topic, message, k, c)
+    {:memory, link_bytes} = Process.info(link, :memory)
+    dropped = Cluster.stats()[c].dropped - dropped
+    send(holder, :resume)
+    drained(c)
+
+    %{
+      k: k,
+      normal: normal,
+      suspended: suspended,
+      dropped: dropped,
+      link_bytes: link_bytes,
+      message_bytes: :erts_debug.flat_size(message) * :erlang.system_info(:wordsize)
+    }
+  end
+
+  # Caller-blocked times of `k` dispatches, and the most `node`'s link held meanwhile.
+  defp timed_dispatches(topic, message, k, node) do
+    {times, most} =
+      Enum.map_reduce(1..k, 0, fn i, most ->
+        t0 = System.monotonic_time(:nanosecond)
+        :ok = Dispatcher.dispatch(topic, put_elem(message, 1, -i))
+        t = System.monotonic_time(:nanosecond) - t0
+        {t, if(rem(i, 100) == 0, do: max(most, Cluster.stats()[node].queued), else: most)}
+      end)
+
+    %{summary: Bench.summary(times), most_queued: max(most, Cluster.stats()[node].queued)}
+  end
+
+  defp drained(node, tries \\ 3_000) do
+    cond do
+      Cluster.stats()[node].queued == 0 -> :ok
+      tries == 0 -> raise "the link to #{node} never drained"
+      true -> Process.sleep(10) && drained(node, tries - 1)
+    end
+  end
+
   defp await_members(topic, count, tries \\ 3_000) do
     cond do
       length(:pg.get_members(ClusterBench.PG, topic)) == count -> :ok
@@ -350,7 +440,7 @@ defmodule ClusterBench do
     end
   end
 
-  defp report(rows, counts, interest, {n, reps, quick}, machine, out) do
+  defp report(rows, counts, interest, stalled, {n, reps, quick}, machine, out) do
     [{_, ours_call, ours_e2e}, _pg, {_, fwd_call, fwd_e2e}] = rows
     one = counts |> List.last() |> elem(1)
     command = "MIX_ENV=prod mix run bench/cluster.exs#{if quick, do: " --quick"}"
@@ -394,6 +484,28 @@ defmodule ClusterBench do
           ]
         ]
       ),
+      Bench.table(
+        "A node whose relay is suspended: #{stalled.k} dispatches to one subscriber on each node",
+        ["", "caller blocked (median / p99)", "most queued for the node", "dropped for it"],
+        [
+          [
+            "every node draining",
+            both.(stalled.normal.summary),
+            "#{stalled.normal.most_queued}",
+            "0"
+          ],
+          [
+            "the relay of one node suspended",
+            both.(stalled.suspended.summary),
+            "#{stalled.suspended.most_queued}",
+            "#{stalled.dropped}"
+          ]
+        ],
+        note:
+          "bound: cluster_queue 10 000 messages of #{Bench.bytes(stalled.message_bytes)} " <>
+            "(#{Bench.bytes(10_000 * stalled.message_bytes)}); the link to the suspended " <>
+            "node held #{Bench.bytes(stalled.link_bytes)} at the end"
+      ),
       Bench.targets("Targets", [
         {"caller blocked <= 1/100 of forward + Registry",
          "1/#{round(fwd_call.median / ours_call.median)}",
@@ -402,7 +514,12 @@ defmodule ClusterBench do
          fwd_e2e.median >= ours_e2e.median},
         {"subscribers on one other node: inter-node messages per dispatch 1 (forward: 2)",
          "#{Bench.sig(one.ours_data)} (+#{Bench.sig(one.ours_acks)} acks) vs #{Bench.sig(one.forward)}",
-         one.ours_data == 1.0 and one.forward == 2.0}
+         one.ours_data == 1.0 and one.forward == 2.0},
+        {"a node's relay suspended: caller blocked (median) <= 1.25x with every node draining",
+         Bench.ratio(stalled.suspended.summary.median, stalled.normal.summary.median),
+         stalled.suspended.summary.median <= 1.25 * stalled.normal.summary.median},
+        {"a node's relay suspended: its queue <= cluster_queue (10 000)",
+         "#{stalled.suspended.most_queued}", stalled.suspended.most_queued <= 10_000}
       ])
     ])
   end

@@ -108,6 +108,28 @@ defmodule ExAtlas.Test.Cluster do
     end
   end
 
+  @doc """
+  Spawns, on `node`, a subscriber of `topic` through `subscribe_with_backpressure/2` with
+  `opts` that never reads its mailbox; returns its pid once subscribed.
+  """
+  @spec stalled_subscriber(node(), binary(), keyword()) :: pid()
+  def stalled_subscriber(node, topic, opts) do
+    pid = Node.spawn(node, __MODULE__, :stalled_init, [self(), topic, opts])
+
+    receive do
+      {:subscribed, ^pid} -> pid
+    after
+      10_000 -> raise "stalled subscriber on #{node} did not subscribe"
+    end
+  end
+
+  @doc false
+  def stalled_init(parent, topic, opts) do
+    :ok = Dispatcher.subscribe_with_backpressure(topic, opts)
+    send(parent, {:subscribed, self()})
+    receive do: (:never_sent -> :ok)
+  end
+
   @doc "What the subscriber `pid` has recorded, in arrival order."
   @spec report(pid()) :: [term()]
   def report(pid) do

@@ -193,6 +193,50 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterTest do
     eventually(fn -> Cluster.stats()[b].queued == 0 end, 10_000)
   end
 
+  test "subscribers that do not drain: nothing piles up here, their node's watchdog evicts them",
+       %{b: b, c: c} do
+    restart_app(cluster: true, cluster_queue: @bound)
+    topic = unique_topic("cluster:stalled")
+    threshold = 200
+    stalled = Peers.stalled_subscriber(b, topic, threshold: threshold, poll_ms: 20)
+    sub_c = Peers.subscriber(c, topic)
+    Peers.await_visible(node(), topic, [b, c])
+    count = 10 * threshold
+
+    # b's relay hands each message to b's own lanes and acknowledges it: what b's
+    # subscriber does not read piles up in its mailbox on b, never in b's queue here.
+    # Paced by c's queue, so that neither queue meets the bound for the producer's speed.
+    most =
+      for chunk <- Enum.chunk_every(1..count, 100), reduce: 0 do
+        most ->
+          for seq <- chunk, do: :ok = Dispatcher.dispatch(topic, {:p, :a, seq})
+          most = max(most, Cluster.stats()[b].queued)
+          eventually(fn -> Cluster.stats()[c].queued == 0 end, 10_000)
+          most
+      end
+
+    assert most <= 100
+    # Evicted on b: b has no subscriber of the topic left, so its relay leaves the group.
+    eventually(fn -> :erpc.call(b, Dispatcher, :count, [topic]) == 0 end, 10_000)
+
+    eventually(
+      fn -> Enum.all?(:pg.get_members(Cluster.scope(), topic), &(node(&1) != b)) end,
+      10_000
+    )
+
+    {:message_queue_len, len} = :erpc.call(b, Process, :info, [stalled, :message_queue_len])
+    assert len > threshold
+    eventually(fn -> Cluster.stats()[b].queued == 0 end, 10_000)
+    %{dropped: 0} = Cluster.stats()[b]
+
+    # From now on b gets nothing; c still gets everything, in order.
+    received_b = received(b)
+    for seq <- (count + 1)..(count + 100), do: :ok = Dispatcher.dispatch(topic, {:p, :a, seq})
+    assert Dispatcher.sync(:cluster, 5_000) == :ok
+    assert received(b) == received_b
+    assert Peers.report(sub_c) == for(seq <- 1..(count + 100), do: {:p, :a, seq})
+  end
+
   defp received(node), do: :erpc.call(node, Cluster, :relay_counts, []).received
 
   defp telemetry_drops(node, sum) do
