@@ -54,6 +54,7 @@ mod nif {
     mod atoms {
         rustler::atoms! {
             ok,
+            forward,
             full,
             wait,
             closed,
@@ -743,7 +744,7 @@ mod nif {
         let mut batches = snapshot.into_iter();
         let result = loop {
             let Some((lane, part)) = batches.next() else {
-                break atoms::ok().encode(env);
+                break delivered(&dispatcher).encode(env);
             };
             let mut start = 0;
             // A lane with nothing in flight has delivered everything this caller handed
@@ -774,6 +775,17 @@ mod nif {
         };
         slice.finish();
         result
+    }
+
+    /// What `dispatch` answers once everything is handed over or sent: `:forward` in
+    /// cluster mode (a relay is set), so the caller forwards to the other nodes without
+    /// a lookup of its own, else `:ok`.
+    fn delivered(dispatcher: &Dispatcher) -> Atom {
+        if dispatcher.relay.load(Ordering::Relaxed) == 0 {
+            atoms::ok()
+        } else {
+            atoms::forward()
+        }
     }
 
     /// Hands over what is left of a dispatch that met a full lane, in lane order, with

@@ -64,10 +64,12 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   def unsubscribe_pid(_dispatcher, _topic, _pid), do: :erlang.nif_error(:nif_not_loaded)
 
   @doc """
+  `:ok`, or `:forward` in cluster mode (a relay is set): all is handed over or sent.
   `{:full, pending}`: a lane was full; call `resume/2` until it answers `:ok`, waiting
   for `{:"$ex_atlas_room", pending}` after each `:wait`.
   """
-  @spec dispatch(dispatcher(), binary(), term()) :: :ok | :closed | {:full, pending()}
+  @spec dispatch(dispatcher(), binary(), term()) ::
+          :ok | :forward | :closed | {:full, pending()}
   def dispatch(_dispatcher, _topic, _message), do: :erlang.nif_error(:nif_not_loaded)
 
   @spec resume(pending(), term()) :: :ok | :wait | :closed

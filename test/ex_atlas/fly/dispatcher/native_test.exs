@@ -56,6 +56,22 @@ defmodule ExAtlas.Fly.Dispatcher.NativeTest do
     Native.close(dispatcher)
   end
 
+  test "dispatch answers :forward while a relay is set (cluster mode), :ok otherwise" do
+    dispatcher = new_dispatcher(2, 4)
+    subs = subscribers(dispatcher, "t", 2)
+    assert :ok = Native.dispatch(dispatcher, "t", 1)
+    assert :ok = Native.dispatch(dispatcher, "none", 1)
+    assert :ok = Native.set_relay(dispatcher, self())
+    assert :forward = Native.dispatch(dispatcher, "t", 2)
+    # A topic without local subscribers may still have remote ones.
+    assert :forward = Native.dispatch(dispatcher, "none", 2)
+    assert_raise ArgumentError, fn -> Native.set_relay(dispatcher, :other) end
+    assert :ok = Native.set_relay(dispatcher, :undefined)
+    assert :ok = Native.dispatch(dispatcher, "t", 3)
+    for pid <- subs, seq <- 1..3, do: assert_receive({:got, ^pid, ^seq})
+    Native.close(dispatcher)
+  end
+
   test "a delivered batch counts once in delivered_batches and gives its credit back" do
     dispatcher = new_dispatcher(1, 1)
     subs = subscribers(dispatcher, "t", 20)

@@ -27,11 +27,23 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   @impl true
   def dispatch(topic, message, _arg) do
-    # Other nodes first: their links then run before this node's senders, which the
-    # local hand-over keeps busy, so the remote fan-out starts at once. Order is kept
-    # per node, so which node starts first does not matter to it.
-    :ok = Cluster.forward(topic, message)
-    dispatch_local(topic, message)
+    # This node first, then, in cluster mode (the NIF answers :forward, or the dispatch
+    # had to wait for room), the other nodes. Order is kept per node, so which node
+    # starts first does not matter to it; a dispatch that raises reaches no node.
+    case Native.dispatch(dispatcher!(), topic, message) do
+      :ok ->
+        :ok
+
+      :forward ->
+        Cluster.forward(topic, message)
+
+      {:full, pending} ->
+        :ok = make_room(pending, topic, message)
+        Cluster.forward(topic, message)
+
+      :closed ->
+        raise not_started()
+    end
   end
 
   @doc """
@@ -39,10 +51,9 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   """
   @spec dispatch_local(binary(), term()) :: :ok
   def dispatch_local(topic, message) do
-    dispatcher = dispatcher!()
-
-    case Native.dispatch(dispatcher, topic, message) do
+    case Native.dispatch(dispatcher!(), topic, message) do
       :ok -> :ok
+      :forward -> :ok
       {:full, pending} -> make_room(pending, topic, message)
       :closed -> raise not_started()
     end
