@@ -11,7 +11,9 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   #
   # This module is the supervisor of the `:pg` scope and the relay (`:rest_for_one`: a
   # new scope needs a relay that joins again), and the functions callers use. Nothing of
-  # it runs unless cluster mode is on: `forward/2` is then one :persistent_term read.
+  # it runs unless cluster mode is on: a dispatch calls `forward/2` only when the NIF
+  # answers `:forward` (a relay is set) or after it waited for room, and `forward/2` is
+  # then one :persistent_term read.
 
   use Supervisor
 
