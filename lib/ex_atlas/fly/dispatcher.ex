@@ -125,11 +125,14 @@ defmodule ExAtlas.Fly.Dispatcher do
   `keys: :duplicate`. Raises `ArgumentError` when `topic` is not a binary.
   """
   @spec subscribe(topic()) :: :ok
-  def subscribe(topic) do
-    check_topic!(topic)
-    {backend, arg} = Config.backend()
-    backend.subscribe(topic, arg)
+  def subscribe(topic) when is_binary(topic) do
+    case Config.backend() do
+      {Backend.Registry, _} -> Backend.Registry.subscribe(topic, nil)
+      {backend, arg} -> backend.subscribe(topic, arg)
+    end
   end
+
+  def subscribe(topic), do: check_topic!(topic)
 
   @doc """
   Removes every subscription of the calling process to `topic`.
@@ -137,12 +140,17 @@ defmodule ExAtlas.Fly.Dispatcher do
   Unsubscribing from a topic the process never subscribed to returns `:ok`.
   """
   @spec unsubscribe(topic()) :: :ok
-  def unsubscribe(topic) do
-    check_topic!(topic)
-    {backend, arg} = Config.backend()
-    :ok = backend.unsubscribe(topic, arg)
+  def unsubscribe(topic) when is_binary(topic) do
+    :ok =
+      case Config.backend() do
+        {Backend.Registry, _} -> Backend.Registry.unsubscribe(topic, nil)
+        {backend, arg} -> backend.unsubscribe(topic, arg)
+      end
+
     ExAtlas.Fly.Dispatcher.Watchdog.unsubscribed(topic)
   end
+
+  def unsubscribe(topic), do: check_topic!(topic)
 
   @doc """
   Sends `message` to every subscriber of `topic` and returns `:ok`.
@@ -153,8 +161,8 @@ defmodule ExAtlas.Fly.Dispatcher do
   """
   @spec dispatch(topic(), term()) :: :ok
   def dispatch(topic, message) when is_binary(topic) do
-    # The default mode by a direct call: an apply through a variable module costs about
-    # as much as a small topic's whole NIF call.
+    # The default mode by a direct call (here and in subscribe/1, unsubscribe/1): an
+    # apply through a variable module costs about as much as a small topic's NIF call.
     case Config.backend() do
       {Backend.Registry, _} -> Backend.Registry.dispatch(topic, message, nil)
       {backend, arg} -> backend.dispatch(topic, message, arg)
