@@ -20,10 +20,7 @@
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-
-/// Times a shard's lock is tried before the thread waits for it.
-const SPINS: usize = 200;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// An opaque subscriber id (the raw term of a local pid in the NIF).
 pub type Pid = u64;
@@ -530,15 +527,7 @@ impl<M> Sharded<M> {
     fn lock(&self, index: usize) -> MutexGuard<'_, Shard<M>> {
         // Every critical section leaves its registry consistent before anything that could
         // panic, so a poisoned lock is still safe to use.
-        let shard = &self.shards[index];
-        for _ in 0..SPINS {
-            match shard.try_lock() {
-                Ok(guard) => return guard,
-                Err(TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
-                Err(TryLockError::WouldBlock) => std::hint::spin_loop(),
-            }
-        }
-        shard
+        self.shards[index]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
