@@ -671,81 +671,57 @@ mod nif {
             .collect()
     }
 
-    /// The dispatcher behind `handle`, borrowed for the call. Taking it as a
-    /// `ResourceArc` bumps the resource's reference count and drops it again: one cache
-    /// line that every scheduler calling at once fights over (two processes subscribing
-    /// in parallel got less done than one). Calls on the hot paths borrow it, and take
-    /// an owned handle (`owned/1`) only for what outlives them: monitors, batches.
-    fn borrowed<'a>(handle: Term<'a>) -> rustler::NifResult<&'a Dispatcher> {
-        handle.decode()
-    }
-
-    /// An owned handle on the dispatcher `borrowed/1` already decoded from `handle`.
-    fn owned(handle: Term<'_>) -> Option<ResourceArc<Dispatcher>> {
-        handle.decode().ok()
-    }
-
     #[rustler::nif]
-    fn subscribe<'a>(
-        env: Env<'a>,
-        handle: Term<'a>,
-        topic: Binary<'a>,
-    ) -> rustler::NifResult<Atom> {
-        let dispatcher = borrowed(handle)?;
+    fn subscribe(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>, topic: Binary<'_>) -> Atom {
         let pid = env.pid();
         let result = dispatcher
             .registry
             .subscribe(topic.as_slice(), pid_to_raw(&pid), || {
-                let monitor = owned(handle)?.monitor(Some(env), &pid)?;
+                let monitor = dispatcher.monitor(Some(env), &pid)?;
                 dispatcher.monitors.fetch_add(1, Ordering::Relaxed);
                 Some(monitor)
             });
         dispatcher.tell_relay(env, pid_to_raw(&pid));
-        Ok(match result {
+        match result {
             Ok(Ok(())) => atoms::ok(),
             Ok(Err(SubscribeError::NotAlive)) => atoms::not_alive(),
             Ok(Err(SubscribeError::TooManyTopics)) => atoms::too_many_topics(),
             Err(ClosedError) => atoms::closed(),
-        })
+        }
     }
 
     /// Removes every subscription of `pid` to `topic`; returns how many went.
     fn remove(
         env: Env<'_>,
-        handle: Term<'_>,
+        dispatcher: &ResourceArc<Dispatcher>,
         topic: &[u8],
         pid: &LocalPid,
-    ) -> rustler::NifResult<usize> {
-        let dispatcher = borrowed(handle)?;
+    ) -> usize {
         let removed = dispatcher.registry.unsubscribe(topic, pid_to_raw(pid));
         if let Some(monitor) = removed.released {
             // False when the monitor already fired: its `down` does the counting.
-            if owned(handle).is_some_and(|arc| arc.demonitor(Some(env), &monitor)) {
+            if dispatcher.demonitor(Some(env), &monitor) {
                 dispatcher.monitors.fetch_sub(1, Ordering::Relaxed);
             }
         }
         dispatcher.tell_relay(env, pid_to_raw(pid));
-        Ok(removed.count)
+        removed.count
     }
 
     #[rustler::nif]
-    fn unsubscribe<'a>(
-        env: Env<'a>,
-        handle: Term<'a>,
-        topic: Binary<'a>,
-    ) -> rustler::NifResult<Atom> {
-        remove(env, handle, topic.as_slice(), &env.pid())?;
-        Ok(atoms::ok())
+    fn unsubscribe(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>, topic: Binary<'_>) -> Atom {
+        remove(env, &dispatcher, topic.as_slice(), &env.pid());
+        atoms::ok()
     }
 
     #[rustler::nif]
-    fn unsubscribe_pid<'a>(
-        env: Env<'a>,
-        handle: Term<'a>,
-        topic: Binary<'a>,
+    fn unsubscribe_pid(
+        env: Env<'_>,
+        dispatcher: ResourceArc<Dispatcher>,
+        topic: Binary<'_>,
         pid: LocalPid,
-    ) -> rustler::NifResult<usize> {
-        remove(env, handle, topic.as_slice(), &pid)
+    ) -> usize {
+        remove(env, &dispatcher, topic.as_slice(), &pid)
     }
 
     /// Hands each lane its share of the topic's subscribers with `message`. Returns `:ok`,
