@@ -13,8 +13,8 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
   #
   #   * `:scheduler` (default) - each NIF call sends for at most one timeslice (0.5 ms
   #     plus one send, whatever the message size) on this process's normal scheduler,
-  #     telling the VM the time it took, so the process is preempted between calls like any send
-  #     loop, and the VM balances senders and receivers over the schedulers.
+  #     telling the VM the time it took, so the process is preempted between calls like
+  #     any send loop, and the VM balances senders and receivers over the schedulers.
   #   * `:dirty` - the first timeslice on a normal scheduler, the rest in slices of
   #     16 384 pids on a dirty CPU scheduler; slower on few cores (figures: bench/README.md).
   #
