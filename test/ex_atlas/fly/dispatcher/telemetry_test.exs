@@ -166,8 +166,11 @@ defmodule ExAtlas.Fly.Dispatcher.TelemetryTest do
       true = :erlang.resume_process(sender)
       assert_receive {:dispatched, ^producer}, 5_000
 
-      # A killed sender: counted and logged, as with telemetry.
+      # A killed sender: counted and logged, as with telemetry. The producer's batch must
+      # be delivered first: with the lane's only credit still on it, the next dispatch
+      # would wait for room that only the sender this test is about to kill can give.
       server = Process.whereis(Dispatcher.registry_name())
+      eventually(fn -> Dispatcher.stats().in_flight == 0 end)
       [sender] = Server.senders()
       true = :erlang.suspend_process(sender)
       :ok = Dispatcher.dispatch(topic, :lost)
