@@ -2,10 +2,11 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
   @moduledoc false
   # Owns the life of the NIF dispatcher and runs its sender processes.
   #
-  # The dispatcher (registry, lanes, subscriber monitors) is a NIF resource published in
-  # :persistent_term, so callers reach it without a message round trip and so it outlives
-  # this process: a server that crashes or is killed is restarted by its supervisor and
-  # adopts the published dispatcher, subscriptions and all. Senders are linked to the
+  # The dispatcher (registry, lanes, subscriber monitors) is a NIF resource that the NIF
+  # itself keeps as the published one (Native.publish/1), so callers reach it without a
+  # message round trip (Native.dispatch/2 without even a lookup in Elixir), and so it
+  # outlives this process: a server that crashes or is killed is restarted by its
+  # supervisor and adopts the published dispatcher, subscriptions and all. Senders are linked to the
   # server; one that exits is replaced at once for its lane.
   #
   # The dispatcher is closed only when the server is stopped on purpose (:normal,
@@ -25,7 +26,6 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
 
   alias ExAtlas.Fly.Dispatcher.{Config, Native, Sender, Telemetry}
 
-  @key {__MODULE__, :dispatcher}
   # An :atomics of {lost_batches, lost_deliveries} already logged, kept beside the
   # dispatcher so that a restarted server does not log the same loss twice.
   @reported_key {__MODULE__, :reported}
@@ -55,7 +55,7 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
 
   @doc "The published dispatcher, or nil."
   @spec lookup() :: Native.dispatcher() | nil
-  def lookup, do: :persistent_term.get(@key, nil)
+  def lookup, do: Native.published()
 
   @doc "The current sender process of each lane (fewer while one is being replaced)."
   @spec senders() :: [pid()]
@@ -112,7 +112,7 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
     capacity = Keyword.get_lazy(opts, :queue_capacity, &Config.queue_capacity/0)
     dispatcher = Native.new(lanes, capacity)
     :persistent_term.put(@reported_key, :atomics.new(2, signed: false))
-    :persistent_term.put(@key, dispatcher)
+    :ok = Native.publish(dispatcher)
     dispatcher
   end
 
@@ -208,7 +208,7 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
 
   defp close(dispatcher) do
     if lookup() == dispatcher do
-      :persistent_term.erase(@key)
+      :ok = Native.publish(:undefined)
       :persistent_term.erase(@reported_key)
     end
 

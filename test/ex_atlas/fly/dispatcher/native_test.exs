@@ -56,6 +56,19 @@ defmodule ExAtlas.Fly.Dispatcher.NativeTest do
     Native.close(dispatcher)
   end
 
+  test "dispatch/2 and publish/1 refuse bad arguments with badarg, changing nothing" do
+    published = Native.published()
+    assert published != nil
+    assert_raise ArgumentError, fn -> Native.dispatch(:not_a_binary, :m) end
+    assert_raise ArgumentError, fn -> Native.dispatch(~c"topic", :m) end
+
+    for bad <- [nil, :other, make_ref(), self(), {published}] do
+      assert_raise ArgumentError, fn -> Native.publish(bad) end
+    end
+
+    assert Native.published() == published
+  end
+
   test "dispatch answers :forward while a relay is set (cluster mode), :ok otherwise" do
     dispatcher = new_dispatcher(2, 4)
     subs = subscribers(dispatcher, "t", 2)

@@ -30,7 +30,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
     # This node first, then, in cluster mode (the NIF answers :forward, or the dispatch
     # had to wait for room), the other nodes. Order is kept per node, so which node
     # starts first does not matter to it; a dispatch that raises reaches no node.
-    case Native.dispatch(dispatcher!(), topic, message) do
+    case Native.dispatch(topic, message) do
       :ok ->
         :ok
 
@@ -51,7 +51,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   """
   @spec dispatch_local(binary(), term()) :: :ok
   def dispatch_local(topic, message) do
-    case Native.dispatch(dispatcher!(), topic, message) do
+    case Native.dispatch(topic, message) do
       :ok -> :ok
       :forward -> :ok
       {:full, pending} -> make_room(pending, topic, message)
