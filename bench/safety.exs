@@ -38,6 +38,7 @@ defmodule SafetyBench do
           probe: Path.join(tmp, "ex_atlas_safety_probe_#{System.pid()}"),
           big_subs: if(quick, do: 1_000, else: 3_000),
           rounds: if(quick, do: 3, else: 10),
+          stall_ms: if(quick, do: 500, else: 3_000),
           probes: if(quick, do: {20, 4_000}, else: {30, 25_000})
         }
       end)
@@ -132,6 +133,8 @@ defmodule SafetyBench do
         size = Bench.bytes(flat_bytes(message))
         IO.puts("#{size}: long_schedule ms ours #{list(ours)}, loop #{list(loop)}")
         worse? = List.first(ours, 0) > List.first(loop, 0)
+        {stalls, stall_ms} = machine_stalls(cfg.stall_ms)
+        IO.puts("  machine stalls meanwhile: #{list(stalls)}")
 
         {target, pass?} =
           case kib do
@@ -142,15 +145,43 @@ defmodule SafetyBench do
 
         ["~#{kib} KiB", "#{length(elem(message, 2))}", size, "#{length(ours)}", worst(ours)] ++
           ["#{length(loop)}", worst(loop), median(ours_e2e), median(loop_e2e), target] ++
-          [Bench.verdict(pass?)]
+          [Bench.verdict(pass?), "#{length(stalls)} in #{stall_ms} ms, #{worst(stalls)}"]
       end
 
     {"1. Big messages: #{cfg.big_subs} subscribers, #{cfg.rounds} rounds, long_schedule >= 2 ms",
      ~w(message entries size ours:events ours:worst loop:events loop:worst ours:e2e loop:e2e) ++
-       ["target (ours' events)", "verdict"], rows,
+       ["target (ours' events)", "verdict", "machine stalls: events, worst"], rows,
      "ours = the sender processes and the dispatching caller; loop = one process running a " <>
-       "send/2 loop over the same pids; e2e = median per round until the last subscriber got it"}
+       "send/2 loop over the same pids; e2e = median per round until the last subscriber " <>
+       "got it; machine stalls = the long_schedule events of one busy Erlang loop per " <>
+       "scheduler that only counts, run alone right after the size's rounds: what the OS " <>
+       "and the hypervisor take from any process here, whatever it does"}
   end
+
+  # One process per scheduler that only counts, for `ms`, under the same monitor. Such a
+  # process yields every few microseconds, so each long_schedule event it gets is time the
+  # OS or the hypervisor took the CPU away (another task, steal): no slice on this machine
+  # can be judged below that floor. Returns {events, wall ms}.
+  defp machine_stalls(ms) do
+    previous = :erlang.system_monitor(self(), long_schedule: 2)
+
+    try do
+      stop = :atomics.new(1, signed: false)
+      spinners = for _ <- 1..System.schedulers_online(), do: spawn_monitor(fn -> spin(stop) end)
+      t0 = now()
+      Process.sleep(ms)
+      :atomics.put(stop, 1, 1)
+      for {pid, ref} <- spinners, do: receive(do: ({:DOWN, ^ref, _, ^pid, _} -> :ok))
+      wall = div(now() - t0, 1_000_000)
+      owners = Map.new(spinners, fn {pid, _} -> {pid, :machine} end)
+      events = long_schedules(owners, nil, %{}) |> Map.get(:machine, [])
+      {Enum.sort(events, :desc), wall}
+    after
+      :erlang.system_monitor(previous)
+    end
+  end
+
+  defp spin(stop), do: if(:atomics.get(stop, 1) == 0, do: spin(stop))
 
   # Distinct strings in every entry: nothing is shared or literal, all of it is copied.
   defp entries(n) do
