@@ -531,6 +531,12 @@ mod nif {
         /// Time from `started` to the last reading.
         elapsed: Duration,
         reported: i32,
+        /// Sends so far in this call, over every `send_within` of it.
+        sent: usize,
+        /// The send before which `send_within` reads the clock next.
+        next_look: usize,
+        /// `sent` and `elapsed` at the last reading.
+        last: (usize, Duration),
     }
 
     impl<'a> Timeslice<'a> {
@@ -540,6 +546,9 @@ mod nif {
                 started: None,
                 elapsed: Duration::ZERO,
                 reported: 0,
+                sent: 0,
+                next_look: 1,
+                last: (0, Duration::ZERO),
             }
         }
 
@@ -574,10 +583,13 @@ mod nif {
 
     /// Sends `message` to `pids` in order from the calling process's env until they run
     /// out or `slice` says to stop; returns how many were sent. `slice` is asked before
-    /// every send but the first: at once before the second, then once about 20 us worth
-    /// of sends have passed, judged by the sends since the last reading (so a slowdown
-    /// within the call, such as copies into fresh memory, is seen at once), and at least
-    /// every 16 sends. Never after the last send, which `Timeslice::finish` accounts for.
+    /// every send of the NIF call but its first: at once before the second, then once
+    /// about 20 us worth of sends have passed, judged by the sends since the last reading
+    /// (so a slowdown within the call, such as copies into fresh memory, is seen at
+    /// once), and at least every 16 sends. The count runs over the whole call, so a
+    /// small dispatch split over two lanes reads the clock no more often than one on a
+    /// single lane. Never after the call's last send, which `Timeslice::finish` accounts
+    /// for.
     fn send_within(
         env: Env<'_>,
         pids: impl Iterator<Item = u64>,
@@ -585,30 +597,31 @@ mod nif {
         slice: &mut Timeslice<'_>,
         budget: Duration,
     ) -> usize {
-        let mut sent = 0;
-        let mut next_look = 1;
-        let mut last = (0, slice.elapsed);
+        let mut sent_here = 0;
         for pid in pids {
-            if sent == next_look {
+            if slice.sent == slice.next_look {
                 let first = slice.started.is_none();
                 if slice.used_up(budget) {
                     break;
                 }
-                next_look = if first {
+                slice.next_look = if first {
                     // Nothing measured yet: time the next send alone.
-                    sent + 1
+                    slice.sent + 1
                 } else {
-                    let per_send =
-                        (slice.elapsed - last.1).as_nanos() as usize / (sent - last.0) + 1;
-                    sent + (20_000 / per_send).clamp(1, 16)
+                    let (sent_then, elapsed_then) = slice.last;
+                    let per_send = (slice.elapsed - elapsed_then).as_nanos() as usize
+                        / (slice.sent - sent_then)
+                        + 1;
+                    slice.sent + (20_000 / per_send).clamp(1, 16)
                 };
-                last = (sent, slice.elapsed);
+                slice.last = (slice.sent, slice.elapsed);
             }
             // A dead receiver is not an error: its monitor removes it shortly.
             let _ = send_from(env, pid, message);
-            sent += 1;
+            slice.sent += 1;
+            sent_here += 1;
         }
-        sent
+        sent_here
     }
 
     #[rustler::nif]
