@@ -155,13 +155,14 @@ defmodule SafetyBench do
        "send/2 loop over the same pids; e2e = median per round until the last subscriber " <>
        "got it; machine stalls = the long_schedule events of one busy Erlang loop per " <>
        "scheduler that only counts, run alone right after the size's rounds: what the OS " <>
-       "and the hypervisor take from any process here, whatever it does"}
+       "takes from any process here (for other threads or the hypervisor), whatever it does"}
   end
 
   # One process per scheduler that only counts, for `ms`, under the same monitor. Such a
   # process yields every few microseconds, so each long_schedule event it gets is time the
-  # OS or the hypervisor took the CPU away (another task, steal): no slice on this machine
-  # can be judged below that floor. Returns {events, wall ms}.
+  # OS took its scheduler thread's CPU away (for another thread, the VM's own dirty
+  # schedulers included, or for the hypervisor): no slice on this machine can be judged
+  # below that floor. Returns {events, wall ms}.
   defp machine_stalls(ms) do
     previous = :erlang.system_monitor(self(), long_schedule: 2)
 
