@@ -6,8 +6,8 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
   # itself keeps as the published one (Native.publish/1), so callers reach it without a
   # message round trip (Native.dispatch/2 without even a lookup in Elixir), and so it
   # outlives this process: a server that crashes or is killed is restarted by its
-  # supervisor and adopts the published dispatcher, subscriptions and all. Senders are linked to the
-  # server; one that exits is replaced at once for its lane.
+  # supervisor and adopts the published dispatcher, subscriptions and all. Senders are
+  # linked to the server; one that exits is replaced at once for its lane.
   #
   # The dispatcher is closed only when the server is stopped on purpose (:normal,
   # :shutdown, {:shutdown, _}) or when its supervisor is gone, since then nothing would
