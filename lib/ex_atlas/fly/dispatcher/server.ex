@@ -2,12 +2,14 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
   @moduledoc false
   # Owns the life of the NIF dispatcher and runs its sender processes.
   #
-  # The dispatcher (registry, lanes, subscriber monitors) is a NIF resource that the NIF
-  # itself keeps as the published one (Native.publish/1), so callers reach it without a
-  # message round trip (Native.dispatch/2 without even a lookup in Elixir), and so it
-  # outlives this process: a server that crashes or is killed is restarted by its
-  # supervisor and adopts the published dispatcher, subscriptions and all. Senders are
-  # linked to the server; one that exits is replaced at once for its lane.
+  # The dispatcher (registry, lanes, subscriber monitors) is a NIF resource published in
+  # :persistent_term, and in the NIF itself for Native.dispatch/2 (Native.publish/1), so
+  # callers reach it without a message round trip (a dispatch without even a lookup in
+  # Elixir), and so it outlives this process: a server that crashes or is killed is
+  # restarted by its supervisor and adopts the published dispatcher, subscriptions and
+  # all. Senders are linked to the server; one that exits is replaced at once for its
+  # lane. Both are set and cleared together, here only; the :persistent_term copy serves
+  # every other call, which reads it without a write to memory another scheduler shares.
   #
   # The dispatcher is closed only when the server is stopped on purpose (:normal,
   # :shutdown, {:shutdown, _}) or when its supervisor is gone, since then nothing would
@@ -26,6 +28,7 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
 
   alias ExAtlas.Fly.Dispatcher.{Config, Native, Sender, Telemetry}
 
+  @key {__MODULE__, :dispatcher}
   # An :atomics of {lost_batches, lost_deliveries} already logged, kept beside the
   # dispatcher so that a restarted server does not log the same loss twice.
   @reported_key {__MODULE__, :reported}
@@ -55,7 +58,7 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
 
   @doc "The published dispatcher, or nil."
   @spec lookup() :: Native.dispatcher() | nil
-  def lookup, do: Native.published()
+  def lookup, do: :persistent_term.get(@key, nil)
 
   @doc "The current sender process of each lane (fewer while one is being replaced)."
   @spec senders() :: [pid()]
@@ -112,6 +115,7 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
     capacity = Keyword.get_lazy(opts, :queue_capacity, &Config.queue_capacity/0)
     dispatcher = Native.new(lanes, capacity)
     :persistent_term.put(@reported_key, :atomics.new(2, signed: false))
+    :persistent_term.put(@key, dispatcher)
     :ok = Native.publish(dispatcher)
     dispatcher
   end
@@ -209,6 +213,7 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
   defp close(dispatcher) do
     if lookup() == dispatcher do
       :ok = Native.publish(:undefined)
+      :persistent_term.erase(@key)
       :persistent_term.erase(@reported_key)
     end
 
