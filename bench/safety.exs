@@ -2,7 +2,7 @@
 # floods and faults, ours beside a send/2 loop and Registry.dispatch/3, with targets as
 # PASS/MISS. What it measures and the targets: bench/README.md.
 #
-#     MIX_ENV=prod mix run bench/safety.exs [--quick] [--out DIR] [--part 1|2|3]   # about 4 min; --quick ~25 s
+#     MIX_ENV=prod mix run bench/safety.exs [--quick] [--out DIR] [--part 1|2|3]   # about 1 min; --quick ~25 s
 #
 # Measuring processes run at high priority, so the flood's run queue is not counted as
 # their latency; file I/O and count/1 run at normal priority, as a host's would. Nothing
