@@ -27,23 +27,10 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   @impl true
   def dispatch(topic, message, _arg) do
-    # This node first, then, in cluster mode (the NIF answers :forward, or the dispatch
-    # had to wait for room), the other nodes. Order is kept per node, so which node
-    # starts first does not matter to it; a dispatch that raises reaches no node.
-    case Native.dispatch(topic, message) do
-      :ok ->
-        :ok
-
-      :forward ->
-        Cluster.forward(topic, message)
-
-      {:full, pending} ->
-        :ok = make_room(pending, topic, message)
-        Cluster.forward(topic, message)
-
-      :closed ->
-        raise not_started()
-    end
+    # This node first, then, in cluster mode, the other nodes. Order is kept per node, so
+    # which node starts first does not matter to it; a dispatch that raises reaches no
+    # node.
+    if deliver_here(topic, message), do: Cluster.forward(topic, message), else: :ok
   end
 
   @doc """
@@ -51,11 +38,28 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   """
   @spec dispatch_local(binary(), term()) :: :ok
   def dispatch_local(topic, message) do
+    _forward? = deliver_here(topic, message)
+    :ok
+  end
+
+  # Hands the dispatch to this node's lanes (waiting for room if need be). True when the
+  # other nodes may need it too: the NIF answered :forward (a relay is set), or the
+  # dispatch had to wait, which the NIF does not answer for; Cluster.forward/2 then finds
+  # out itself.
+  defp deliver_here(topic, message) do
     case Native.dispatch(topic, message) do
-      :ok -> :ok
-      :forward -> :ok
-      {:full, pending} -> make_room(pending, topic, message)
-      :closed -> raise not_started()
+      :ok ->
+        false
+
+      :forward ->
+        true
+
+      {:full, pending} ->
+        :ok = make_room(pending, topic, message)
+        true
+
+      :closed ->
+        raise not_started()
     end
   end
 
