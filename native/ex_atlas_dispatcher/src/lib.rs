@@ -62,7 +62,6 @@ mod nif {
             not_alive,
             too_many_topics,
             undefined,
-            nil,
             nif_panicked,
             topics,
             subscriptions,
@@ -774,7 +773,7 @@ mod nif {
             .clone()
     }
 
-    /// Publishes `dispatcher` (`:undefined`: none) for `dispatch/2` and `published/0`.
+    /// Publishes `dispatcher` (`:undefined`: none) for `dispatch/2`.
     #[rustler::nif]
     fn publish(dispatcher: Term<'_>) -> rustler::NifResult<Atom> {
         let dispatcher = match dispatcher.decode::<ResourceArc<Dispatcher>>() {
@@ -795,15 +794,6 @@ mod nif {
         );
         // Released after the lock: the last handle's destructor does real work.
         drop(old);
-    }
-
-    /// The published dispatcher, or `nil`.
-    #[rustler::nif]
-    fn published(env: Env<'_>) -> Term<'_> {
-        match published_dispatcher() {
-            Some(dispatcher) => dispatcher.encode(env),
-            None => atoms::nil().encode(env),
-        }
     }
 
     /// `dispatch/3` to the published dispatcher; `:closed` when none is published.

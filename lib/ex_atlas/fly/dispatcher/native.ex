@@ -63,13 +63,9 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   @spec unsubscribe_pid(dispatcher(), binary(), pid()) :: non_neg_integer()
   def unsubscribe_pid(_dispatcher, _topic, _pid), do: :erlang.nif_error(:nif_not_loaded)
 
-  @doc "Publishes `dispatcher` for `dispatch/2` and `published/0`; `:undefined` for none."
+  @doc "Publishes `dispatcher` for `dispatch/2`; `:undefined` for none."
   @spec publish(dispatcher() | :undefined) :: :ok
   def publish(_dispatcher), do: :erlang.nif_error(:nif_not_loaded)
-
-  @doc "The published dispatcher, or nil."
-  @spec published() :: dispatcher() | nil
-  def published, do: :erlang.nif_error(:nif_not_loaded)
 
   @doc "`dispatch/3` to the published dispatcher; `:closed` when none is published."
   @spec dispatch(binary(), term()) :: :ok | :forward | :closed | {:full, pending()}
