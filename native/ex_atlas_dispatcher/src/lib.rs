@@ -112,16 +112,16 @@ mod nif {
             }
         }
 
-        /// Tells the relay (cluster mode) about each topic that `pid`'s last change
-        /// created or emptied in its shard, with `{:"$ex_atlas_interest", topic}`: a hint,
-        /// which the relay checks against `count/2`, so hints from several processes may
-        /// arrive in any order.
-        fn tell_relay(&self, env: Env<'_>, pid: u64) {
+        /// Tells the relay (cluster mode) about each topic that `pid`'s last change (to
+        /// `topic`, or to all its topics for `None`) created or emptied in its shard, with
+        /// `{:"$ex_atlas_interest", topic}`: a hint, which the relay checks against
+        /// `count/2`, so hints from several processes may arrive in any order.
+        fn tell_relay(&self, env: Env<'_>, pid: u64, topic: Option<&[u8]>) {
             let relay = self.relay.load(Ordering::Acquire);
             if relay == 0 {
                 return;
             }
-            for topic in self.registry.take_changed(pid) {
+            for topic in self.registry.take_changed(pid, topic) {
                 let hint = Outgoing::build(|menv| {
                     (atoms::ex_atlas_interest(), binary_term(menv, &topic)).encode(menv)
                 });
@@ -141,7 +141,7 @@ mod nif {
     impl Resource for Dispatcher {
         const IMPLEMENTS_DOWN: bool = true;
 
-        fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
+        fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, monitor: Monitor) {
             // rustler catches panics here too, but do not rely on the version for that.
             let _ = catch_unwind(AssertUnwindSafe(|| {
                 let raw = pid_to_raw(&pid);
@@ -153,9 +153,11 @@ mod nif {
                     return;
                 }
                 drop(senders);
+                // Each stripe a subscriber has subscriptions in holds its own monitor;
+                // this one guards that stripe's alone.
                 self.monitors.fetch_sub(1, Ordering::Relaxed);
-                self.registry.remove_subscriber(pid_to_raw(&pid));
-                self.tell_relay(env, pid_to_raw(&pid));
+                self.registry.remove_monitored(raw, &monitor);
+                self.tell_relay(env, raw, None);
             }));
         }
     }
@@ -715,7 +717,7 @@ mod nif {
                 dispatcher.monitors.fetch_add(1, Ordering::Relaxed);
                 Some(monitor)
             });
-        dispatcher.tell_relay(env, pid_to_raw(&pid));
+        dispatcher.tell_relay(env, pid_to_raw(&pid), Some(topic.as_slice()));
         match result {
             Ok(Ok(())) => atoms::ok(),
             Ok(Err(SubscribeError::NotAlive)) => atoms::not_alive(),
@@ -738,7 +740,7 @@ mod nif {
                 dispatcher.monitors.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        dispatcher.tell_relay(env, pid_to_raw(pid));
+        dispatcher.tell_relay(env, pid_to_raw(pid), Some(topic));
         removed.count
     }
 
@@ -1093,10 +1095,11 @@ mod nif {
         // flight: dropped (an undelivered one is counted as lost when freed).
         let cleared: Vec<_> = dispatcher.senders.iter().map(|slot| slot.clear()).collect();
         drop(cleared);
-        subscribers
-            .into_iter()
-            .map(|(pid, _)| pid_from_raw(pid))
-            .collect()
+        // One entry per stripe a subscriber was in: tell each subscriber once.
+        let mut pids: Vec<u64> = subscribers.into_iter().map(|(pid, _)| pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids.into_iter().map(pid_from_raw).collect()
     }
 
     fn load(_env: Env, _info: Term) -> bool {

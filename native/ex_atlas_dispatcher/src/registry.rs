@@ -6,10 +6,12 @@
 //!
 //! Layout, chosen so that no operation scales with the size of a topic:
 //!
-//! * [`Sharded`] keeps one [`Registry`] per fan-out lane, picked by a hash of the pid, so
-//!   one sender always serves the same subscriber (that keeps per-sender order while
-//!   several senders share one dispatch) and concurrent subscribers mostly take
-//!   different locks.
+//! * [`Sharded`] gives each fan-out lane its own [`Registry`]s. A subscriber's lane is
+//!   picked by a hash of its pid, so one sender always serves the same subscriber (that
+//!   keeps per-sender order while several senders share one dispatch). Within a lane, a
+//!   topic lives in one of [`STRIPES`] registries, picked by a hash of its name, so
+//!   concurrent subscribers rarely take the same lock, even in one lane, and a dispatch
+//!   still takes one lock per lane.
 //! * Within a registry, a topic's subscribers are a [`Part`]: a list of fixed-size chunks shared copy-on-write with dispatch snapshots:
 //!   a snapshot is one `Arc` clone per part, and a later change copies at most one chunk
 //!   and the (short) chunk index, never the whole subscriber list.
@@ -20,6 +22,7 @@
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 use std::collections::HashSet;
+use std::hash::Hasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// An opaque subscriber id (the raw term of a local pid in the NIF).
@@ -191,16 +194,9 @@ pub struct Registry<M> {
 /// differ by `16 + (1 << 35)`. A single multiply and a shift cancelled exactly that step
 /// for two partitions (and for any power of two up to 64): runs of about 22 processes
 /// spawned in a row shared a partition, so two processes started together always took
-/// the same lock. Two multiply-xorshift rounds (the finaliser of a 64-bit mixing hash)
-/// let every input bit reach every output bit.
+/// the same lock. [`mix`] lets every input bit reach every output bit.
 pub fn partition_of(pid: Pid, partitions: usize) -> usize {
-    let mut x = pid;
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
-    x ^= x >> 33;
-    (x % partitions.max(1) as u64) as usize
+    (mix(pid) % partitions.max(1) as u64) as usize
 }
 
 impl<M> Default for Registry<M> {
@@ -298,6 +294,11 @@ impl<M> Registry<M> {
     /// Removes every subscription of `pid` (its process went down).
     pub fn remove_subscriber(&mut self, pid: Pid) -> Removed<M> {
         self.remove_where(pid, |_| true)
+    }
+
+    /// The monitor `pid` holds here, if it has subscriptions here.
+    pub fn monitor_of(&self, pid: Pid) -> Option<&M> {
+        self.subscribers.get(&pid).map(|s| &s.monitor)
     }
 
     /// Subscriptions to `topic`, duplicates counted.
@@ -509,86 +510,162 @@ struct Shard<M> {
     closed: bool,
 }
 
-/// One [`Registry`] per partition, each behind its own lock: a subscriber lives in the
-/// shard of its partition, so processes subscribing concurrently mostly take different
-/// locks, and a dispatch takes each shard's lock once, briefly, for its snapshot.
+/// Registries a lane's subscriptions are spread over, by topic.
+pub const STRIPES: usize = 8;
+
+/// One [`Registry`] per lane and stripe, each behind its own lock.
+///
+/// A subscriber's lane comes from its pid ([`partition_of`]); within the lane, each topic
+/// lives in one stripe, picked from its name. Two processes subscribing at once take the
+/// same lock only when they share a lane and their topics share a stripe, and a dispatch
+/// still takes one lock per lane, briefly, for its snapshot. Each stripe keeps its own
+/// record of a subscriber, and with it its own monitor: a process holds one monitor per
+/// stripe it has subscriptions in, at most [`STRIPES`].
 pub struct Sharded<M> {
-    shards: Box<[Mutex<Shard<M>>]>,
+    shards: Box<[Padded<Mutex<Shard<M>>>]>,
+    lanes: usize,
+    stripes: usize,
+}
+
+/// Keeps each shard's lock and data off its neighbours' cache lines.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// A 64-bit finaliser: two multiply-xorshift rounds, so that every input bit reaches
+/// every output bit.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+    x ^ (x >> 33)
 }
 
 impl<M> Sharded<M> {
-    /// `shards` shards (at least one), one per fan-out lane.
-    pub fn new(shards: usize) -> Self {
+    /// `lanes` lanes (at least one) of [`STRIPES`] stripes.
+    pub fn new(lanes: usize) -> Self {
+        Sharded::with_stripes(lanes, STRIPES)
+    }
+
+    /// `lanes` lanes of `stripes` stripes (at least one of each).
+    pub fn with_stripes(lanes: usize, stripes: usize) -> Self {
+        let (lanes, stripes) = (lanes.max(1), stripes.max(1));
         Sharded {
-            shards: (0..shards.max(1))
+            shards: (0..lanes * stripes)
                 .map(|_| {
-                    Mutex::new(Shard {
+                    Padded(Mutex::new(Shard {
                         registry: Registry::new(),
                         closed: false,
-                    })
+                    }))
                 })
                 .collect(),
+            lanes,
+            stripes,
         }
     }
 
-    /// Number of shards (= partitions).
-    pub fn shards(&self) -> usize {
-        self.shards.len()
+    /// Number of lanes (= partitions of the pids).
+    pub fn lanes(&self) -> usize {
+        self.lanes
+    }
+
+    /// The stripe that holds `topic` in every lane.
+    pub fn stripe_of(&self, topic: &[u8]) -> usize {
+        if self.stripes == 1 {
+            return 0;
+        }
+        let mut hasher = rustc_hash::FxHasher::default();
+        hasher.write(topic);
+        // Mixed first: the maps inside a stripe hash the same names with FxHash, and
+        // must not find only one stripe's share of its bits in use.
+        (mix(hasher.finish()) % self.stripes as u64) as usize
     }
 
     fn lock(&self, index: usize) -> MutexGuard<'_, Shard<M>> {
         // Every critical section leaves its registry consistent before anything that could
         // panic, so a poisoned lock is still safe to use.
         self.shards[index]
+            .0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn shard_of(&self, pid: Pid) -> MutexGuard<'_, Shard<M>> {
-        self.lock(partition_of(pid, self.shards.len()))
+    fn shard(&self, lane: usize, stripe: usize) -> MutexGuard<'_, Shard<M>> {
+        self.lock(lane * self.stripes + stripe)
     }
 
-    /// [`Registry::subscribe`] in `pid`'s shard; refused once [`Sharded::close`] ran.
+    /// The shard that holds `pid`'s subscriptions to `topic`.
+    fn shard_of(&self, pid: Pid, topic: &[u8]) -> MutexGuard<'_, Shard<M>> {
+        self.shard(partition_of(pid, self.lanes), self.stripe_of(topic))
+    }
+
+    /// The shards of `pid`'s lane, one stripe after the other.
+    fn lane_of(&self, pid: Pid) -> impl Iterator<Item = MutexGuard<'_, Shard<M>>> {
+        let lane = partition_of(pid, self.lanes);
+        (0..self.stripes).map(move |stripe| self.shard(lane, stripe))
+    }
+
+    /// [`Registry::subscribe`] in `pid`'s shard for `topic`; refused once
+    /// [`Sharded::close`] ran. `monitor` is called when `pid` has no subscription in that
+    /// stripe yet.
     pub fn subscribe(
         &self,
         topic: &[u8],
         pid: Pid,
         monitor: impl FnOnce() -> Option<M>,
     ) -> Result<Result<(), SubscribeError>, ClosedError> {
-        let mut shard = self.shard_of(pid);
+        let mut shard = self.shard_of(pid, topic);
         if shard.closed {
             return Err(ClosedError);
         }
         Ok(shard.registry.subscribe(topic, pid, monitor))
     }
 
-    /// [`Registry::unsubscribe`] in `pid`'s shard.
+    /// [`Registry::unsubscribe`] in `pid`'s shard for `topic`.
     pub fn unsubscribe(&self, topic: &[u8], pid: Pid) -> Removed<M> {
-        self.shard_of(pid).registry.unsubscribe(topic, pid)
+        self.shard_of(pid, topic).registry.unsubscribe(topic, pid)
     }
 
-    /// [`Registry::remove_subscriber`] in `pid`'s shard.
-    pub fn remove_subscriber(&self, pid: Pid) -> Removed<M> {
-        self.shard_of(pid).registry.remove_subscriber(pid)
+    /// [`Registry::remove_subscriber`] in every stripe of `pid`'s lane: one [`Removed`]
+    /// per stripe where it had subscriptions.
+    pub fn remove_subscriber(&self, pid: Pid) -> Vec<Removed<M>> {
+        self.lane_of(pid)
+            .map(|mut shard| shard.registry.remove_subscriber(pid))
+            .filter(|removed| removed.count > 0)
+            .collect()
     }
 
-    /// Subscriptions to `topic` over all shards.
+    /// Removes the subscriptions of `pid` that `monitor` guards (it went down): those of
+    /// the one stripe whose record of `pid` holds it. `None` when no stripe does.
+    pub fn remove_monitored(&self, pid: Pid, monitor: &M) -> Option<Removed<M>>
+    where
+        M: PartialEq,
+    {
+        self.lane_of(pid).find_map(|mut shard| {
+            (shard.registry.monitor_of(pid) == Some(monitor))
+                .then(|| shard.registry.remove_subscriber(pid))
+        })
+    }
+
+    /// Subscriptions to `topic` over all lanes.
     pub fn count(&self, topic: &[u8]) -> usize {
-        (0..self.shards.len())
-            .map(|i| self.lock(i).registry.count(topic))
+        let stripe = self.stripe_of(topic);
+        (0..self.lanes)
+            .map(|lane| self.shard(lane, stripe).registry.count(topic))
             .sum()
     }
 
-    /// The non-empty parts of `topic`, each with its shard index (= lane).
+    /// The non-empty parts of `topic`, each with its lane.
     pub fn snapshot(&self, topic: &[u8]) -> Result<Snapshot, ClosedError> {
+        let stripe = self.stripe_of(topic);
         let mut snapshot = Snapshot::new();
-        for index in 0..self.shards.len() {
-            let shard = self.lock(index);
+        for lane in 0..self.lanes {
+            let shard = self.shard(lane, stripe);
             if shard.closed {
                 return Err(ClosedError);
             }
             if let Some(part) = shard.registry.snapshot(topic) {
-                snapshot.push((index, part));
+                snapshot.push((lane, part));
             }
         }
         Ok(snapshot)
@@ -601,15 +678,23 @@ impl<M> Sharded<M> {
         }
     }
 
-    /// [`Registry::take_changed`] in `pid`'s shard: what the last changes made for `pid`
-    /// created or emptied there.
-    pub fn take_changed(&self, pid: Pid) -> Vec<Arc<[u8]>> {
-        self.shard_of(pid).registry.take_changed()
+    /// [`Registry::take_changed`] where `pid`'s last change happened: the shard of `topic`,
+    /// or every stripe of `pid`'s lane for `None` (all its subscriptions went).
+    pub fn take_changed(&self, pid: Pid, topic: Option<&[u8]>) -> Vec<Arc<[u8]>> {
+        match topic {
+            Some(topic) => self.shard_of(pid, topic).registry.take_changed(),
+            None => self
+                .lane_of(pid)
+                .flat_map(|mut shard| shard.registry.take_changed())
+                .collect(),
+        }
     }
 
-    /// [`Registry::topics_of`] in `pid`'s shard.
+    /// [`Registry::topics_of`] over the stripes of `pid`'s lane (a topic lives in one).
     pub fn topics_of(&self, pid: Pid) -> Vec<Arc<[u8]>> {
-        self.shard_of(pid).registry.topics_of(pid)
+        self.lane_of(pid)
+            .flat_map(|shard| shard.registry.topics_of(pid))
+            .collect()
     }
 
     /// Every topic with a subscription, once each. Walks every topic name.
@@ -621,24 +706,27 @@ impl<M> Sharded<M> {
         names.into_iter().collect()
     }
 
-    /// Counters over all shards; a topic present in several shards counts once. Walks
-    /// every topic name: for diagnostics, not for hot paths.
+    /// Counters over all shards: a topic present in several lanes and a subscriber
+    /// present in several stripes count once. Walks every topic and subscriber: for
+    /// diagnostics, not for hot paths.
     pub fn stats(&self) -> Stats {
         let mut names: HashSet<Arc<[u8]>> = HashSet::new();
+        let mut pids: HashSet<Pid> = HashSet::new();
         let mut stats = Stats::default();
         for index in 0..self.shards.len() {
             let shard = self.lock(index);
-            let own = shard.registry.stats();
-            stats.subscriptions += own.subscriptions;
-            stats.subscribers += own.subscribers;
+            stats.subscriptions += shard.registry.stats().subscriptions;
             names.extend(shard.registry.by_name.keys().cloned());
+            pids.extend(shard.registry.subscribers.keys().copied());
         }
         stats.topics = names.len();
+        stats.subscribers = pids.len();
         stats
     }
 
     /// Refuses every later subscription and snapshot, empties every shard and hands back
-    /// every subscriber with its monitor (see [`Registry::drain_subscribers`]).
+    /// every monitor with its subscriber (see [`Registry::drain_subscribers`]): a
+    /// subscriber appears once per stripe it had subscriptions in.
     pub fn close(&self) -> Vec<(Pid, M)> {
         let mut subscribers = Vec::new();
         for index in 0..self.shards.len() {
@@ -649,19 +737,29 @@ impl<M> Sharded<M> {
         subscribers
     }
 
-    /// Checks every shard's invariants and that each pid sits in its own shard; for tests.
+    /// Checks every shard's invariants, that each pid sits in its own lane and each topic
+    /// in its own stripe; for tests.
     #[doc(hidden)]
     pub fn check_invariants(&self) -> Result<(), String> {
         for index in 0..self.shards.len() {
+            let (lane, stripe) = (index / self.stripes, index % self.stripes);
             let shard = self.lock(index);
             shard.registry.check_invariants()?;
             if let Some(pid) = shard
                 .registry
                 .subscribers
                 .keys()
-                .find(|pid| partition_of(**pid, self.shards.len()) != index)
+                .find(|pid| partition_of(**pid, self.lanes) != lane)
             {
-                return Err(format!("pid {pid} in shard {index}"));
+                return Err(format!("pid {pid} in lane {lane}"));
+            }
+            if let Some(name) = shard
+                .registry
+                .by_name
+                .keys()
+                .find(|name| self.stripe_of(name) != stripe)
+            {
+                return Err(format!("topic {name:?} in stripe {stripe}"));
             }
         }
         Ok(())
@@ -925,52 +1023,70 @@ mod tests {
     }
 
     #[test]
-    fn sharded_registry_keeps_pids_in_their_shard_and_counts_topics_once() {
+    fn sharded_registry_keeps_pids_in_their_lane_and_topics_in_their_stripe() {
         let reg: Sharded<u64> = Sharded::new(3);
+        let a = b"a".to_vec();
+        let names: Vec<Vec<u8>> = (0..100).map(|i| format!("t{i}").into_bytes()).collect();
+        let near = names.iter().find(|n| reg.stripe_of(n) == reg.stripe_of(&a));
+        let far = names.iter().find(|n| reg.stripe_of(n) != reg.stripe_of(&a));
+        let (near, far) = (near.unwrap(), far.unwrap());
         for pid in 0..300u64 {
-            reg.subscribe(b"a", pid, || Some(pid)).unwrap().unwrap();
+            reg.subscribe(&a, pid, || Some(pid)).unwrap().unwrap();
             if pid % 2 == 0 {
-                reg.subscribe(b"b", pid, || panic!("monitored twice"))
+                // The record (and monitor) made for `a` serves its whole stripe.
+                reg.subscribe(near, pid, || panic!("monitored twice in one stripe"))
+                    .unwrap()
+                    .unwrap();
+                // Another stripe keeps a record and a monitor of its own.
+                reg.subscribe(far, pid, || Some(pid + 1_000))
                     .unwrap()
                     .unwrap();
             }
         }
         reg.check_invariants().unwrap();
-        assert_eq!(reg.count(b"a"), 300);
-        assert_eq!(reg.count(b"b"), 150);
+        assert_eq!(reg.count(&a), 300);
+        assert_eq!(reg.count(near), 150);
+        assert_eq!(reg.count(far), 150);
         assert_eq!(
             reg.stats(),
             Stats {
-                topics: 2,
-                subscriptions: 450,
+                topics: 3,
+                subscriptions: 600,
                 subscribers: 300
             }
         );
-        let snapshot = reg.snapshot(b"a").unwrap();
-        assert_eq!(snapshot.len(), 3, "300 pids touch every shard");
-        for (index, part) in &snapshot {
-            assert!(part.pids().all(|pid| partition_of(pid, 3) == *index));
+        let snapshot = reg.snapshot(&a).unwrap();
+        assert_eq!(snapshot.len(), 3, "300 pids touch every lane");
+        for (lane, part) in &snapshot {
+            assert!(part.pids().all(|pid| partition_of(pid, 3) == *lane));
         }
+        let removed = |count, released| Removed { count, released };
         assert_eq!(
-            reg.unsubscribe(b"b", 4),
-            Removed {
-                count: 1,
-                released: None
-            }
+            reg.unsubscribe(near, 4),
+            removed(1, None),
+            "a keeps the stripe"
         );
+        assert_eq!(reg.unsubscribe(far, 4), removed(1, Some(1_004)));
+        let mut gone = reg.remove_subscriber(6);
+        gone.sort_unstable_by_key(|r| r.released);
+        assert_eq!(gone, vec![removed(2, Some(6)), removed(1, Some(1_006))]);
+        // A monitor that fires takes its own stripe's subscriptions, nothing else.
         assert_eq!(
-            reg.remove_subscriber(4),
-            Removed {
-                count: 1,
-                released: Some(4)
-            }
+            reg.remove_monitored(8, &1_008),
+            Some(removed(1, Some(1_008)))
         );
-        assert_eq!(reg.topics_of(6).len(), 2);
-        let mut monitors: Vec<u64> = reg.close().into_iter().map(|(_, m)| m).collect();
-        monitors.sort_unstable();
-        assert_eq!(monitors.len(), 299);
-        assert_eq!(reg.subscribe(b"a", 1, || Some(1)), Err(ClosedError));
-        assert!(reg.snapshot(b"a").is_err());
+        assert_eq!(reg.remove_monitored(8, &1_008), None);
+        assert_eq!(
+            reg.topics_of(8),
+            vec![Arc::from(&a[..]), Arc::from(&near[..])]
+        );
+        assert_eq!(reg.topics_of(10).len(), 3);
+        reg.check_invariants().unwrap();
+        // 299 records in a's stripe; 150 even pids in far's, less 4, 6 and 8.
+        let drained = reg.close();
+        assert_eq!(drained.len(), 299 + 147);
+        assert_eq!(reg.subscribe(&a, 1, || Some(1)), Err(ClosedError));
+        assert!(reg.snapshot(&a).is_err());
         assert_eq!(reg.stats(), Stats::default());
     }
 

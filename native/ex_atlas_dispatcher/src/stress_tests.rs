@@ -7,7 +7,7 @@
 //! valgrind (`scripts/valgrind.sh` uses 10).
 
 use crate::fanout::{Lanes, Refused, Reservation};
-use crate::registry::{partition_of, Part, Pid, Sharded, Snapshot};
+use crate::registry::{partition_of, Part, Pid, Removed, Sharded, Snapshot};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -51,9 +51,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The monitor a subscriber gets: derived from the pid, so a test can tell whose it is.
-fn monitor_of(pid: Pid) -> u64 {
-    pid * 10 + 7
+/// The monitor a subscriber gets in a stripe: derived from both, so a test can tell whose
+/// it is and which stripe it guards.
+fn monitor_of(pid: Pid, stripe: usize) -> u64 {
+    pid * 16 + stripe as u64
 }
 
 /// Mutators each own a disjoint range of pids and keep an exact model of them, so their
@@ -146,10 +147,11 @@ fn concurrent_mutation_and_snapshots_keep_the_registry_exact() {
         assert_eq!(registry.count(&name), want.len());
     }
 
-    // Draining hands back exactly one monitor per live subscriber.
+    // Draining hands back exactly one monitor per live subscriber and stripe.
     let mut live: Vec<u64> = models
         .iter()
-        .flat_map(|model| model.keys().map(|(pid, _)| monitor_of(*pid)))
+        .flat_map(|model| model.keys())
+        .map(|(pid, t)| monitor_of(*pid, registry.stripe_of(&topic(*t))))
         .collect();
     live.sort_unstable();
     live.dedup();
@@ -164,43 +166,72 @@ type Model = HashMap<(Pid, u64), usize>;
 fn mutate(registry: &Mutex<Sharded<u64>>, seed: u64, base: Pid, pids: u64, ops: usize) -> Model {
     let mut rng = Rng::new(seed + 1);
     let mut model: Model = HashMap::new();
-    // Subscriptions per pid, all topics together.
-    let mut held_by: HashMap<Pid, usize> = HashMap::new();
+    // Subscriptions per pid and stripe, all topics of the stripe together.
+    let mut held_by: HashMap<(Pid, usize), usize> = HashMap::new();
     for _ in 0..ops {
         let pid = base + rng.below(pids);
         let t = rng.below(TOPICS);
         let name = topic(t);
-        let held = held_by.get(&pid).copied().unwrap_or(0);
+        let stripe = lock(registry).stripe_of(&name);
+        let held = held_by.get(&(pid, stripe)).copied().unwrap_or(0);
         match rng.below(10) {
             0..=4 => {
                 let monitored = AtomicBool::new(false);
                 lock(registry)
                     .subscribe(&name, pid, || {
                         monitored.store(true, Ordering::Relaxed);
-                        Some(monitor_of(pid))
+                        Some(monitor_of(pid, stripe))
                     })
                     .expect("registry closed")
                     .expect("subscribe refused");
-                // A monitor is made only for a subscriber with no subscription yet.
+                // A monitor is made only for a subscriber with no subscription in the
+                // stripe yet.
                 assert_eq!(monitored.load(Ordering::Relaxed), held == 0, "pid {pid}");
                 *model.entry((pid, t)).or_default() += 1;
-                *held_by.entry(pid).or_default() += 1;
+                *held_by.entry((pid, stripe)).or_default() += 1;
             }
             5..=7 => {
                 let removed = lock(registry).unsubscribe(&name, pid);
                 let expected = model.remove(&(pid, t)).unwrap_or(0);
                 assert_eq!(removed.count, expected, "unsubscribe pid {pid} topic {t}");
                 let last = expected > 0 && expected == held;
-                assert_eq!(removed.released, last.then(|| monitor_of(pid)));
-                held_by.insert(pid, held - expected);
+                assert_eq!(removed.released, last.then(|| monitor_of(pid, stripe)));
+                held_by.insert((pid, stripe), held - expected);
+            }
+            8 if rng.below(2) == 0 => {
+                // One of the process's monitors fired: only its stripe goes.
+                let removed = lock(registry).remove_monitored(pid, &monitor_of(pid, stripe));
+                let want = (held > 0).then(|| Removed {
+                    count: held,
+                    released: Some(monitor_of(pid, stripe)),
+                });
+                assert_eq!(removed, want, "monitor of pid {pid} in stripe {stripe}");
+                model.retain(|(p, t), _| {
+                    *p != pid || lock(registry).stripe_of(&topic(*t)) != stripe
+                });
+                held_by.remove(&(pid, stripe));
             }
             8 => {
-                // The process went down.
+                // The process went down: every stripe goes.
                 let removed = lock(registry).remove_subscriber(pid);
+                let count: usize = removed.iter().map(|r| r.count).sum();
+                let mut released: Vec<u64> = removed.iter().filter_map(|r| r.released).collect();
+                released.sort_unstable();
+                let mut want: Vec<u64> = held_by
+                    .iter()
+                    .filter(|((p, _), n)| *p == pid && **n > 0)
+                    .map(|((p, s), _)| monitor_of(*p, *s))
+                    .collect();
+                want.sort_unstable();
+                assert_eq!(released, want, "monitors of pid {pid}");
+                let held_all: usize = held_by
+                    .iter()
+                    .filter(|((p, _), _)| *p == pid)
+                    .map(|(_, n)| n)
+                    .sum();
+                assert_eq!(count, held_all);
                 model.retain(|(p, _), _| *p != pid);
-                held_by.remove(&pid);
-                assert_eq!(removed.count, held);
-                assert_eq!(removed.released, (held > 0).then(|| monitor_of(pid)));
+                held_by.retain(|(p, _), _| *p != pid);
             }
             _ => {
                 let mut topics: Vec<Vec<u8>> = lock(registry)

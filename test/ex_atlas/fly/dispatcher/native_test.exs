@@ -125,6 +125,52 @@ defmodule ExAtlas.Fly.Dispatcher.NativeTest do
     assert %{monitors: 0} = stats(dispatcher)
   end
 
+  test "a subscriber holds one monitor per stripe it subscribes in, all released" do
+    dispatcher = new_dispatcher(2, 4)
+    topics = for i <- 1..40, do: "spread:#{i}"
+    parent = self()
+
+    # Topics spread over the registry's stripes (8 per lane), each keeping its own record
+    # and monitor of the subscriber; the same names, so the same stripes, every run.
+    subscribe_all = fn ->
+      spawn(fn ->
+        Enum.each(topics, &(:ok = Native.subscribe(dispatcher, &1)))
+        send(parent, :subscribed)
+
+        receive do
+          :unsubscribe ->
+            Enum.each(topics, &(:ok = Native.unsubscribe(dispatcher, &1)))
+            send(parent, :unsubscribed)
+            receive do: (:stop -> :ok)
+        end
+      end)
+    end
+
+    pid = subscribe_all.()
+    assert_receive :subscribed
+    %{monitors: monitors} = stats = stats(dispatcher)
+    assert %{subscribers: 1, subscriptions: 40, topics: 40} = stats
+    assert monitors in 2..8
+    # The VM agrees: the process is monitored that many times by the dispatcher.
+    {:monitored_by, by} = Process.info(pid, :monitored_by)
+    assert Enum.count(by, &(&1 == dispatcher)) == monitors
+
+    # Unsubscribing everything releases every monitor, not only the last stripe's.
+    send(pid, :unsubscribe)
+    assert_receive :unsubscribed
+    assert %{monitors: 0, subscribers: 0, subscriptions: 0} = stats(dispatcher)
+    eventually(fn -> not monitored_by?(pid, dispatcher) end)
+    send(pid, :stop)
+
+    # A subscriber that dies: each monitor's `down` takes its stripe, and all go.
+    pid = subscribe_all.()
+    assert_receive :subscribed
+    assert %{monitors: ^monitors} = stats(dispatcher)
+    Process.exit(pid, :kill)
+    eventually(fn -> stats(dispatcher).monitors == 0 end)
+    assert %{subscribers: 0, subscriptions: 0, topics: 0} = stats(dispatcher)
+  end
+
   defp monitored_by?(pid, dispatcher) do
     {:monitored_by, by} = Process.info(pid, :monitored_by)
     dispatcher in by
