@@ -141,7 +141,7 @@ mod nif {
     impl Resource for Dispatcher {
         const IMPLEMENTS_DOWN: bool = true;
 
-        fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, monitor: Monitor) {
+        fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
             // rustler catches panics here too, but do not rely on the version for that.
             let _ = catch_unwind(AssertUnwindSafe(|| {
                 let raw = pid_to_raw(&pid);
@@ -153,10 +153,8 @@ mod nif {
                     return;
                 }
                 drop(senders);
-                // Each stripe a subscriber has subscriptions in holds its own monitor;
-                // this one guards that stripe's alone.
                 self.monitors.fetch_sub(1, Ordering::Relaxed);
-                self.registry.remove_monitored(raw, &monitor);
+                self.registry.remove_subscriber(raw);
                 self.tell_relay(env, raw, None);
             }));
         }
@@ -1095,11 +1093,10 @@ mod nif {
         // flight: dropped (an undelivered one is counted as lost when freed).
         let cleared: Vec<_> = dispatcher.senders.iter().map(|slot| slot.clear()).collect();
         drop(cleared);
-        // One entry per stripe a subscriber was in: tell each subscriber once.
-        let mut pids: Vec<u64> = subscribers.into_iter().map(|(pid, _)| pid).collect();
-        pids.sort_unstable();
-        pids.dedup();
-        pids.into_iter().map(pid_from_raw).collect()
+        subscribers
+            .into_iter()
+            .map(|(pid, _)| pid_from_raw(pid))
+            .collect()
     }
 
     fn load(_env: Env, _info: Term) -> bool {

@@ -505,29 +505,47 @@ impl<M> Registry<M> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct ClosedError;
 
-struct Shard<M> {
-    registry: Registry<M>,
+struct Shard {
+    /// Topics and subscriptions; a subscriber's record here carries no monitor, which
+    /// lives in the lane's [`Watch`] table, one per subscriber however many stripes hold
+    /// its subscriptions.
+    registry: Registry<()>,
     closed: bool,
 }
+
+/// A subscriber's monitor, with the number of stripes that hold a record of it.
+struct Watch<M> {
+    monitor: M,
+    stripes: u32,
+}
+
+/// One watch table: subscriber → its monitor and the stripes that record it.
+type Watches<M> = FxHashMap<Pid, Watch<M>>;
 
 /// Registries a lane's subscriptions are spread over, by topic.
 pub const STRIPES: usize = 8;
 
-/// One [`Registry`] per lane and stripe, each behind its own lock.
+/// One [`Registry`] per lane and stripe, each behind its own lock, and one monitor per
+/// subscriber.
 ///
 /// A subscriber's lane comes from its pid ([`partition_of`]); within the lane, each topic
-/// lives in one stripe, picked from its name. Two processes subscribing at once take the
-/// same lock only when they share a lane and their topics share a stripe, and a dispatch
-/// still takes one lock per lane, briefly, for its snapshot. Each stripe keeps its own
-/// record of a subscriber, and with it its own monitor: a process holds one monitor per
-/// stripe it has subscriptions in, at most [`STRIPES`].
+/// lives in one stripe, picked from its name ([`Sharded::stripe_of`]). Two processes
+/// subscribing at once take the same lock only when they share a lane and their topics
+/// share a stripe, and a dispatch still takes one lock per lane, briefly, for its
+/// snapshot.
+///
+/// A subscriber's monitor is kept in one of as many watch tables, picked from its pid,
+/// with the number of stripes that hold its subscriptions: made when the first stripe
+/// records it, released when the last one lets it go. A watch table is only ever locked
+/// inside a shard's lock, never the other way round.
 pub struct Sharded<M> {
-    shards: Box<[Padded<Mutex<Shard<M>>>]>,
+    shards: Box<[Padded<Mutex<Shard>>]>,
+    watches: Box<[Padded<Mutex<Watches<M>>>]>,
     lanes: usize,
     stripes: usize,
 }
 
-/// Keeps each shard's lock and data off its neighbours' cache lines.
+/// Keeps each lock and its data off its neighbours' cache lines.
 #[repr(align(128))]
 struct Padded<T>(T);
 
@@ -539,6 +557,14 @@ fn mix(mut x: u64) -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
     x ^ (x >> 33)
+}
+
+fn relock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its data consistent before anything that could
+    // panic, so a poisoned lock is still safe to use.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl<M> Sharded<M> {
@@ -558,6 +584,9 @@ impl<M> Sharded<M> {
                         closed: false,
                     }))
                 })
+                .collect(),
+            watches: (0..lanes * stripes)
+                .map(|_| Padded(Mutex::new(FxHashMap::default())))
                 .collect(),
             lanes,
             stripes,
@@ -581,33 +610,64 @@ impl<M> Sharded<M> {
         (mix(hasher.finish()) % self.stripes as u64) as usize
     }
 
-    fn lock(&self, index: usize) -> MutexGuard<'_, Shard<M>> {
-        // Every critical section leaves its registry consistent before anything that could
-        // panic, so a poisoned lock is still safe to use.
-        self.shards[index]
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn shard(&self, lane: usize, stripe: usize) -> MutexGuard<'_, Shard<M>> {
-        self.lock(lane * self.stripes + stripe)
+    fn shard(&self, lane: usize, stripe: usize) -> MutexGuard<'_, Shard> {
+        relock(&self.shards[lane * self.stripes + stripe].0)
     }
 
     /// The shard that holds `pid`'s subscriptions to `topic`.
-    fn shard_of(&self, pid: Pid, topic: &[u8]) -> MutexGuard<'_, Shard<M>> {
+    fn shard_of(&self, pid: Pid, topic: &[u8]) -> MutexGuard<'_, Shard> {
         self.shard(partition_of(pid, self.lanes), self.stripe_of(topic))
     }
 
     /// The shards of `pid`'s lane, one stripe after the other.
-    fn lane_of(&self, pid: Pid) -> impl Iterator<Item = MutexGuard<'_, Shard<M>>> {
+    fn lane_of(&self, pid: Pid) -> impl Iterator<Item = MutexGuard<'_, Shard>> {
         let lane = partition_of(pid, self.lanes);
         (0..self.stripes).map(move |stripe| self.shard(lane, stripe))
     }
 
-    /// [`Registry::subscribe`] in `pid`'s shard for `topic`; refused once
-    /// [`Sharded::close`] ran. `monitor` is called when `pid` has no subscription in that
-    /// stripe yet.
+    /// The watch table of `pid` (taken inside a shard's lock only).
+    fn watches_of(&self, pid: Pid) -> MutexGuard<'_, Watches<M>> {
+        // The high half of the mix: the low half picks the lane.
+        relock(&self.watches[((mix(pid) >> 32) % self.watches.len() as u64) as usize].0)
+    }
+
+    /// One more stripe records `pid`: `monitor` is called when none did. False when it
+    /// answers `None` (the process is not alive).
+    fn watch(&self, pid: Pid, monitor: impl FnOnce() -> Option<M>) -> bool {
+        let mut watches = self.watches_of(pid);
+        if let Some(watch) = watches.get_mut(&pid) {
+            watch.stripes += 1;
+            return true;
+        }
+        match monitor() {
+            Some(monitor) => {
+                watches.insert(
+                    pid,
+                    Watch {
+                        monitor,
+                        stripes: 1,
+                    },
+                );
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// One stripe less records `pid`: its monitor, to release, when it was the last.
+    fn unwatch(&self, pid: Pid) -> Option<M> {
+        let mut watches = self.watches_of(pid);
+        let watch = watches.get_mut(&pid)?;
+        watch.stripes -= 1;
+        if watch.stripes > 0 {
+            return None;
+        }
+        watches.remove(&pid).map(|watch| watch.monitor)
+    }
+
+    /// Adds one subscription of `pid` to `topic`; refused once [`Sharded::close`] ran.
+    /// `monitor` is called only when `pid` has no subscription yet, as
+    /// [`Registry::subscribe`] does.
     pub fn subscribe(
         &self,
         topic: &[u8],
@@ -618,33 +678,47 @@ impl<M> Sharded<M> {
         if shard.closed {
             return Err(ClosedError);
         }
-        Ok(shard.registry.subscribe(topic, pid, monitor))
+        let mut recorded = false;
+        let result = shard.registry.subscribe(topic, pid, || {
+            recorded = self.watch(pid, monitor);
+            recorded.then_some(())
+        });
+        if recorded && result.is_err() && shard.registry.monitor_of(pid).is_none() {
+            // Refused after the stripe recorded it (too many topics): undo the count. A
+            // monitor made for this call alone goes with it, as it always did: its `down`
+            // finds nothing to remove.
+            drop(self.unwatch(pid));
+        }
+        Ok(result)
     }
 
-    /// [`Registry::unsubscribe`] in `pid`'s shard for `topic`.
+    /// Removes every subscription of `pid` to `topic`; `released` is `pid`'s monitor when
+    /// that was its last subscription.
     pub fn unsubscribe(&self, topic: &[u8], pid: Pid) -> Removed<M> {
-        self.shard_of(pid, topic).registry.unsubscribe(topic, pid)
+        let mut shard = self.shard_of(pid, topic);
+        let removed = shard.registry.unsubscribe(topic, pid);
+        Removed {
+            count: removed.count,
+            released: removed.released.and_then(|()| self.unwatch(pid)),
+        }
     }
 
-    /// [`Registry::remove_subscriber`] in every stripe of `pid`'s lane: one [`Removed`]
-    /// per stripe where it had subscriptions.
-    pub fn remove_subscriber(&self, pid: Pid) -> Vec<Removed<M>> {
-        self.lane_of(pid)
-            .map(|mut shard| shard.registry.remove_subscriber(pid))
-            .filter(|removed| removed.count > 0)
-            .collect()
-    }
-
-    /// Removes the subscriptions of `pid` that `monitor` guards (it went down): those of
-    /// the one stripe whose record of `pid` holds it. `None` when no stripe does.
-    pub fn remove_monitored(&self, pid: Pid, monitor: &M) -> Option<Removed<M>>
-    where
-        M: PartialEq,
-    {
-        self.lane_of(pid).find_map(|mut shard| {
-            (shard.registry.monitor_of(pid) == Some(monitor))
-                .then(|| shard.registry.remove_subscriber(pid))
-        })
+    /// Removes every subscription of `pid` (its process went down), stripe by stripe;
+    /// `released` is its monitor.
+    pub fn remove_subscriber(&self, pid: Pid) -> Removed<M> {
+        let mut count = 0;
+        let mut released = None;
+        for mut shard in self.lane_of(pid) {
+            let removed = shard.registry.remove_subscriber(pid);
+            count += removed.count;
+            // Every stripe that let it go counts down; the last one hands back the monitor.
+            if removed.released.is_some() {
+                if let Some(monitor) = self.unwatch(pid) {
+                    released = Some(monitor);
+                }
+            }
+        }
+        Removed { count, released }
     }
 
     /// Subscriptions to `topic` over all lanes.
@@ -673,8 +747,8 @@ impl<M> Sharded<M> {
 
     /// [`Registry::set_tracking`] in every shard.
     pub fn set_tracking(&self, tracking: bool) {
-        for index in 0..self.shards.len() {
-            self.lock(index).registry.set_tracking(tracking);
+        for shard in self.shards.iter() {
+            relock(&shard.0).registry.set_tracking(tracking);
         }
     }
 
@@ -700,58 +774,63 @@ impl<M> Sharded<M> {
     /// Every topic with a subscription, once each. Walks every topic name.
     pub fn topic_names(&self) -> Vec<Arc<[u8]>> {
         let mut names: HashSet<Arc<[u8]>> = HashSet::new();
-        for index in 0..self.shards.len() {
-            names.extend(self.lock(index).registry.by_name.keys().cloned());
+        for shard in self.shards.iter() {
+            names.extend(relock(&shard.0).registry.by_name.keys().cloned());
         }
         names.into_iter().collect()
     }
 
-    /// Counters over all shards: a topic present in several lanes and a subscriber
-    /// present in several stripes count once. Walks every topic and subscriber: for
-    /// diagnostics, not for hot paths.
+    /// Counters over all shards; a topic present in several lanes counts once. Walks
+    /// every topic name: for diagnostics, not for hot paths.
     pub fn stats(&self) -> Stats {
         let mut names: HashSet<Arc<[u8]>> = HashSet::new();
-        let mut pids: HashSet<Pid> = HashSet::new();
         let mut stats = Stats::default();
-        for index in 0..self.shards.len() {
-            let shard = self.lock(index);
+        for shard in self.shards.iter() {
+            let shard = relock(&shard.0);
             stats.subscriptions += shard.registry.stats().subscriptions;
             names.extend(shard.registry.by_name.keys().cloned());
-            pids.extend(shard.registry.subscribers.keys().copied());
         }
         stats.topics = names.len();
-        stats.subscribers = pids.len();
+        stats.subscribers = self.watches.iter().map(|w| relock(&w.0).len()).sum();
         stats
     }
 
     /// Refuses every later subscription and snapshot, empties every shard and hands back
-    /// every monitor with its subscriber (see [`Registry::drain_subscribers`]): a
-    /// subscriber appears once per stripe it had subscriptions in.
+    /// every subscriber with its monitor, once each.
     pub fn close(&self) -> Vec<(Pid, M)> {
-        let mut subscribers = Vec::new();
-        for index in 0..self.shards.len() {
-            let mut shard = self.lock(index);
+        for shard in self.shards.iter() {
+            let mut shard = relock(&shard.0);
             shard.closed = true;
-            subscribers.extend(shard.registry.drain_subscribers());
+            shard.registry.drain_subscribers();
         }
-        subscribers
+        // No shard takes a watch table's lock any more.
+        self.watches
+            .iter()
+            .flat_map(|watches| {
+                let drained: Vec<_> = relock(&watches.0)
+                    .drain()
+                    .map(|(pid, watch)| (pid, watch.monitor))
+                    .collect();
+                drained
+            })
+            .collect()
     }
 
     /// Checks every shard's invariants, that each pid sits in its own lane and each topic
-    /// in its own stripe; for tests.
+    /// in its own stripe, and that each subscriber's watch counts the stripes that record
+    /// it; for tests.
     #[doc(hidden)]
     pub fn check_invariants(&self) -> Result<(), String> {
-        for index in 0..self.shards.len() {
+        let mut recorded: FxHashMap<Pid, u32> = FxHashMap::default();
+        for (index, shard) in self.shards.iter().enumerate() {
             let (lane, stripe) = (index / self.stripes, index % self.stripes);
-            let shard = self.lock(index);
+            let shard = relock(&shard.0);
             shard.registry.check_invariants()?;
-            if let Some(pid) = shard
-                .registry
-                .subscribers
-                .keys()
-                .find(|pid| partition_of(**pid, self.lanes) != lane)
-            {
-                return Err(format!("pid {pid} in lane {lane}"));
+            for &pid in shard.registry.subscribers.keys() {
+                if partition_of(pid, self.lanes) != lane {
+                    return Err(format!("pid {pid} in lane {lane}"));
+                }
+                *recorded.entry(pid).or_default() += 1;
             }
             if let Some(name) = shard
                 .registry
@@ -761,6 +840,25 @@ impl<M> Sharded<M> {
             {
                 return Err(format!("topic {name:?} in stripe {stripe}"));
             }
+        }
+        let mut watched = 0;
+        for watches in self.watches.iter() {
+            for (pid, watch) in relock(&watches.0).iter() {
+                if recorded.get(pid) != Some(&watch.stripes) {
+                    return Err(format!(
+                        "pid {pid}: watch counts {} stripes, {:?} record it",
+                        watch.stripes,
+                        recorded.get(pid)
+                    ));
+                }
+                watched += 1;
+            }
+        }
+        if watched != recorded.len() {
+            return Err(format!(
+                "{} pids recorded, {watched} watched",
+                recorded.len()
+            ));
         }
         Ok(())
     }
@@ -1033,14 +1131,12 @@ mod tests {
         for pid in 0..300u64 {
             reg.subscribe(&a, pid, || Some(pid)).unwrap().unwrap();
             if pid % 2 == 0 {
-                // The record (and monitor) made for `a` serves its whole stripe.
-                reg.subscribe(near, pid, || panic!("monitored twice in one stripe"))
-                    .unwrap()
-                    .unwrap();
-                // Another stripe keeps a record and a monitor of its own.
-                reg.subscribe(far, pid, || Some(pid + 1_000))
-                    .unwrap()
-                    .unwrap();
+                // One monitor per subscriber, whichever stripes hold its subscriptions.
+                for topic in [near, far] {
+                    reg.subscribe(topic, pid, || panic!("monitored twice"))
+                        .unwrap()
+                        .unwrap();
+                }
             }
         }
         reg.check_invariants().unwrap();
@@ -1061,30 +1157,27 @@ mod tests {
             assert!(part.pids().all(|pid| partition_of(pid, 3) == *lane));
         }
         let removed = |count, released| Removed { count, released };
-        assert_eq!(
-            reg.unsubscribe(near, 4),
-            removed(1, None),
-            "a keeps the stripe"
-        );
-        assert_eq!(reg.unsubscribe(far, 4), removed(1, Some(1_004)));
-        let mut gone = reg.remove_subscriber(6);
-        gone.sort_unstable_by_key(|r| r.released);
-        assert_eq!(gone, vec![removed(2, Some(6)), removed(1, Some(1_006))]);
-        // A monitor that fires takes its own stripe's subscriptions, nothing else.
-        assert_eq!(
-            reg.remove_monitored(8, &1_008),
-            Some(removed(1, Some(1_008)))
-        );
-        assert_eq!(reg.remove_monitored(8, &1_008), None);
-        assert_eq!(
-            reg.topics_of(8),
-            vec![Arc::from(&a[..]), Arc::from(&near[..])]
-        );
-        assert_eq!(reg.topics_of(10).len(), 3);
+        // The monitor goes with the last subscription, whichever stripe that is in.
+        assert_eq!(reg.unsubscribe(&a, 4), removed(1, None));
+        assert_eq!(reg.unsubscribe(far, 4), removed(1, None));
+        assert_eq!(reg.unsubscribe(near, 4), removed(1, Some(4)));
+        assert_eq!(reg.remove_subscriber(6), removed(3, Some(6)));
+        assert_eq!(reg.remove_subscriber(6), removed(0, None));
+        assert_eq!(reg.topics_of(8), {
+            let mut want: Vec<Arc<[u8]>> = vec![Arc::from(&a[..]), Arc::from(&near[..])];
+            want.push(Arc::from(&far[..]));
+            want.sort_unstable_by_key(|name| reg.stripe_of(name));
+            want
+        });
         reg.check_invariants().unwrap();
-        // 299 records in a's stripe; 150 even pids in far's, less 4, 6 and 8.
-        let drained = reg.close();
-        assert_eq!(drained.len(), 299 + 147);
+        let mut monitors: Vec<u64> = reg.close().into_iter().map(|(_, m)| m).collect();
+        monitors.sort_unstable();
+        assert_eq!(
+            monitors,
+            (0..300)
+                .filter(|&pid| pid != 4 && pid != 6)
+                .collect::<Vec<_>>()
+        );
         assert_eq!(reg.subscribe(&a, 1, || Some(1)), Err(ClosedError));
         assert!(reg.snapshot(&a).is_err());
         assert_eq!(reg.stats(), Stats::default());

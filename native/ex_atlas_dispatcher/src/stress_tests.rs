@@ -7,7 +7,7 @@
 //! valgrind (`scripts/valgrind.sh` uses 10).
 
 use crate::fanout::{Lanes, Refused, Reservation};
-use crate::registry::{partition_of, Part, Pid, Removed, Sharded, Snapshot};
+use crate::registry::{partition_of, Part, Pid, Sharded, Snapshot};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -51,10 +51,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The monitor a subscriber gets in a stripe: derived from both, so a test can tell whose
-/// it is and which stripe it guards.
-fn monitor_of(pid: Pid, stripe: usize) -> u64 {
-    pid * 16 + stripe as u64
+/// The monitor a subscriber gets: derived from the pid, so a test can tell whose it is.
+fn monitor_of(pid: Pid) -> u64 {
+    pid * 10 + 7
 }
 
 /// Mutators each own a disjoint range of pids and keep an exact model of them, so their
@@ -147,11 +146,10 @@ fn concurrent_mutation_and_snapshots_keep_the_registry_exact() {
         assert_eq!(registry.count(&name), want.len());
     }
 
-    // Draining hands back exactly one monitor per live subscriber and stripe.
+    // Draining hands back exactly one monitor per live subscriber.
     let mut live: Vec<u64> = models
         .iter()
-        .flat_map(|model| model.keys())
-        .map(|(pid, t)| monitor_of(*pid, registry.stripe_of(&topic(*t))))
+        .flat_map(|model| model.keys().map(|(pid, _)| monitor_of(*pid)))
         .collect();
     live.sort_unstable();
     live.dedup();
@@ -166,72 +164,43 @@ type Model = HashMap<(Pid, u64), usize>;
 fn mutate(registry: &Mutex<Sharded<u64>>, seed: u64, base: Pid, pids: u64, ops: usize) -> Model {
     let mut rng = Rng::new(seed + 1);
     let mut model: Model = HashMap::new();
-    // Subscriptions per pid and stripe, all topics of the stripe together.
-    let mut held_by: HashMap<(Pid, usize), usize> = HashMap::new();
+    // Subscriptions per pid, all topics together.
+    let mut held_by: HashMap<Pid, usize> = HashMap::new();
     for _ in 0..ops {
         let pid = base + rng.below(pids);
         let t = rng.below(TOPICS);
         let name = topic(t);
-        let stripe = lock(registry).stripe_of(&name);
-        let held = held_by.get(&(pid, stripe)).copied().unwrap_or(0);
+        let held = held_by.get(&pid).copied().unwrap_or(0);
         match rng.below(10) {
             0..=4 => {
                 let monitored = AtomicBool::new(false);
                 lock(registry)
                     .subscribe(&name, pid, || {
                         monitored.store(true, Ordering::Relaxed);
-                        Some(monitor_of(pid, stripe))
+                        Some(monitor_of(pid))
                     })
                     .expect("registry closed")
                     .expect("subscribe refused");
-                // A monitor is made only for a subscriber with no subscription in the
-                // stripe yet.
+                // A monitor is made only for a subscriber with no subscription yet.
                 assert_eq!(monitored.load(Ordering::Relaxed), held == 0, "pid {pid}");
                 *model.entry((pid, t)).or_default() += 1;
-                *held_by.entry((pid, stripe)).or_default() += 1;
+                *held_by.entry(pid).or_default() += 1;
             }
             5..=7 => {
                 let removed = lock(registry).unsubscribe(&name, pid);
                 let expected = model.remove(&(pid, t)).unwrap_or(0);
                 assert_eq!(removed.count, expected, "unsubscribe pid {pid} topic {t}");
                 let last = expected > 0 && expected == held;
-                assert_eq!(removed.released, last.then(|| monitor_of(pid, stripe)));
-                held_by.insert((pid, stripe), held - expected);
-            }
-            8 if rng.below(2) == 0 => {
-                // One of the process's monitors fired: only its stripe goes.
-                let removed = lock(registry).remove_monitored(pid, &monitor_of(pid, stripe));
-                let want = (held > 0).then(|| Removed {
-                    count: held,
-                    released: Some(monitor_of(pid, stripe)),
-                });
-                assert_eq!(removed, want, "monitor of pid {pid} in stripe {stripe}");
-                model.retain(|(p, t), _| {
-                    *p != pid || lock(registry).stripe_of(&topic(*t)) != stripe
-                });
-                held_by.remove(&(pid, stripe));
+                assert_eq!(removed.released, last.then(|| monitor_of(pid)));
+                held_by.insert(pid, held - expected);
             }
             8 => {
-                // The process went down: every stripe goes.
+                // The process went down.
                 let removed = lock(registry).remove_subscriber(pid);
-                let count: usize = removed.iter().map(|r| r.count).sum();
-                let mut released: Vec<u64> = removed.iter().filter_map(|r| r.released).collect();
-                released.sort_unstable();
-                let mut want: Vec<u64> = held_by
-                    .iter()
-                    .filter(|((p, _), n)| *p == pid && **n > 0)
-                    .map(|((p, s), _)| monitor_of(*p, *s))
-                    .collect();
-                want.sort_unstable();
-                assert_eq!(released, want, "monitors of pid {pid}");
-                let held_all: usize = held_by
-                    .iter()
-                    .filter(|((p, _), _)| *p == pid)
-                    .map(|(_, n)| n)
-                    .sum();
-                assert_eq!(count, held_all);
                 model.retain(|(p, _), _| *p != pid);
-                held_by.retain(|(p, _), _| *p != pid);
+                held_by.remove(&pid);
+                assert_eq!(removed.count, held);
+                assert_eq!(removed.released, (held > 0).then(|| monitor_of(pid)));
             }
             _ => {
                 let mut topics: Vec<Vec<u8>> = lock(registry)
@@ -587,4 +556,79 @@ fn credits_balance_under_concurrent_reserve_and_release() {
     assert_eq!(stats.in_flight, 0);
     assert_eq!(stats.delivered, (4 * per_producer) as u64);
     assert!(stats.peak <= CAPACITY);
+}
+
+/// Threads that share their pids subscribe, unsubscribe and remove them over topics in
+/// every stripe at once, as a process, the watchdog evicting it and its monitor's `down`
+/// may: every monitor made is handed back exactly once, by the call that removed the
+/// pid's last subscription or by `close`, and each watch counts the stripes recording it.
+#[test]
+fn one_monitor_per_subscriber_across_stripes_under_contention() {
+    const THREADS: u64 = 4;
+    const PIDS: u64 = 40;
+    let ops = scaled(40_000);
+    let registry = Arc::new(Sharded::<u64>::new(2));
+    let topics: Vec<Vec<u8>> = (0..32)
+        .map(|t| format!("spread:{t}").into_bytes())
+        .collect();
+    let stripes: std::collections::HashSet<usize> =
+        topics.iter().map(|t| registry.stripe_of(t)).collect();
+    assert!(
+        stripes.len() > 4,
+        "the topics cover {} stripes",
+        stripes.len()
+    );
+    let next_monitor = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = Arc::new(Barrier::new(THREADS as usize));
+
+    let workers: Vec<_> = (0..THREADS)
+        .map(|w| {
+            let (registry, next_monitor, start) =
+                (registry.clone(), next_monitor.clone(), start.clone());
+            let topics = topics.clone();
+            thread::spawn(move || {
+                let mut rng = Rng::new(w + 900);
+                let (mut made, mut released) = (Vec::new(), Vec::new());
+                start.wait();
+                for _ in 0..ops {
+                    let pid = rng.below(PIDS) * 16 + 3;
+                    let topic = &topics[rng.below(topics.len() as u64) as usize];
+                    match rng.below(10) {
+                        0..=5 => {
+                            registry
+                                .subscribe(topic, pid, || {
+                                    let monitor = next_monitor.fetch_add(1, Ordering::Relaxed);
+                                    made.push(monitor);
+                                    Some(monitor)
+                                })
+                                .unwrap()
+                                .unwrap();
+                        }
+                        6..=8 => released.extend(registry.unsubscribe(topic, pid).released),
+                        _ => released.extend(registry.remove_subscriber(pid).released),
+                    }
+                }
+                (made, released)
+            })
+        })
+        .collect();
+
+    let (mut made, mut released) = (Vec::new(), Vec::new());
+    for worker in workers {
+        let (m, r) = worker.join().expect("worker panicked");
+        made.extend(m);
+        released.extend(r);
+    }
+    registry.check_invariants().unwrap();
+    let watched = registry.stats().subscribers;
+    released.extend(registry.close().into_iter().map(|(_, monitor)| monitor));
+    made.sort_unstable();
+    released.sort_unstable();
+    assert!(
+        made.len() > PIDS as usize,
+        "only {} monitors made",
+        made.len()
+    );
+    assert_eq!(released, made, "every monitor handed back once");
+    assert!(watched <= PIDS as usize);
 }
