@@ -165,6 +165,16 @@ pub struct Removed<M> {
     pub released: Option<M>,
 }
 
+/// What [`Sharded::remove_subscriber`] undid: the subscriptions that went, and the
+/// monitors to release.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Cleared<M> {
+    /// How many subscriptions went.
+    pub count: usize,
+    /// The monitors released; one for a subscriber that went, none when it had none.
+    pub released: Vec<M>,
+}
+
 /// Why a subscription was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SubscribeError {
@@ -703,22 +713,24 @@ impl<M> Sharded<M> {
         }
     }
 
-    /// Removes every subscription of `pid` (its process went down), stripe by stripe;
-    /// `released` is its monitor.
-    pub fn remove_subscriber(&self, pid: Pid) -> Removed<M> {
-        let mut count = 0;
-        let mut released = None;
+    /// Removes every subscription of `pid` (its process went down), stripe by stripe.
+    /// `released` holds its monitor, or more than one if `pid` subscribed again behind
+    /// the walk and let go again: the stripes are not locked all at once, and nothing
+    /// may be lost.
+    pub fn remove_subscriber(&self, pid: Pid) -> Cleared<M> {
+        let mut cleared = Cleared {
+            count: 0,
+            released: Vec::new(),
+        };
         for mut shard in self.lane_of(pid) {
             let removed = shard.registry.remove_subscriber(pid);
-            count += removed.count;
+            cleared.count += removed.count;
             // Every stripe that let it go counts down; the last one hands back the monitor.
             if removed.released.is_some() {
-                if let Some(monitor) = self.unwatch(pid) {
-                    released = Some(monitor);
-                }
+                cleared.released.extend(self.unwatch(pid));
             }
         }
-        Removed { count, released }
+        cleared
     }
 
     /// Subscriptions to `topic` over all lanes.
@@ -1161,8 +1173,9 @@ mod tests {
         assert_eq!(reg.unsubscribe(&a, 4), removed(1, None));
         assert_eq!(reg.unsubscribe(far, 4), removed(1, None));
         assert_eq!(reg.unsubscribe(near, 4), removed(1, Some(4)));
-        assert_eq!(reg.remove_subscriber(6), removed(3, Some(6)));
-        assert_eq!(reg.remove_subscriber(6), removed(0, None));
+        let cleared = |count, released| Cleared { count, released };
+        assert_eq!(reg.remove_subscriber(6), cleared(3, vec![6]));
+        assert_eq!(reg.remove_subscriber(6), cleared(0, vec![]));
         assert_eq!(reg.topics_of(8), {
             let mut want: Vec<Arc<[u8]>> = vec![Arc::from(&a[..]), Arc::from(&near[..])];
             want.push(Arc::from(&far[..]));

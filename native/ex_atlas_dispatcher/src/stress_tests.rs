@@ -200,7 +200,8 @@ fn mutate(registry: &Mutex<Sharded<u64>>, seed: u64, base: Pid, pids: u64, ops: 
                 model.retain(|(p, _), _| *p != pid);
                 held_by.remove(&pid);
                 assert_eq!(removed.count, held);
-                assert_eq!(removed.released, (held > 0).then(|| monitor_of(pid)));
+                let want: Vec<u64> = (held > 0).then(|| monitor_of(pid)).into_iter().collect();
+                assert_eq!(removed.released, want);
             }
             _ => {
                 let mut topics: Vec<Vec<u8>> = lock(registry)
