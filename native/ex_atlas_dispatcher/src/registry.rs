@@ -569,12 +569,14 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 33)
 }
 
-fn relock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves its data consistent before anything that could
-    // panic, so a poisoned lock is still safe to use.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+impl<T> Padded<Mutex<T>> {
+    fn lock(&self) -> MutexGuard<'_, T> {
+        // Every critical section leaves its data consistent before anything that could
+        // panic, so a poisoned lock is still safe to use.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl<M> Sharded<M> {
@@ -621,7 +623,7 @@ impl<M> Sharded<M> {
     }
 
     fn shard(&self, lane: usize, stripe: usize) -> MutexGuard<'_, Shard> {
-        relock(&self.shards[lane * self.stripes + stripe].0)
+        self.shards[lane * self.stripes + stripe].lock()
     }
 
     /// The shard that holds `pid`'s subscriptions to `topic`.
@@ -638,7 +640,7 @@ impl<M> Sharded<M> {
     /// The watch table of `pid` (taken inside a shard's lock only).
     fn watches_of(&self, pid: Pid) -> MutexGuard<'_, Watches<M>> {
         // The high half of the mix: the low half picks the lane.
-        relock(&self.watches[((mix(pid) >> 32) % self.watches.len() as u64) as usize].0)
+        self.watches[((mix(pid) >> 32) % self.watches.len() as u64) as usize].lock()
     }
 
     /// One more stripe records `pid`: `monitor` is called when none did. False when it
@@ -760,7 +762,7 @@ impl<M> Sharded<M> {
     /// [`Registry::set_tracking`] in every shard.
     pub fn set_tracking(&self, tracking: bool) {
         for shard in self.shards.iter() {
-            relock(&shard.0).registry.set_tracking(tracking);
+            shard.lock().registry.set_tracking(tracking);
         }
     }
 
@@ -787,7 +789,7 @@ impl<M> Sharded<M> {
     pub fn topic_names(&self) -> Vec<Arc<[u8]>> {
         let mut names: HashSet<Arc<[u8]>> = HashSet::new();
         for shard in self.shards.iter() {
-            names.extend(relock(&shard.0).registry.by_name.keys().cloned());
+            names.extend(shard.lock().registry.by_name.keys().cloned());
         }
         names.into_iter().collect()
     }
@@ -798,12 +800,12 @@ impl<M> Sharded<M> {
         let mut names: HashSet<Arc<[u8]>> = HashSet::new();
         let mut stats = Stats::default();
         for shard in self.shards.iter() {
-            let shard = relock(&shard.0);
+            let shard = shard.lock();
             stats.subscriptions += shard.registry.stats().subscriptions;
             names.extend(shard.registry.by_name.keys().cloned());
         }
         stats.topics = names.len();
-        stats.subscribers = self.watches.iter().map(|w| relock(&w.0).len()).sum();
+        stats.subscribers = self.watches.iter().map(|w| w.lock().len()).sum();
         stats
     }
 
@@ -811,7 +813,7 @@ impl<M> Sharded<M> {
     /// every subscriber with its monitor, once each.
     pub fn close(&self) -> Vec<(Pid, M)> {
         for shard in self.shards.iter() {
-            let mut shard = relock(&shard.0);
+            let mut shard = shard.lock();
             shard.closed = true;
             shard.registry.drain_subscribers();
         }
@@ -819,7 +821,8 @@ impl<M> Sharded<M> {
         self.watches
             .iter()
             .flat_map(|watches| {
-                let drained: Vec<_> = relock(&watches.0)
+                let drained: Vec<_> = watches
+                    .lock()
                     .drain()
                     .map(|(pid, watch)| (pid, watch.monitor))
                     .collect();
@@ -836,7 +839,7 @@ impl<M> Sharded<M> {
         let mut recorded: FxHashMap<Pid, u32> = FxHashMap::default();
         for (index, shard) in self.shards.iter().enumerate() {
             let (lane, stripe) = (index / self.stripes, index % self.stripes);
-            let shard = relock(&shard.0);
+            let shard = shard.lock();
             shard.registry.check_invariants()?;
             for &pid in shard.registry.subscribers.keys() {
                 if partition_of(pid, self.lanes) != lane {
@@ -855,7 +858,7 @@ impl<M> Sharded<M> {
         }
         let mut watched = 0;
         for watches in self.watches.iter() {
-            for (pid, watch) in relock(&watches.0).iter() {
+            for (pid, watch) in watches.lock().iter() {
                 if recorded.get(pid) != Some(&watch.stripes) {
                     return Err(format!(
                         "pid {pid}: watch counts {} stripes, {:?} record it",
