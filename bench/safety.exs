@@ -323,7 +323,21 @@ defmodule SafetyBench do
   defp restart(subs, capacity) do
     {:ok, :ok, _} = bounded(fn -> Bench.restart(queue_capacity: capacity) end, 15_000)
     Bench.run_in_each(subs, fn _ -> join(@flood) end)
-    @subscribers = Dispatcher.count(@flood)
+    # A subscriber told of the old registry while none ran retries 50 ms later: its
+    # unsubscribe + subscribe may still be under way.
+    settle(ms() + @cap_ms)
+  end
+
+  defp settle(deadline) do
+    case Dispatcher.count(@flood) do
+      @subscribers ->
+        :ok
+
+      n when is_integer(n) ->
+        if ms() > deadline,
+          do: raise("#{n} of #{@subscribers} subscribers in #{@flood} after #{@cap_ms} ms"),
+          else: Process.sleep(10) && settle(deadline)
+    end
   end
 
   # Starts the producers, lets the lanes fill, runs `measure`, stops the producers.
