@@ -318,16 +318,29 @@ fn fanout_with_several_producers_keeps_order_bound_and_credits() {
         }));
     }
 
+    // Churners change the topic once per dispatch taken, so that they run for the whole
+    // test without starving the producers: a change to a part a batch still holds copies
+    // it, and under valgrind, which runs one thread at a time, two churners spinning
+    // freely left the producers almost no turns.
     let running = Arc::new(AtomicBool::new(true));
+    let taken = Arc::new(AtomicUsize::new(0));
     let churners: Vec<_> = (0..2u64)
         .map(|c| {
             let registry = registry.clone();
             let running = running.clone();
+            let taken = taken.clone();
             let name = name.clone();
             thread::spawn(move || {
                 let mut rng = Rng::new(c + 500);
                 let base = 1_000_000 * (c + 1);
+                let (mut last, mut changes) = (0, 0_usize);
                 while running.load(Ordering::Acquire) {
+                    let now = taken.load(Ordering::Acquire);
+                    if now == last {
+                        thread::yield_now();
+                        continue;
+                    }
+                    last = now;
                     let pid = base + rng.below(200);
                     if rng.below(2) == 0 {
                         registry
@@ -337,7 +350,9 @@ fn fanout_with_several_producers_keeps_order_bound_and_credits() {
                     } else {
                         registry.remove_subscriber(pid);
                     }
+                    changes += 1;
                 }
+                changes
             })
         })
         .collect();
@@ -347,10 +362,12 @@ fn fanout_with_several_producers_keeps_order_bound_and_credits() {
             let registry = registry.clone();
             let lanes = lanes.clone();
             let inboxes = inboxes.clone();
+            let taken = taken.clone();
             let name = name.clone();
             thread::spawn(move || {
                 for seq in 0..dispatches {
                     let snapshot = registry.snapshot(&name).expect("registry closed");
+                    taken.fetch_add(1, Ordering::Release);
                     for (lane, part) in snapshot {
                         // As the NIF: try without waiting, then queue and wait to be woken.
                         match lanes.try_reserve(lane) {
@@ -374,9 +391,18 @@ fn fanout_with_several_producers_keeps_order_bound_and_credits() {
         producer.join().expect("producer panicked");
     }
     running.store(false, Ordering::Release);
-    for churner in churners {
-        churner.join().expect("churner panicked");
-    }
+    let changes: Vec<usize> = churners
+        .into_iter()
+        .map(|churner| churner.join().expect("churner panicked"))
+        .collect();
+    eprintln!(
+        "churn: {changes:?} changes during {} dispatches",
+        PRODUCERS * dispatches
+    );
+    assert!(
+        changes.iter().all(|&n| n > 0),
+        "a churner never ran beside the producers: {changes:?}"
+    );
     drop(inboxes);
     let mut seen: HashMap<Pid, Vec<(usize, usize)>> = HashMap::new();
     for sender in senders {
