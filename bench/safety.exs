@@ -126,12 +126,18 @@ defmodule SafetyBench do
           loop: {[sender], fn -> send(sender, :go) end}
         ]
 
-        %{ours: {ours_e2e, ours}, loop: {loop_e2e, loop}} =
+        %{ours: {ours_e2e, ours, ours_rounds}, loop: {loop_e2e, loop, loop_rounds}} =
           monitored(contenders, cfg, counter, pids)
 
         send(sender, :stop)
         size = Bench.bytes(flat_bytes(message))
         IO.puts("#{size}: long_schedule ms ours #{list(ours)}, loop #{list(loop)}")
+
+        IO.puts(
+          "  with the OS wait of their rounds: ours #{with_wait(ours_rounds)}, loop " <>
+            with_wait(loop_rounds)
+        )
+
         worse? = List.first(ours, 0) > List.first(loop, 0)
         {stalls, stall_ms} = machine_stalls(cfg.stall_ms)
         IO.puts("  machine stalls meanwhile: #{list(stalls)}")
@@ -145,18 +151,51 @@ defmodule SafetyBench do
 
         ["~#{kib} KiB", "#{length(elem(message, 2))}", size, "#{length(ours)}", worst(ours)] ++
           ["#{length(loop)}", worst(loop), median(ours_e2e), median(loop_e2e), target] ++
-          [Bench.verdict(pass?), "#{length(stalls)} in #{stall_ms} ms, #{worst(stalls)}"]
+          [Bench.verdict(pass?), "#{length(stalls)} in #{stall_ms} ms, #{worst(stalls)}"] ++
+          [round_wait(ours_rounds), round_wait(loop_rounds)] ++
+          [beyond_wait(ours_rounds, loop_rounds)]
       end
 
     {"1. Big messages: #{cfg.big_subs} subscribers, #{cfg.rounds} rounds, long_schedule >= 2 ms",
      ~w(message entries size ours:events ours:worst loop:events loop:worst ours:e2e loop:e2e) ++
-       ["target (ours' events)", "verdict", "machine stalls: events, worst"], rows,
+       ["target (ours' events)", "verdict", "machine stalls: events, worst"] ++
+       ["ours' rounds: OS wait median, max", "loop's rounds: OS wait median, max"] ++
+       ["events beyond their round's OS wait: ours, loop"], rows,
      "ours = the sender processes and the dispatching caller; loop = one process running a " <>
        "send/2 loop over the same pids; e2e = median per round until the last subscriber " <>
        "got it; machine stalls = the long_schedule events of one busy Erlang loop per " <>
        "scheduler that only counts, run alone right after the size's rounds: what the OS " <>
-       "takes from any process here (for other threads or the hypervisor), whatever it does"}
+       "takes from any process here (for other threads or the hypervisor), whatever it does; " <>
+       "OS wait = how long the OS kept a VM scheduler thread off its core while it was " <>
+       "ready to run (the worst scheduler, per round, from /proc/self/task/*/schedstat), " <>
+       "which stretches whatever process it runs by as much; events beyond = events more " <>
+       "than 1 ms longer than their round's OS wait, which the OS alone cannot explain"}
   end
+
+  # "5 ms (OS wait 9.1 ms)" per round with events.
+  defp with_wait(rounds) do
+    case for({[_ | _] = ms, off} <- rounds, do: "#{Enum.max(ms)} ms (OS wait #{wait(off)})") do
+      [] -> "none"
+      rounds -> Enum.join(rounds, ", ")
+    end
+  end
+
+  defp round_wait(rounds) do
+    case for({[], off} <- rounds, off != nil, do: off) do
+      [] -> "-"
+      offs -> "#{wait(Bench.median(offs))}, #{wait(Enum.max(offs))}"
+    end
+  end
+
+  defp beyond_wait(ours, loop), do: "#{beyond(ours)}, #{beyond(loop)}"
+
+  defp beyond(rounds) do
+    beyond = for {ms, off} <- rounds, m <- ms, off == nil or m > off + 1, do: m
+    if beyond == [], do: "0", else: "#{length(beyond)} (worst #{Enum.max(beyond)} ms)"
+  end
+
+  defp wait(nil), do: "?"
+  defp wait(ms), do: "#{Float.round(ms, 1)} ms"
 
   # One process per scheduler that only counts, for `ms`, under the same monitor. Such a
   # process yields every few microseconds, so each long_schedule event it gets is time the
@@ -216,7 +255,8 @@ defmodule SafetyBench do
 
     previous = :erlang.system_monitor(self(), long_schedule: 2)
     _ = long_schedules(%{}, nil, %{})
-    empty = Map.new(contenders, fn {name, _} -> {name, {[], []}} end)
+    empty = Map.new(contenders, fn {name, _} -> {name, {[], [], []}} end)
+    schedulers = scheduler_stats()
 
     try do
       for round <- 1..cfg.rounds,
@@ -224,6 +264,7 @@ defmodule SafetyBench do
           reduce: empty do
         acc ->
           :atomics.put(counter, 1, -length(pids))
+          waited = off_core(schedulers)
           t0 = now()
           start.()
 
@@ -233,17 +274,55 @@ defmodule SafetyBench do
           # The senders' last slices end after the last delivery: let them report.
           {:ok, :ok, _} = bounded(&Dispatcher.sync/0, @cap_ms)
           Process.sleep(2)
+          off = off_core(schedulers, waited)
           mine = if self() in procs, do: name
           events = long_schedules(owners, mine, %{})
+          acc = Map.update!(acc, name, fn {e, l, r} -> {[e2e | e], l, [{[], off} | r]} end)
 
-          Enum.reduce(events, Map.update!(acc, name, fn {e, l} -> {[e2e | e], l} end), fn
-            {owner, ms}, acc -> Map.update!(acc, owner, fn {e, l} -> {e, ms ++ l} end)
+          Enum.reduce(events, acc, fn {owner, ms}, acc ->
+            Map.update!(acc, owner, fn {e, l, r} -> {e, ms ++ l, [{ms, off} | r]} end)
           end)
       end
-      |> Map.new(fn {name, {e2e, events}} -> {name, {e2e, Enum.sort(events, :desc)}} end)
+      |> Map.new(fn {name, {e2e, events, rounds}} ->
+        {name, {e2e, Enum.sort(events, :desc), rounds}}
+      end)
     after
       :erlang.system_monitor(previous)
+      Enum.each(schedulers, &File.close/1)
     end
+  end
+
+  # How long the OS kept the VM's normal scheduler threads off a core while they were
+  # ready to run (Linux's /proc/self/task/*/schedstat, run-queue wait): the time another
+  # thread of this machine (a VM helper thread, a kernel thread, another program) took
+  # their CPU. Whatever process a scheduler ran meanwhile saw its slice stretched by as
+  # much. `off_core/2` is the worst scheduler's wait since `off_core/1`, in ms. Without
+  # schedstat (not Linux) it reports nothing.
+  defp scheduler_stats do
+    with {:ok, tids} <- File.ls("/proc/self/task") do
+      for tid <- tids,
+          dir = "/proc/self/task/" <> tid,
+          {:ok, comm} <- [File.read(dir <> "/comm")],
+          comm =~ ~r/^\d+_scheduler$/,
+          {:ok, fd} <- [:file.open(dir <> "/schedstat", [:raw, :read, :binary])],
+          do: fd
+    else
+      _ -> []
+    end
+  end
+
+  defp off_core(fds) do
+    for fd <- fds, {:ok, stat} <- [:file.pread(fd, 0, 128)] do
+      [_run, wait | _] = String.split(stat)
+      String.to_integer(wait)
+    end
+  end
+
+  defp off_core([], _before), do: nil
+
+  defp off_core(fds, before) do
+    waits = Enum.zip_with(off_core(fds), before, &(&1 - &2))
+    if waits == [], do: nil, else: Enum.max(waits) / 1.0e6
   end
 
   defp turn(contenders, round),
