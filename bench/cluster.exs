@@ -463,7 +463,7 @@ defmodule ClusterBench do
   defp report(rows, counts, interest, stalled, {n, reps, quick}, machine, out) do
     [{_, ours_call, ours_e2e}, _pg, {_, fwd_call, fwd_e2e}] = rows
     one = counts |> List.last() |> elem(1)
-    command = "MIX_ENV=prod mix run bench/cluster.exs#{if quick, do: " --quick"}"
+    command = Bench.command("cluster.exs")
     both = &"#{Bench.dur(&1.median)} / #{Bench.dur(&1.p99)}"
 
     Bench.write(out, "cluster.md", [

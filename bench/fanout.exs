@@ -54,7 +54,7 @@ defmodule FanoutBench do
 
     Logger.configure(level: :warning)
     machine = Bench.machine()
-    command = "MIX_ENV=prod mix run bench/fanout.exs#{if o.quick, do: " --quick"}"
+    command = Bench.command("fanout.exs")
     IO.puts(Bench.header("ExAtlas fan-out benchmark", command, machine))
 
     # Topic layout: "fanout:N" holds the first N processes, "many:T" 10 processes each.

@@ -641,7 +641,7 @@ defmodule SafetyBench do
   defp ratio(_, _), do: nil
 
   defp write_report(cfg, machine, tables) do
-    command = "MIX_ENV=prod mix run bench/safety.exs#{if cfg.quick, do: " --quick"}"
+    command = Bench.command("safety.exs")
     header = Bench.header("ExAtlas safety benchmark", command, machine)
 
     tables =

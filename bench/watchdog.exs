@@ -27,7 +27,7 @@ defmodule WatchdogBench do
 
     :erlang.system_flag(:scheduler_wall_time, true)
     machine = Bench.machine()
-    command = "MIX_ENV=prod mix run bench/watchdog.exs#{if o.quick, do: " --quick"}"
+    command = Bench.command("watchdog.exs")
     header = Bench.header("Watchdog cost: #{o.subscribers} watched subscribers", command, machine)
     IO.puts(header)
     subs = for _ <- 1..o.subscribers, do: spawn(&subscriber/0)

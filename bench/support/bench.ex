@@ -201,6 +201,16 @@ defmodule Bench do
   def verdict(true), do: "PASS"
   def verdict(false), do: "MISS"
 
+  # How this run was started, for the results file: the script with the arguments it got,
+  # less `--out DIR` (where the file went says nothing about what was measured).
+  def command(script),
+    do: Enum.join(["MIX_ENV=prod mix run bench/#{script}" | without_out(System.argv())], " ")
+
+  defp without_out(["--out", _dir | rest]), do: without_out(rest)
+  defp without_out(["--out=" <> _ | rest]), do: without_out(rest)
+  defp without_out([arg | rest]), do: [arg | without_out(rest)]
+  defp without_out([]), do: []
+
   # The results file's header (not printed): title, command and the machine as a table.
   def header(title, command, machine) do
     rows =
