@@ -268,6 +268,7 @@ defmodule SafetyBench do
         acc ->
           :atomics.put(counter, 1, -length(pids))
           waited = off_core(schedulers)
+          settle_file_io()
           t0 = now()
           start.()
 
@@ -313,6 +314,12 @@ defmodule SafetyBench do
       _ -> []
     end
   end
+
+  # A read of a file runs on a dirty I/O scheduler thread, which then spins a while for
+  # more work before it sleeps. Started right away, a round that keeps both cores busy
+  # would share them with that spin (measured: up to 100 ms of it waiting for a core in a
+  # 100 ms round, and slices taken from the schedulers): 1 ms of idle lets it finish.
+  defp settle_file_io, do: Process.sleep(1)
 
   defp off_core(fds) do
     for fd <- fds, {:ok, stat} <- [:file.pread(fd, 0, 128)] do
