@@ -321,17 +321,19 @@ defmodule SafetyBench do
   # 100 ms round, and slices taken from the schedulers): 1 ms of idle lets it finish.
   defp settle_file_io, do: Process.sleep(1)
 
+  # One reading per scheduler thread, in `fds` order; nil where the read failed.
   defp off_core(fds) do
-    for fd <- fds, {:ok, stat} <- [:file.pread(fd, 0, 128)] do
-      [_run, wait | _] = String.split(stat)
-      String.to_integer(wait)
+    for fd <- fds do
+      with {:ok, stat} <- :file.pread(fd, 0, 128),
+           [_run, wait | _] <- String.split(stat),
+           {wait, ""} <- Integer.parse(wait),
+           do: wait,
+           else: (_ -> nil)
     end
   end
 
-  defp off_core([], _before), do: nil
-
   defp off_core(fds, before) do
-    waits = Enum.zip_with(off_core(fds), before, &(&1 - &2))
+    waits = for {now, was} <- Enum.zip(off_core(fds), before), now && was, do: now - was
     if waits == [], do: nil, else: Enum.max(waits) / 1.0e6
   end
 
