@@ -338,30 +338,27 @@ defmodule FanoutBench do
   ## back-to-back pairs) is subtracted.
 
   defp cpu_open do
-    with {:ok, tids} <- File.ls("/proc/self/task") do
-      for tid <- tids,
-          dir = "/proc/self/task/" <> tid,
-          {:ok, comm} <- [File.read(dir <> "/comm")],
-          {:ok, fd} <- [:file.open(dir <> "/schedstat", [:raw, :read, :binary])] do
-        class =
-          Enum.find(
-            @classes,
-            :other,
-            &(comm =~ ~r/^\d+_#{&1 |> to_string() |> String.trim_trailing("s")}/)
-          )
+    case Bench.schedstat_open() do
+      [] ->
+        nil
 
-        {class, fd}
-      end
-    else
-      _ -> nil
+      threads ->
+        for {comm, fd} <- threads do
+          class =
+            Enum.find(
+              @classes,
+              :other,
+              &(comm =~ ~r/^\d+_#{&1 |> to_string() |> String.trim_trailing("s")}/)
+            )
+
+          {class, fd}
+        end
     end
   end
 
   defp cpu_snapshot(handle) do
-    for {class, fd} <- handle, {:ok, stat} <- [:file.pread(fd, 0, 128)], reduce: %{} do
-      acc ->
-        [run, wait | _] = Enum.map(String.split(stat), &String.to_integer/1)
-        Map.update(acc, class, {run, wait}, fn {r, w} -> {r + run, w + wait} end)
+    for {class, fd} <- handle, {run, wait} <- [Bench.schedstat(fd)], reduce: %{} do
+      acc -> Map.update(acc, class, {run, wait}, fn {r, w} -> {r + run, w + wait} end)
     end
   end
 

@@ -303,16 +303,7 @@ defmodule SafetyBench do
   # much. `off_core/2` is the worst scheduler's wait since `off_core/1`, in ms. Without
   # schedstat (not Linux) it reports nothing.
   defp scheduler_stats do
-    with {:ok, tids} <- File.ls("/proc/self/task") do
-      for tid <- tids,
-          dir = "/proc/self/task/" <> tid,
-          {:ok, comm} <- [File.read(dir <> "/comm")],
-          comm =~ ~r/^\d+_scheduler$/,
-          {:ok, fd} <- [:file.open(dir <> "/schedstat", [:raw, :read, :binary])],
-          do: fd
-    else
-      _ -> []
-    end
+    for {comm, fd} <- Bench.schedstat_open(), comm =~ ~r/^\d+_scheduler$/, do: fd
   end
 
   # A read of a file runs on a dirty I/O scheduler thread, which then spins a while for
@@ -323,13 +314,7 @@ defmodule SafetyBench do
 
   # One reading per scheduler thread, in `fds` order; nil where the read failed.
   defp off_core(fds) do
-    for fd <- fds do
-      with {:ok, stat} <- :file.pread(fd, 0, 128),
-           [_run, wait | _] <- String.split(stat),
-           {wait, ""} <- Integer.parse(wait),
-           do: wait,
-           else: (_ -> nil)
-    end
+    for fd <- fds, do: with({_run, wait} <- Bench.schedstat(fd), do: wait)
   end
 
   defp off_core(fds, before) do

@@ -201,6 +201,31 @@ defmodule Bench do
   def verdict(true), do: "PASS"
   def verdict(false), do: "MISS"
 
+  # The VM's threads as `{name, fd}`, each thread's /proc/self/task/<tid>/schedstat kept
+  # open (raw, so a reading is one pread); [] without it (not Linux).
+  def schedstat_open do
+    with {:ok, tids} <- File.ls("/proc/self/task") do
+      for tid <- tids,
+          dir = "/proc/self/task/" <> tid,
+          {:ok, comm} <- [File.read(dir <> "/comm")],
+          {:ok, fd} <- [:file.open(dir <> "/schedstat", [:raw, :read, :binary])],
+          do: {String.trim(comm), fd}
+    else
+      _ -> []
+    end
+  end
+
+  # A thread's `{ns on a CPU, ns ready to run but waiting for one}`, or nil. The read runs
+  # on a dirty I/O thread, which spins a while for more work afterwards.
+  def schedstat(fd) do
+    with {:ok, stat} <- :file.pread(fd, 0, 128),
+         [run, wait | _] <- String.split(stat),
+         {run, ""} <- Integer.parse(run),
+         {wait, ""} <- Integer.parse(wait),
+         do: {run, wait},
+         else: (_ -> nil)
+  end
+
   # How this run was started, for the results file: the script with the arguments it got,
   # less `--out DIR` (where the file went says nothing about what was measured).
   def command(script),
