@@ -285,10 +285,7 @@ defmodule FanoutBench do
         {i, message, topics} = {index(c), ctx.messages[c], topics_for.(rep)}
         :atomics.put(ctx.counters, i, -expected)
         cpu0 = if cpu?, do: cpu_snapshot(ctx.cpu)
-        # The snapshot's reads ran on a dirty I/O thread that now spins a while for more
-        # work; a round that keeps both cores busy would share them with it (measured:
-        # up to 100 ms of it waiting for a core in a 100 ms round). 1 ms lets it finish.
-        if cpu?, do: Process.sleep(1)
+        if cpu?, do: Bench.schedstat_settle()
         t0 = System.monotonic_time(:nanosecond)
         Enum.each(topics, &dispatch(c, &1, message, ctx.lists))
         t1 = System.monotonic_time(:nanosecond)

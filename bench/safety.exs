@@ -268,7 +268,7 @@ defmodule SafetyBench do
         acc ->
           :atomics.put(counter, 1, -length(pids))
           waited = off_core(schedulers)
-          settle_file_io()
+          Bench.schedstat_settle()
           t0 = now()
           start.()
 
@@ -305,12 +305,6 @@ defmodule SafetyBench do
   defp scheduler_stats do
     for {comm, fd} <- Bench.schedstat_open(), comm =~ ~r/^\d+_scheduler$/, do: fd
   end
-
-  # A read of a file runs on a dirty I/O scheduler thread, which then spins a while for
-  # more work before it sleeps. Started right away, a round that keeps both cores busy
-  # would share them with that spin (measured: up to 100 ms of it waiting for a core in a
-  # 100 ms round, and slices taken from the schedulers): 1 ms of idle lets it finish.
-  defp settle_file_io, do: Process.sleep(1)
 
   # One reading per scheduler thread, in `fds` order; nil where the read failed.
   defp off_core(fds) do
@@ -401,10 +395,10 @@ defmodule SafetyBench do
     Bench.run_in_each(subs, fn _ -> join(@flood) end)
     # A subscriber told of the old registry while none ran retries 50 ms later: its
     # unsubscribe + subscribe may still be under way.
-    settle(ms() + @cap_ms)
+    await_subscribers(ms() + @cap_ms)
   end
 
-  defp settle(deadline) do
+  defp await_subscribers(deadline) do
     case Dispatcher.count(@flood) do
       @subscribers ->
         :ok
@@ -412,7 +406,7 @@ defmodule SafetyBench do
       n when is_integer(n) ->
         if ms() > deadline,
           do: raise("#{n} of #{@subscribers} subscribers in #{@flood} after #{@cap_ms} ms"),
-          else: Process.sleep(10) && settle(deadline)
+          else: Process.sleep(10) && await_subscribers(deadline)
     end
   end
 

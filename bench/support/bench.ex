@@ -216,7 +216,8 @@ defmodule Bench do
   end
 
   # A thread's `{ns on a CPU, ns ready to run but waiting for one}`, or nil. The read runs
-  # on a dirty I/O thread, which spins a while for more work afterwards.
+  # on a dirty I/O thread, which spins a while for more work afterwards: call
+  # `schedstat_settle/0` before timing anything.
   def schedstat(fd) do
     with {:ok, stat} <- :file.pread(fd, 0, 128),
          [run, wait | _] <- String.split(stat),
@@ -225,6 +226,12 @@ defmodule Bench do
          do: {run, wait},
          else: (_ -> nil)
   end
+
+  # Lets the dirty I/O thread of the last `schedstat/1` reads go back to sleep. Started at
+  # once, a round that keeps both cores busy would share them with its spinning (measured:
+  # up to 100 ms of it waiting for a core in a 100 ms round, and slices taken from the
+  # schedulers); 1 ms of idle lets it finish.
+  def schedstat_settle, do: Process.sleep(1)
 
   # How this run was started, for the results file: the script with the arguments it got,
   # less `--out DIR` (where the file went says nothing about what was measured).
