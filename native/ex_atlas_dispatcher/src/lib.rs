@@ -2,10 +2,14 @@
 //! (`registry`, `fanout`) and encodes results. No registry or queue logic lives here.
 
 pub mod fanout;
+pub mod handoff;
+#[cfg(all(test, loom))]
+mod loom_tests;
 pub mod memory;
 pub mod registry;
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod stress_tests;
+pub mod sync;
 
 #[cfg(feature = "alloc-stats")]
 #[global_allocator]
@@ -15,9 +19,10 @@ static ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
 // not link it; `cargo test` covers the core modules above without a VM.
 #[cfg(not(test))]
 mod nif {
-    use crate::{fanout, memory, registry};
+    use crate::{fanout, handoff, memory, registry};
 
     use fanout::{Lanes, Refused, Reservation};
+    use handoff::{Handed, Handoff, Installed, Tracked};
     use registry::{ClosedError, Part, Sharded, SubscribeError};
     use rustler::sys::ErlNifPid;
     use rustler::types::binary::NewBinary;
@@ -38,12 +43,12 @@ mod nif {
     /// Longest a `deliver` call sends before it returns and lets the sender be preempted:
     /// one timeslice, whatever the message size.
     const DELIVER_SLICE: Duration = TIMESLICE;
-    /// A dispatch to at most this many subscriptions is sent by the caller itself when
-    /// the lanes involved have nothing in flight.
+    /// A dispatch to at most this many subscriptions in the lanes is sent by the caller
+    /// itself, to each lane where the caller has nothing of its own still on its way.
     const INLINE_DISPATCH: usize = 16;
-    /// Longest the caller sends inline; what is left goes to the lanes' senders. A few
-    /// small messages take microseconds; this only bounds big ones.
-    const INLINE_SLICE: Duration = Duration::from_micros(500);
+    /// Longest one NIF call of the caller sends inline before it returns `{:more, _}`
+    /// and lets the VM preempt it (see `Timeslice`).
+    const INLINE_SLICE: Duration = TIMESLICE;
     /// Pids delivered per dirty NIF call before handing control back to the sender
     /// process, so a huge topic never holds a dirty scheduler for long.
     const DIRTY_SLICE: usize = 16_384;
@@ -78,6 +83,8 @@ mod nif {
             lost_deliveries,
             allocated_bytes,
             ex_atlas_deliver = "$ex_atlas_deliver",
+            ex_atlas_drain = "$ex_atlas_drain",
+            done,
             ex_atlas_room = "$ex_atlas_room",
             ex_atlas_interest = "$ex_atlas_interest",
         }
@@ -89,8 +96,8 @@ mod nif {
     pub struct Dispatcher {
         registry: Sharded<Monitor>,
         lanes: Lanes<Waiter>,
-        /// Each lane's sender process; replaced when a sender is restarted.
-        senders: Box<[SenderSlot]>,
+        /// Each lane's sender process and its batches on their way; see `handoff`.
+        senders: Box<[Handoff<ResourceArc<Batch>, Outgoing>]>,
         /// Process monitors currently set, counted where they are set and undone.
         monitors: AtomicUsize,
         /// Raw pid of the cluster relay told about topics this node gains or loses; 0
@@ -110,6 +117,13 @@ mod nif {
                     batch.give_back_undelivered(env);
                 }
             }
+        }
+
+        /// True when the caller `producer` may send to `lane`'s subscribers itself without
+        /// overtaking anything it handed to that lane before: the lane is idle, or the
+        /// caller's own last batch there is finished.
+        fn clear_for(&self, lane: usize, producer: u64) -> bool {
+            self.lanes.is_idle(lane) || self.senders[lane].clear_for(producer)
         }
 
         /// Tells the relay (cluster mode) about each topic that `pid`'s last change (to
@@ -170,8 +184,20 @@ mod nif {
         dispatcher: ResourceArc<Dispatcher>,
         part: Part,
         lane: usize,
+        /// The process that dispatched it.
+        producer: u64,
         cursor: AtomicUsize,
         done: AtomicBool,
+    }
+
+    impl Tracked for Batch {
+        fn producer(&self) -> u64 {
+            self.producer
+        }
+
+        fn done(&self) -> &AtomicBool {
+            &self.done
+        }
     }
 
     #[rustler::resource_impl]
@@ -199,15 +225,38 @@ mod nif {
         }
     }
 
-    /// The batches of one dispatch that did not fit in a full lane, in lane order, each
-    /// with its first undelivered position. Only its producer touches `batches`; a
-    /// credit granted to it is owned here until used, so a producer killed while waiting
-    /// gives it back through the destructor.
+    /// What is left of one dispatch that met a full lane or ran out of time: the parts
+    /// still to hand over, in lane order, and the parts the caller sends itself, each
+    /// with its first position not done. Only its producer touches `work`; a credit
+    /// granted to it is owned here until used, so a producer killed while waiting gives
+    /// it back through the destructor.
     pub struct Pending {
         dispatcher: ResourceArc<Dispatcher>,
-        batches: Mutex<VecDeque<(usize, Part, usize)>>,
+        work: Mutex<Work>,
         /// 1 + the lane of a credit granted and not used yet; 0 when none.
         granted: AtomicUsize,
+    }
+
+    /// The two kinds of work of a dispatch (see `dispatch_to`).
+    #[derive(Default)]
+    struct Work {
+        /// Parts for the lanes' senders: lane, subscribers, first position not sent.
+        hand_over: VecDeque<(usize, Part, usize)>,
+        /// Parts the caller sends itself: subscribers, first position not sent.
+        inline: VecDeque<(Part, usize)>,
+    }
+
+    /// How far a dispatch got.
+    enum Progress {
+        /// Everything handed over or sent.
+        Done,
+        /// A lane had no credit to take (`dispatch`: it is full; `resume`: the caller
+        /// was queued for the next one).
+        NoRoom,
+        /// Out of time with inline sends left: the caller yields, then resumes.
+        OutOfTime,
+        /// The dispatcher is closed.
+        Closed,
     }
 
     #[rustler::resource_impl]
@@ -328,150 +377,30 @@ mod nif {
         }
     }
 
-    /// One lane's sender process and the lane's batches on their way:
-    ///
-    /// * `in_flight`: each batch handed to a sender, with that sender's pid, until it is
-    ///   delivered. The dispatcher monitors its senders; when one dies, the batches it
-    ///   held are reclaimed from here (counted as lost, credits given back) at once, even
-    ///   while another process still holds a stale reference to them;
-    /// * `parked`: batches handed to the lane while it had no live sender (between a
-    ///   sender's death and its replacement), in order, each holding its credit: the next
-    ///   sender gets them first, so nothing dispatched meanwhile is lost.
-    struct SenderSlot {
-        pid: AtomicU64,
-        in_flight: Mutex<InFlight>,
-        parked: Mutex<Parked>,
-        parked_len: AtomicUsize,
+    /// Sends `batch` with `message` to the sender `pid` from the caller's env, so the VM
+    /// copies the message once and keeps its literals shared; false when `pid` is gone.
+    fn send_batch<'a>(
+        env: Env<'a>,
+        pid: u64,
+        batch: &ResourceArc<Batch>,
+        message: Term<'a>,
+    ) -> bool {
+        let deliver = (atoms::ex_atlas_deliver(), batch.clone(), message);
+        send_from(env, pid, deliver.encode(env))
     }
 
-    /// Batches sent, each with the pid of the sender it went to, oldest first.
-    type InFlight = VecDeque<(u64, ResourceArc<Batch>)>;
-    /// Batches waiting for a live sender, in order, each with its message.
-    type Parked = Vec<(ResourceArc<Batch>, Outgoing)>;
-
-    impl SenderSlot {
-        fn new() -> Self {
-            SenderSlot {
-                pid: AtomicU64::new(0),
-                in_flight: Mutex::new(VecDeque::new()),
-                parked: Mutex::new(Vec::new()),
-                parked_len: AtomicUsize::new(0),
-            }
-        }
-
-        /// Sends `batch` with `message` to the lane's sender, or parks it behind the
-        /// batches parked before it. Checking the parked count first keeps a caller's
-        /// later batch from overtaking its earlier, parked one.
-        fn hand<'a>(&self, env: Env<'a>, batch: ResourceArc<Batch>, message: Term<'a>) {
-            if self.parked_len.load(Ordering::SeqCst) == 0 && self.send(env, &batch, message) {
-                return;
-            }
-            let mut parked = lock(&self.parked);
-            if parked.is_empty() && self.send(env, &batch, message) {
-                return;
-            }
-            // Reclaimed meanwhile (its dead sender's monitor fired): already counted.
-            if batch.done.load(Ordering::Acquire) {
-                return;
-            }
-            // Only while the lane has no live sender: the message gets an env of its own
-            // (a copy that does not keep literals shared, unlike a send from the caller).
-            let out = Outgoing::build(|menv| {
-                (
-                    atoms::ex_atlas_deliver(),
-                    batch.clone(),
-                    message.in_env(menv),
-                )
-                    .encode(menv)
-            });
-            parked.push((batch, out));
-            self.parked_len.store(parked.len(), Ordering::SeqCst);
-        }
-
-        /// Sends from the caller's env, so the VM copies the message once and keeps its
-        /// literals shared. The batch is recorded as in flight first: once sent, its
-        /// sender may die at any moment, and its monitor must find it.
-        fn send<'a>(&self, env: Env<'a>, batch: &ResourceArc<Batch>, message: Term<'a>) -> bool {
-            let pid = self.pid.load(Ordering::SeqCst);
-            if pid == 0 {
-                return false;
-            }
-            self.record(pid, batch.clone());
-            let deliver = (atoms::ex_atlas_deliver(), batch.clone(), message);
-            if send_from(env, pid, deliver.encode(env)) {
-                return true;
-            }
-            let mut in_flight = lock(&self.in_flight);
-            if let Some(at) = in_flight.iter().rposition(|(_, b)| same(b, batch)) {
-                in_flight.remove(at);
-            }
-            false
-        }
-
-        /// Adds `batch` as sent to `pid`, dropping delivered batches from the front.
-        fn record(&self, pid: u64, batch: ResourceArc<Batch>) {
-            let mut in_flight = lock(&self.in_flight);
-            while in_flight
-                .front()
-                .is_some_and(|(_, b)| b.done.load(Ordering::Acquire))
-            {
-                in_flight.pop_front();
-            }
-            in_flight.push_back((pid, batch));
-        }
-
-        /// Takes out the undelivered batches sent to `pid`, marked done so that nothing
-        /// else counts or releases them again.
-        fn reclaim(&self, pid: u64) -> Vec<ResourceArc<Batch>> {
-            let mut in_flight = lock(&self.in_flight);
-            let mut taken = Vec::new();
-            in_flight.retain(|(to, batch)| {
-                if *to != pid {
-                    return true;
-                }
-                if !batch.done.swap(true, Ordering::AcqRel) {
-                    taken.push(batch.clone());
-                }
-                false
-            });
-            taken
-        }
-
-        /// Installs `pid` and hands it what was parked, in order; what it does not take
-        /// (it died already) stays parked for the next one.
-        fn install(&self, env: Env<'_>, pid: u64) {
-            let mut parked = lock(&self.parked);
-            self.pid.store(pid, Ordering::SeqCst);
-            let mut queue = std::mem::take(&mut *parked).into_iter();
-            for (batch, out) in queue.by_ref() {
-                // Recorded first, as in `send`; taken back if the new sender is gone too.
-                self.record(pid, batch.clone());
-                if let Err(unsent) = out.send(env, pid) {
-                    let mut in_flight = lock(&self.in_flight);
-                    if let Some(at) = in_flight.iter().rposition(|(_, b)| same(b, &batch)) {
-                        in_flight.remove(at);
-                    }
-                    drop(in_flight);
-                    parked.push((batch, unsent));
-                    break;
-                }
-            }
-            parked.extend(queue);
-            self.parked_len.store(parked.len(), Ordering::SeqCst);
-        }
-
-        /// Empties both lists, for the caller to drop after unlocking (closing).
-        fn clear(&self) -> (InFlight, Parked) {
-            let in_flight = std::mem::take(&mut *lock(&self.in_flight));
-            let mut parked = lock(&self.parked);
-            self.parked_len.store(0, Ordering::SeqCst);
-            (in_flight, std::mem::take(&mut *parked))
-        }
-    }
-
-    /// Whether two handles name the same batch.
-    fn same(a: &ResourceArc<Batch>, b: &ResourceArc<Batch>) -> bool {
-        std::ptr::eq::<Batch>(&**a, &**b)
+    /// The `{:"$ex_atlas_deliver", batch, message}` of a batch kept for a sender that is
+    /// not there yet, in an env of its own (a copy that does not keep literals shared,
+    /// unlike a send from the caller; only while the lane has no live sender).
+    fn parked_message(batch: &ResourceArc<Batch>, message: Term<'_>) -> Outgoing {
+        Outgoing::build(|menv| {
+            (
+                atoms::ex_atlas_deliver(),
+                batch.clone(),
+                message.in_env(menv),
+            )
+                .encode(menv)
+        })
     }
 
     /// `{:"$ex_atlas_room", pending}` to the producer waiting with `pending`.
@@ -509,10 +438,17 @@ mod nif {
             dispatcher: dispatcher.clone(),
             part,
             lane,
+            producer: pid_to_raw(&env.pid()),
             cursor: AtomicUsize::new(start),
             done: AtomicBool::new(false),
         });
-        dispatcher.senders[lane].hand(env, batch, message);
+        let handed = dispatcher.senders[lane].hand(
+            batch,
+            |pid, batch| send_batch(env, pid, batch, message),
+            |batch| parked_message(batch, message),
+        );
+        // A batch reclaimed between a failed send and its parking was counted there.
+        let _: Handed = handed;
     }
 
     /// The share of the calling process's timeslice spent so far, told to the VM as it
@@ -631,7 +567,7 @@ mod nif {
         let lanes = Lanes::new(lanes, queue_capacity);
         Ok(ResourceArc::new(Dispatcher {
             registry: Sharded::new(lanes.len()),
-            senders: (0..lanes.len()).map(|_| SenderSlot::new()).collect(),
+            senders: (0..lanes.len()).map(|_| Handoff::new()).collect(),
             lanes,
             monitors: AtomicUsize::new(0),
             relay: AtomicU64::new(0),
@@ -655,16 +591,45 @@ mod nif {
         if senders.len() != dispatcher.senders.len() {
             return Err(rustler::Error::BadArg);
         }
-        for (slot, pid) in dispatcher.senders.iter().zip(&senders) {
+        for (lane, (slot, pid)) in dispatcher.senders.iter().zip(&senders).enumerate() {
             let raw = pid_to_raw(pid);
             let mut monitored = lock(&dispatcher.sender_monitors);
             if !monitored.contains(&raw) && dispatcher.monitor(Some(env), pid).is_some() {
                 monitored.push(raw);
             }
             drop(monitored);
-            slot.install(env, raw);
+            if slot.install(raw) == Installed::MustDrain {
+                // Batches were parked while the lane had no sender: it pulls them
+                // itself (`take_parked/2`) before anyone sends to it directly. A sender
+                // already dead is replaced in turn, and told again.
+                let drain = Outgoing::build(|menv| {
+                    (atoms::ex_atlas_drain(), dispatcher.clone(), lane).encode(menv)
+                });
+                let _ = drain.send(env, raw);
+            }
         }
         Ok(atoms::ok())
+    }
+
+    /// For a lane's sender: the oldest batch parked for its lane, as the
+    /// `{:"$ex_atlas_deliver", batch, message}` it would have been sent, or `:done` once
+    /// none is left (the lane is then open to producers). Call until `:done`, delivering
+    /// each before taking the next.
+    #[rustler::nif]
+    fn take_parked<'a>(
+        env: Env<'a>,
+        dispatcher: ResourceArc<Dispatcher>,
+        lane: usize,
+    ) -> rustler::NifResult<Term<'a>> {
+        let slot = dispatcher.senders.get(lane).ok_or(rustler::Error::BadArg)?;
+        Ok(match slot.take_parked(pid_to_raw(&env.pid())) {
+            // SAFETY: `out.term` lives in `out.env`, alive until `out` drops at the end
+            // of this arm; the copy is made in the caller's env.
+            Some((_batch, out)) => unsafe {
+                Term::new(env, rustler::sys::enif_make_copy(env.as_c_arg(), out.term))
+            },
+            None => atoms::done().encode(env),
+        })
     }
 
     /// The sender of each lane, in lane order (`:undefined` before `set_senders/2`).
@@ -673,7 +638,7 @@ mod nif {
         dispatcher
             .senders
             .iter()
-            .map(|slot| match slot.pid.load(Ordering::Acquire) {
+            .map(|slot| match slot.sender() {
                 0 => atoms::undefined().encode(env),
                 raw => pid_from_raw(raw).encode(env),
             })
@@ -705,16 +670,28 @@ mod nif {
             .collect()
     }
 
+    /// Subscribes the caller to `topic`. `direct`: every dispatching process sends to it
+    /// itself, never through a sender (see `dispatch_to`); the caller says so when its
+    /// message queue is off-heap.
     #[rustler::nif]
-    fn subscribe(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>, topic: Binary<'_>) -> Atom {
+    fn subscribe(
+        env: Env<'_>,
+        dispatcher: ResourceArc<Dispatcher>,
+        topic: Binary<'_>,
+        direct: bool,
+    ) -> Atom {
         let pid = env.pid();
-        let result = dispatcher
-            .registry
-            .subscribe(topic.as_slice(), pid_to_raw(&pid), || {
-                let monitor = dispatcher.monitor(Some(env), &pid)?;
-                dispatcher.monitors.fetch_add(1, Ordering::Relaxed);
-                Some(monitor)
-            });
+        let monitor = || {
+            let monitor = dispatcher.monitor(Some(env), &pid)?;
+            dispatcher.monitors.fetch_add(1, Ordering::Relaxed);
+            Some(monitor)
+        };
+        let registry = &dispatcher.registry;
+        let result = if direct {
+            registry.subscribe_direct(topic.as_slice(), pid_to_raw(&pid), monitor)
+        } else {
+            registry.subscribe(topic.as_slice(), pid_to_raw(&pid), monitor)
+        };
         dispatcher.tell_relay(env, pid_to_raw(&pid), Some(topic.as_slice()));
         match result {
             Ok(Ok(())) => atoms::ok(),
@@ -866,6 +843,21 @@ mod nif {
         dispatch_to(env, &dispatcher, topic.as_slice(), message)
     }
 
+    /// The rules that keep each caller's order for every subscriber, whatever OTP does to
+    /// the order of messages from different processes:
+    ///
+    /// * subscribers in the direct partition (off-heap message queues, whose signals OTP
+    ///   may buffer per sender) get every message from the caller itself, never from a
+    ///   sender, so one process sends all of a caller's messages to each of them;
+    /// * in a lane, a small dispatch (at most `INLINE_DISPATCH` subscriptions over the
+    ///   lanes) is sent by the caller when nothing it handed to that lane before is still
+    ///   on its way: those messages are in the subscribers' queues already, and on-heap
+    ///   queues keep that order. Anything else goes to the lane's sender, which delivers
+    ///   a caller's batches in the order handed.
+    ///
+    /// What the caller sends itself, it always finishes itself: when its time is up it
+    /// gets `{:more, pending}`, yields, and goes on with `resume/2`. Nothing sent inline
+    /// is ever passed to a sender half-way.
     fn dispatch_to<'a>(
         env: Env<'a>,
         dispatcher: &ResourceArc<Dispatcher>,
@@ -876,42 +868,87 @@ mod nif {
         let Ok(snapshot) = dispatcher.registry.snapshot(topic) else {
             return atoms::closed().encode(env);
         };
-        let small = snapshot.iter().map(|(_, part)| part.len()).sum::<usize>() <= INLINE_DISPATCH;
-        let mut out_of_time = false;
-        let mut batches = snapshot.into_iter();
-        let result = loop {
-            let Some((lane, part)) = batches.next() else {
-                break delivered(dispatcher).encode(env);
-            };
-            let mut start = 0;
-            // A lane with nothing in flight has delivered everything this caller handed
-            // it before, so sending a small batch right here keeps per-caller order and
-            // saves the hop through the sender process.
-            if small && !out_of_time && dispatcher.lanes.is_idle(lane) {
-                start = send_within(env, part.pids(), message, &mut slice, INLINE_SLICE);
-                if start == part.len() {
-                    continue;
-                }
-                out_of_time = true;
+        let direct = dispatcher.registry.direct();
+        let on_lanes: usize = snapshot
+            .iter()
+            .filter(|(lane, _)| *lane != direct)
+            .map(|(_, part)| part.len())
+            .sum();
+        let small = on_lanes <= INLINE_DISPATCH;
+        let mut producer = None;
+        let mut work = Work::default();
+        for (lane, part) in snapshot {
+            let inline = lane == direct
+                || (small
+                    && dispatcher.clear_for(
+                        lane,
+                        *producer.get_or_insert_with(|| pid_to_raw(&env.pid())),
+                    ));
+            if inline {
+                work.inline.push_back((part, 0));
+            } else {
+                work.hand_over.push_back((lane, part, 0));
             }
-            match dispatcher.lanes.try_reserve(lane) {
-                Ok(()) => hand_over(env, dispatcher, lane, part, start, message),
-                Err(Refused::Closed) => break atoms::closed().encode(env),
-                Err(Refused::Full) => {
-                    let rest = std::iter::once((lane, part, start))
-                        .chain(batches.map(|(lane, part)| (lane, part, 0)))
-                        .collect();
-                    let pending = ResourceArc::new(Pending {
-                        dispatcher: dispatcher.clone(),
-                        batches: Mutex::new(rest),
-                        granted: AtomicUsize::new(0),
-                    });
-                    break (atoms::full(), pending).encode(env);
-                }
-            }
-        };
+        }
+        let progress =
+            proceed(
+                env,
+                dispatcher,
+                &mut work,
+                message,
+                &mut slice,
+                |lane| match dispatcher.lanes.try_reserve(lane) {
+                    Ok(()) => Ok(true),
+                    Err(Refused::Full) => Ok(false),
+                    Err(Refused::Closed) => Err(()),
+                },
+            );
         slice.finish();
-        result
+        let tag = match progress {
+            Progress::Done => return delivered(dispatcher).encode(env),
+            Progress::Closed => return atoms::closed().encode(env),
+            Progress::NoRoom => atoms::full(),
+            Progress::OutOfTime => atoms::more(),
+        };
+        let pending = ResourceArc::new(Pending {
+            dispatcher: dispatcher.clone(),
+            work: Mutex::new(work),
+            granted: AtomicUsize::new(0),
+        });
+        (tag, pending).encode(env)
+    }
+
+    /// Hands over, then sends, what is left in `work`. `reserve(lane)` takes a credit of
+    /// `lane`: `Ok(true)` taken, `Ok(false)` not now (full, or the caller was queued),
+    /// `Err` closed.
+    fn proceed<'a>(
+        env: Env<'a>,
+        dispatcher: &ResourceArc<Dispatcher>,
+        work: &mut Work,
+        message: Term<'a>,
+        slice: &mut Timeslice<'a>,
+        mut reserve: impl FnMut(usize) -> Result<bool, ()>,
+    ) -> Progress {
+        // Hand-overs first: each is quick, and its sender starts at once.
+        while let Some(&(lane, _, _)) = work.hand_over.front() {
+            match reserve(lane) {
+                Ok(true) => {}
+                Ok(false) => return Progress::NoRoom,
+                Err(()) => return Progress::Closed,
+            }
+            if let Some((lane, part, start)) = work.hand_over.pop_front() {
+                hand_over(env, dispatcher, lane, part, start, message);
+            }
+        }
+        while let Some((part, start)) = work.inline.front_mut() {
+            let sent = send_within(env, part.pids_from(*start), message, slice, INLINE_SLICE);
+            *start += sent;
+            if *start < part.len() {
+                return Progress::OutOfTime;
+            }
+            work.inline.pop_front();
+        }
+        Progress::Done
     }
 
     /// What `dispatch` answers once everything is handed over or sent: `:forward` in
@@ -925,48 +962,57 @@ mod nif {
         }
     }
 
-    /// Hands over what is left of a dispatch that met a full lane, in lane order, with
-    /// the credit granted to it first. Never waits: `:wait` means the caller was queued
-    /// for the next free credit of a full lane and will get `{:"$ex_atlas_room",
-    /// pending}`; `:closed` that the dispatcher was closed; `:ok` that all is handed over.
+    /// Goes on with what is left of a dispatch (`{:full, pending}` or `{:more, pending}`):
+    /// hands over the rest in lane order, the credit granted to it first, then sends
+    /// what the caller sends itself. Never waits: `:wait` means the caller was queued for
+    /// the next free credit of a full lane and will get `{:"$ex_atlas_room", pending}`;
+    /// `:more` that its time is up and it should call again; `:closed` that the
+    /// dispatcher was closed; `:ok` that all is done.
     #[rustler::nif]
     fn resume<'a>(env: Env<'a>, pending: ResourceArc<Pending>, message: Term<'a>) -> Atom {
         let dispatcher = &pending.dispatcher;
-        let mut batches = lock(&pending.batches);
-        while let Some(&(lane, _, _)) = batches.front() {
+        let mut slice = Timeslice::new(env);
+        let mut work = lock(&pending.work);
+        let progress = proceed(env, dispatcher, &mut work, message, &mut slice, |lane| {
             let granted = pending
                 .granted
                 .compare_exchange(lane + 1, 0, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok();
-            if !granted {
-                let waiter = Waiter {
-                    pid: pid_to_raw(&env.pid()),
-                    pending: pending.clone(),
-                };
-                match dispatcher
-                    .lanes
-                    .reserve_or_queue(lane, waiter, granting(env, lane))
-                {
-                    Ok(Reservation::Taken) => {}
-                    Ok(Reservation::Queued) => return atoms::wait(),
-                    Err(_) => return atoms::closed(),
-                }
+            if granted {
+                return Ok(true);
             }
-            if let Some((lane, part, start)) = batches.pop_front() {
-                hand_over(env, dispatcher, lane, part, start, message);
+            let waiter = Waiter {
+                pid: pid_to_raw(&env.pid()),
+                pending: pending.clone(),
+            };
+            match dispatcher
+                .lanes
+                .reserve_or_queue(lane, waiter, granting(env, lane))
+            {
+                Ok(Reservation::Taken) => Ok(true),
+                Ok(Reservation::Queued) => Ok(false),
+                Err(_) => Err(()),
             }
+        });
+        drop(work);
+        slice.finish();
+        match progress {
+            Progress::Done => atoms::ok(),
+            Progress::NoRoom => atoms::wait(),
+            Progress::OutOfTime => atoms::more(),
+            Progress::Closed => atoms::closed(),
         }
-        atoms::ok()
     }
 
     /// Marks `batch` delivered up to `next` and, when it is done, gives its credit back
     /// (to the first waiting producer, if any). Returns true when done.
-    fn advance(env: Env<'_>, batch: &Batch, next: usize) -> bool {
+    fn advance(env: Env<'_>, batch: &ResourceArc<Batch>, next: usize) -> bool {
         batch.cursor.store(next, Ordering::Release);
         let done = next >= batch.part.len();
         if done && !batch.done.swap(true, Ordering::AcqRel) {
-            batch
-                .dispatcher
+            let dispatcher = &batch.dispatcher;
+            dispatcher.senders[batch.lane].finish(batch);
+            dispatcher
                 .lanes
                 .release(batch.lane, granting(env, batch.lane));
         }

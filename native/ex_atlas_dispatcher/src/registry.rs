@@ -8,7 +8,10 @@
 //!
 //! * [`Sharded`] gives each fan-out lane its own [`Registry`]s. A subscriber's lane is
 //!   picked by a hash of its pid, so one sender always serves the same subscriber (that
-//!   keeps per-sender order while several senders share one dispatch). Within a lane, a
+//!   keeps per-sender order while several senders share one dispatch). One more
+//!   partition, the *direct* one, holds the subscriptions that every dispatching process
+//!   sends to itself, never through a sender (the NIF puts off-heap subscribers there:
+//!   OTP orders their messages per sending process only). Within a lane, a
 //!   topic lives in one of [`STRIPES`] registries, picked by a hash of its name, so
 //!   concurrent subscribers rarely take the same lock, even in one lane, and a dispatch
 //!   still takes one lock per lane.
@@ -538,8 +541,10 @@ pub const STRIPES: usize = 8;
 /// One [`Registry`] per lane and stripe, each behind its own lock, and one monitor per
 /// subscriber.
 ///
-/// A subscriber's lane comes from its pid ([`partition_of`]); within the lane, each topic
-/// lives in one stripe, picked from its name ([`Sharded::stripe_of`]). Two processes
+/// A subscriber's lane comes from its pid ([`partition_of`]), or is the direct partition
+/// ([`Sharded::direct`]) for a subscription made with [`Sharded::subscribe_direct`];
+/// within the partition, each topic lives in one stripe, picked from its name
+/// ([`Sharded::stripe_of`]). Two processes
 /// subscribing at once take the same lock only when they share a lane and their topics
 /// share a stripe, and a dispatch still takes one lock per lane, briefly, for its
 /// snapshot.
@@ -589,7 +594,8 @@ impl<M> Sharded<M> {
     pub fn with_stripes(lanes: usize, stripes: usize) -> Self {
         let (lanes, stripes) = (lanes.max(1), stripes.max(1));
         Sharded {
-            shards: (0..lanes * stripes)
+            // One partition per lane, and the direct partition last.
+            shards: (0..(lanes + 1) * stripes)
                 .map(|_| {
                     Padded(Mutex::new(Shard {
                         registry: Registry::new(),
@@ -605,8 +611,14 @@ impl<M> Sharded<M> {
         }
     }
 
-    /// Number of lanes (= partitions of the pids).
+    /// Number of lanes (= partitions of the pids served by senders).
     pub fn lanes(&self) -> usize {
+        self.lanes
+    }
+
+    /// The index that [`Sharded::snapshot`] gives the direct partition: one past the
+    /// last lane.
+    pub fn direct(&self) -> usize {
         self.lanes
     }
 
@@ -626,15 +638,24 @@ impl<M> Sharded<M> {
         self.shards[lane * self.stripes + stripe].lock()
     }
 
-    /// The shard that holds `pid`'s subscriptions to `topic`.
-    fn shard_of(&self, pid: Pid, topic: &[u8]) -> MutexGuard<'_, Shard> {
-        self.shard(partition_of(pid, self.lanes), self.stripe_of(topic))
+    /// The two partitions that may hold `pid`'s subscriptions: its lane, then the direct
+    /// one.
+    fn partitions_of(&self, pid: Pid) -> [usize; 2] {
+        [partition_of(pid, self.lanes), self.lanes]
     }
 
-    /// The shards of `pid`'s lane, one stripe after the other.
-    fn lane_of(&self, pid: Pid) -> impl Iterator<Item = MutexGuard<'_, Shard>> {
-        let lane = partition_of(pid, self.lanes);
-        (0..self.stripes).map(move |stripe| self.shard(lane, stripe))
+    /// The shard that holds `pid`'s subscriptions to `topic` in `partition`.
+    fn shard_in(&self, partition: usize, topic: &[u8]) -> MutexGuard<'_, Shard> {
+        self.shard(partition, self.stripe_of(topic))
+    }
+
+    /// Every shard that may hold `pid`'s subscriptions, one after the other.
+    fn shards_of(&self, pid: Pid) -> impl Iterator<Item = MutexGuard<'_, Shard>> {
+        self.partitions_of(pid)
+            .into_iter()
+            .flat_map(move |partition| {
+                (0..self.stripes).map(move |stripe| self.shard(partition, stripe))
+            })
     }
 
     /// The watch table of `pid` (taken inside a shard's lock only).
@@ -677,16 +698,36 @@ impl<M> Sharded<M> {
         watches.remove(&pid).map(|watch| watch.monitor)
     }
 
-    /// Adds one subscription of `pid` to `topic`; refused once [`Sharded::close`] ran.
-    /// `monitor` is called only when `pid` has no subscription yet, as
-    /// [`Registry::subscribe`] does.
+    /// Adds one subscription of `pid` to `topic`, in `pid`'s lane; refused once
+    /// [`Sharded::close`] ran. `monitor` is called only when `pid` has no subscription
+    /// yet, as [`Registry::subscribe`] does.
     pub fn subscribe(
         &self,
         topic: &[u8],
         pid: Pid,
         monitor: impl FnOnce() -> Option<M>,
     ) -> Result<Result<(), SubscribeError>, ClosedError> {
-        let mut shard = self.shard_of(pid, topic);
+        self.subscribe_in(partition_of(pid, self.lanes), topic, pid, monitor)
+    }
+
+    /// As [`Sharded::subscribe`], in the direct partition.
+    pub fn subscribe_direct(
+        &self,
+        topic: &[u8],
+        pid: Pid,
+        monitor: impl FnOnce() -> Option<M>,
+    ) -> Result<Result<(), SubscribeError>, ClosedError> {
+        self.subscribe_in(self.lanes, topic, pid, monitor)
+    }
+
+    fn subscribe_in(
+        &self,
+        partition: usize,
+        topic: &[u8],
+        pid: Pid,
+        monitor: impl FnOnce() -> Option<M>,
+    ) -> Result<Result<(), SubscribeError>, ClosedError> {
+        let mut shard = self.shard_in(partition, topic);
         if shard.closed {
             return Err(ClosedError);
         }
@@ -707,12 +748,23 @@ impl<M> Sharded<M> {
     /// Removes every subscription of `pid` to `topic`; `released` is `pid`'s monitor when
     /// that was its last subscription.
     pub fn unsubscribe(&self, topic: &[u8], pid: Pid) -> Removed<M> {
-        let mut shard = self.shard_of(pid, topic);
-        let removed = shard.registry.unsubscribe(topic, pid);
-        Removed {
-            count: removed.count,
-            released: removed.released.and_then(|()| self.unwatch(pid)),
+        let mut total = Removed {
+            count: 0,
+            released: None,
+        };
+        for partition in self.partitions_of(pid) {
+            let mut shard = self.shard_in(partition, topic);
+            let removed = shard.registry.unsubscribe(topic, pid);
+            total.count += removed.count;
+            if removed.released.is_some() {
+                // At most one shard lets the last record go; the watch hands the monitor
+                // back only then.
+                if let Some(monitor) = self.unwatch(pid) {
+                    total.released = Some(monitor);
+                }
+            }
         }
+        total
     }
 
     /// Removes every subscription of `pid` (its process went down), stripe by stripe.
@@ -724,7 +776,7 @@ impl<M> Sharded<M> {
             count: 0,
             released: Vec::new(),
         };
-        for mut shard in self.lane_of(pid) {
+        for mut shard in self.shards_of(pid) {
             let removed = shard.registry.remove_subscriber(pid);
             cleared.count += removed.count;
             // Every stripe that let it go counts down; the last one hands back the monitor.
@@ -735,19 +787,20 @@ impl<M> Sharded<M> {
         cleared
     }
 
-    /// Subscriptions to `topic` over all lanes.
+    /// Subscriptions to `topic` over all partitions.
     pub fn count(&self, topic: &[u8]) -> usize {
         let stripe = self.stripe_of(topic);
-        (0..self.lanes)
+        (0..=self.lanes)
             .map(|lane| self.shard(lane, stripe).registry.count(topic))
             .sum()
     }
 
-    /// The non-empty parts of `topic`, each with its lane.
+    /// The non-empty parts of `topic`, each with its lane, in lane order; the direct
+    /// partition's part, if any, comes last, with the index [`Sharded::direct`].
     pub fn snapshot(&self, topic: &[u8]) -> Result<Snapshot, ClosedError> {
         let stripe = self.stripe_of(topic);
         let mut snapshot = Snapshot::new();
-        for lane in 0..self.lanes {
+        for lane in 0..=self.lanes {
             let shard = self.shard(lane, stripe);
             if shard.closed {
                 return Err(ClosedError);
@@ -766,22 +819,30 @@ impl<M> Sharded<M> {
         }
     }
 
-    /// [`Registry::take_changed`] where `pid`'s last change happened: the shard of `topic`,
-    /// or every stripe of `pid`'s lane for `None` (all its subscriptions went).
+    /// [`Registry::take_changed`] where `pid`'s last change happened: the shards of
+    /// `topic` in its partitions, or every shard of them for `None` (all its
+    /// subscriptions went).
     pub fn take_changed(&self, pid: Pid, topic: Option<&[u8]>) -> Vec<Arc<[u8]>> {
         match topic {
-            Some(topic) => self.shard_of(pid, topic).registry.take_changed(),
+            Some(topic) => self
+                .partitions_of(pid)
+                .into_iter()
+                .flat_map(|partition| self.shard_in(partition, topic).registry.take_changed())
+                .collect(),
             None => self
-                .lane_of(pid)
+                .shards_of(pid)
                 .flat_map(|mut shard| shard.registry.take_changed())
                 .collect(),
         }
     }
 
-    /// [`Registry::topics_of`] over the stripes of `pid`'s lane (a topic lives in one).
+    /// [`Registry::topics_of`] over the shards that may hold `pid`'s subscriptions; a
+    /// topic it holds in both its lane and the direct partition is named once.
     pub fn topics_of(&self, pid: Pid) -> Vec<Arc<[u8]>> {
-        self.lane_of(pid)
+        let mut seen: HashSet<Arc<[u8]>> = HashSet::new();
+        self.shards_of(pid)
             .flat_map(|shard| shard.registry.topics_of(pid))
+            .filter(|name| seen.insert(name.clone()))
             .collect()
     }
 
@@ -842,7 +903,7 @@ impl<M> Sharded<M> {
             let shard = shard.lock();
             shard.registry.check_invariants()?;
             for &pid in shard.registry.subscribers.keys() {
-                if partition_of(pid, self.lanes) != lane {
+                if partition_of(pid, self.lanes) != lane && lane != self.lanes {
                     return Err(format!("pid {pid} in lane {lane}"));
                 }
                 *recorded.entry(pid).or_default() += 1;
@@ -1133,6 +1194,44 @@ mod tests {
             let rest: Vec<Pid> = part.pids_from(start).collect();
             assert_eq!(rest, all[start.min(all.len())..].to_vec(), "start {start}");
         }
+    }
+
+    #[test]
+    fn direct_subscriptions_have_a_partition_of_their_own() {
+        let reg: Sharded<u64> = Sharded::new(2);
+        assert_eq!(reg.direct(), 2);
+        // Pid 1 in its lane and, after switching its queue, in the direct partition too.
+        reg.subscribe(b"t", 1, ok_monitor(1)).unwrap().unwrap();
+        reg.subscribe_direct(b"t", 1, || panic!("monitored twice"))
+            .unwrap()
+            .unwrap();
+        reg.subscribe_direct(b"t", 2, ok_monitor(2))
+            .unwrap()
+            .unwrap();
+        reg.subscribe_direct(b"u", 2, || panic!("monitored twice"))
+            .unwrap()
+            .unwrap();
+        reg.check_invariants().unwrap();
+        assert_eq!(reg.count(b"t"), 3);
+        let snapshot = reg.snapshot(b"t").unwrap();
+        let (last, direct) = snapshot.last().unwrap();
+        assert_eq!(*last, reg.direct(), "the direct part comes last");
+        assert_eq!(sorted(direct.pids().collect()), vec![1, 2]);
+        assert_eq!(
+            reg.topics_of(1).len(),
+            1,
+            "a topic held twice is named once"
+        );
+        assert_eq!(reg.stats().subscribers, 2, "one monitor per subscriber");
+
+        // Unsubscribing removes the subscriber's subscriptions in both partitions, and
+        // hands its monitor back once, when the last one goes.
+        let removed = reg.unsubscribe(b"t", 1);
+        assert_eq!((removed.count, removed.released), (2, Some(10)));
+        let cleared = reg.remove_subscriber(2);
+        assert_eq!((cleared.count, cleared.released), (2, vec![20]));
+        assert_eq!(reg.count(b"t") + reg.count(b"u"), 0);
+        reg.check_invariants().unwrap();
     }
 
     #[test]

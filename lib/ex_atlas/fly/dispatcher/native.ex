@@ -54,8 +54,13 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   @spec topics(dispatcher()) :: [binary()]
   def topics(_dispatcher), do: :erlang.nif_error(:nif_not_loaded)
 
-  @spec subscribe(dispatcher(), binary()) :: :ok | :closed | :not_alive | :too_many_topics
-  def subscribe(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
+  @doc """
+  Subscribes the caller. `direct`: every dispatching process sends to it itself, never
+  through a sender; true for a caller whose message queue is off-heap.
+  """
+  @spec subscribe(dispatcher(), binary(), boolean()) ::
+          :ok | :closed | :not_alive | :too_many_topics
+  def subscribe(_dispatcher, _topic, _direct), do: :erlang.nif_error(:nif_not_loaded)
 
   @spec unsubscribe(dispatcher(), binary()) :: :ok
   def unsubscribe(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
@@ -68,20 +73,31 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   def publish(_dispatcher), do: :erlang.nif_error(:nif_not_loaded)
 
   @doc "`dispatch/3` to the published dispatcher; `:closed` when none is published."
-  @spec dispatch(binary(), term()) :: :ok | :forward | :closed | {:full, pending()}
+  @spec dispatch(binary(), term()) ::
+          :ok | :forward | :closed | {:full | :more, pending()}
   def dispatch(_topic, _message), do: :erlang.nif_error(:nif_not_loaded)
 
   @doc """
   `:ok`, or `:forward` in cluster mode (a relay is set): all is handed over or sent.
-  `{:full, pending}`: a lane was full; call `resume/2` until it answers `:ok`, waiting
-  for `{:"$ex_atlas_room", pending}` after each `:wait`.
+  `{:full, pending}`: a lane was full; `{:more, pending}`: the caller's time was up
+  with messages of its own still to send. Either way, call `resume/2` until it answers
+  `:ok`: again at once after `:more`, after `{:"$ex_atlas_room", pending}` after `:wait`.
   """
   @spec dispatch(dispatcher(), binary(), term()) ::
-          :ok | :forward | :closed | {:full, pending()}
+          :ok | :forward | :closed | {:full | :more, pending()}
   def dispatch(_dispatcher, _topic, _message), do: :erlang.nif_error(:nif_not_loaded)
 
-  @spec resume(pending(), term()) :: :ok | :wait | :closed
+  @spec resume(pending(), term()) :: :ok | :wait | :more | :closed
   def resume(_pending, _message), do: :erlang.nif_error(:nif_not_loaded)
+
+  @doc """
+  For the sender of `lane`: the oldest batch parked for the lane, as
+  `{:"$ex_atlas_deliver", batch, message}`, or `:done` once none is left (the lane then
+  opens to producers).
+  """
+  @spec take_parked(dispatcher(), non_neg_integer()) ::
+          {:"$ex_atlas_deliver", batch(), term()} | :done
+  def take_parked(_dispatcher, _lane), do: :erlang.nif_error(:nif_not_loaded)
 
   @spec deliver(batch(), term()) :: :ok | :more
   def deliver(_batch, _message), do: :erlang.nif_error(:nif_not_loaded)

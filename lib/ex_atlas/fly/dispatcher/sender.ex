@@ -29,6 +29,7 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
   alias ExAtlas.Fly.Dispatcher.Native
 
   @deliver :"$ex_atlas_deliver"
+  @drain :"$ex_atlas_drain"
   @sync :"$ex_atlas_sync"
   @synced :"$ex_atlas_synced"
 
@@ -63,6 +64,14 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
     {:noreply, delivery}
   end
 
+  # Batches were parked for this lane while it had no sender (the one before died). They
+  # are pulled and delivered one by one, in order, and only then does the lane open to
+  # producers: nothing a producer hands over later can reach this mailbox before them.
+  def handle_info({@drain, dispatcher, lane}, delivery) do
+    drain(delivery, dispatcher, lane)
+    {:noreply, delivery}
+  end
+
   def handle_info({@sync, from, ref}, delivery) do
     send(from, {@synced, ref})
     {:noreply, delivery}
@@ -76,6 +85,17 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
     )
 
     {:noreply, delivery}
+  end
+
+  defp drain(delivery, dispatcher, lane) do
+    case Native.take_parked(dispatcher, lane) do
+      {@deliver, batch, message} ->
+        deliver(delivery, batch, message)
+        drain(delivery, dispatcher, lane)
+
+      :done ->
+        :ok
+    end
   end
 
   defp deliver(:scheduler, batch, message) do

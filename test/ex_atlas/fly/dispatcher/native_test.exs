@@ -27,7 +27,7 @@ defmodule ExAtlas.Fly.Dispatcher.NativeTest do
     for _ <- 1..n do
       pid =
         spawn_link(fn ->
-          :ok = Native.subscribe(dispatcher, topic)
+          :ok = Native.subscribe(dispatcher, topic, false)
           send(parent, {:subscribed, self()})
           forward(parent)
         end)
@@ -135,7 +135,7 @@ defmodule ExAtlas.Fly.Dispatcher.NativeTest do
     # released with the last.
     subscribe_all = fn ->
       spawn(fn ->
-        Enum.each(topics, &(:ok = Native.subscribe(dispatcher, &1)))
+        Enum.each(topics, &(:ok = Native.subscribe(dispatcher, &1, false)))
         send(parent, :subscribed)
 
         receive do
@@ -260,14 +260,40 @@ defmodule ExAtlas.Fly.Dispatcher.NativeTest do
     assert %{in_flight: 3, lost_batches: 0} = stats(dispatcher)
     refute_received {@deliver, _, _}
 
+    # The new sender is told to pull what is parked; until it has, the lane stays closed
+    # and a later dispatch parks behind the others instead of overtaking them.
     :ok = Native.set_senders(dispatcher, [self()])
+    assert_receive {:"$ex_atlas_drain", _dispatcher, 0}
+    assert :ok = Native.dispatch(dispatcher, "parked", 4)
+    refute_received {@deliver, _, _}
 
-    for seq <- 1..3 do
-      assert_receive {@deliver, batch, ^seq}
+    for seq <- 1..4 do
+      assert {@deliver, batch, ^seq} = Native.take_parked(dispatcher, 0)
       assert Native.deliver(batch, seq) == :ok
     end
 
-    assert %{in_flight: 0, delivered_batches: 3, lost_batches: 0} = stats(dispatcher)
+    # Drained: the lane opens, and the next batch is sent straight to the sender.
+    assert Native.take_parked(dispatcher, 0) == :done
+    assert :ok = Native.dispatch(dispatcher, "parked", 5)
+    assert_receive {@deliver, batch, 5}
+    assert Native.deliver(batch, 5) == :ok
+    assert %{in_flight: 0, delivered_batches: 5, lost_batches: 0} = stats(dispatcher)
+  end
+
+  test "only the lane's current sender can pull its parked batches" do
+    dispatcher = new_dispatcher(1, 4)
+    dead = spawn(fn -> :ok end)
+    eventually(fn -> not Process.alive?(dead) end)
+    :ok = Native.set_senders(dispatcher, [dead])
+    subscribers(dispatcher, "stale", 20)
+    assert :ok = Native.dispatch(dispatcher, "stale", 1)
+
+    # Not this process's lane to drain: it gets nothing, and the batch stays parked.
+    assert Native.take_parked(dispatcher, 0) == :done
+    assert_raise ArgumentError, fn -> Native.take_parked(dispatcher, 1) end
+    :ok = Native.set_senders(dispatcher, [self()])
+    assert {@deliver, batch, 1} = Native.take_parked(dispatcher, 0)
+    assert Native.deliver(batch, 1) == :ok
   end
 
   test "closing wakes every waiting producer and drops parked batches as lost" do

@@ -10,7 +10,12 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   @impl true
   def subscribe(topic, _arg) do
-    case Native.subscribe(dispatcher!(), topic) do
+    # OTP orders messages per sending process only, and may fetch an off-heap queue's
+    # messages from different senders out of the order they were sent: such a
+    # subscriber gets every message from the dispatching process itself.
+    {:message_queue_data, queue} = Process.info(self(), :message_queue_data)
+
+    case Native.subscribe(dispatcher!(), topic, queue == :off_heap) do
       :ok -> :ok
       # The caller is exiting (its monitor could not be set): nothing to keep, and it will
       # never read a message, as with Registry.register/3 from a dying process.
@@ -58,6 +63,10 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
         :ok = make_room(pending, topic, message)
         true
 
+      {:more, pending} ->
+        :ok = make_room(pending, topic, message)
+        true
+
       :closed ->
         raise not_started()
     end
@@ -71,10 +80,17 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   # {:"$ex_atlas_room", pending} message, so nothing is left in the mailbox. Only a real
   # wait (a `:wait` answer) is reported to telemetry, as one start/stop span however
   # many lanes it waits for in turn.
+  #
+  # `{:more, pending}` (and `:more` from resume) means the caller's timeslice ran out
+  # with messages it sends itself still to send: calling again lets the VM preempt it
+  # first, as a send loop would be.
   defp make_room(pending, topic, message) do
     case Native.resume(pending, message) do
       :ok ->
         :ok
+
+      :more ->
+        make_room(pending, topic, message)
 
       :wait ->
         span = Telemetry.wait_start(topic)
@@ -92,8 +108,13 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
       {@room, ^pending} -> :ok
     end
 
+    go_on(pending, message)
+  end
+
+  defp go_on(pending, message) do
     case Native.resume(pending, message) do
       :wait -> await_room(pending, message)
+      :more -> go_on(pending, message)
       done -> done
     end
   end

@@ -1,16 +1,18 @@
 defmodule ExAtlas.Fly.Dispatcher.Reliability.OrderTest do
-  # Issue 9, section 4: per-dispatcher order across topics and across the two delivery
-  # paths. A dispatch to at most 16 subscriptions whose lanes are idle is sent by the
-  # caller itself, from inside the NIF; every other one is handed to the lanes' sender
-  # processes. The promise is that of a plain send/2 loop: what one process dispatches
-  # reaches each subscriber in dispatch order, whichever path each dispatch took.
+  # Issue 9, section 4, and issue 18: per-dispatcher order across topics and across the
+  # delivery paths. On-heap subscribers of a small dispatch (at most 16 subscriptions in
+  # the lanes) are sent to by the caller itself when nothing it handed to their lane is
+  # still on its way; every other on-heap delivery goes through the lanes' sender
+  # processes. Off-heap subscribers always get their messages from the caller. The
+  # promise is that of a plain send/2 loop: what one process dispatches reaches each
+  # subscriber in dispatch order, whichever path each dispatch took.
   #
   # On OTP 25 a receiver with `message_queue_data: :off_heap` may buffer incoming signals
   # per sender when several processes send to it at once, and the VM orders signals only
   # per pair of processes. So most subscribers here are off_heap (some on_heap for
   # contrast) and noise processes keep sending to them while several dispatchers mix one
-  # big topic (always the sender processes) with small ones (inline while the lanes are
-  # idle).
+  # big topic with small ones. (reliability/buffered_order_test.exs forces the buffered
+  # mode instead of waiting for it.)
   #
   # Exact checks:
   #
@@ -221,8 +223,9 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.OrderTest do
     %{index: index, topics: topics, off_heap: rem(index, 4) != 3}
   end
 
-  # Lanes (= batches of a dispatch through the senders) each topic spans: one dispatch
-  # each that cannot go inline, measured with `delivered_batches` around it.
+  # Lanes (= batches of a dispatch through the senders) each topic's on-heap subscribers
+  # span: one dispatch each that cannot go inline, measured with `delivered_batches`
+  # around it.
   defp calibrate(names, calibration) do
     lanes =
       for t <- 0..@small_topics do
@@ -232,7 +235,10 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.OrderTest do
         :ok = Dispatcher.dispatch(topic, {:calibrate, t})
         :ok = Dispatcher.sync()
         batches = stats().delivered_batches - before
-        assert batches in 1..stats().lanes, "calibration of topic #{t}: #{batches} batches"
+        # Off-heap subscribers are sent to by the dispatching process itself, never by a
+        # sender: a small topic of off-heap members only spans no lane.
+        least = if t == @big, do: 1, else: 0
+        assert batches in least..stats().lanes, "calibration of topic #{t}: #{batches} batches"
         batches
       end
 
