@@ -1,0 +1,152 @@
+defmodule ExAtlas.Fly.Dispatcher.DirectDeliveryTest do
+  # Issue 18: who sends to whom. A subscriber whose message queue is off-heap when it
+  # subscribes gets every message from the dispatching process itself, never from a
+  # sender (OTP may fetch an off-heap queue's messages from different senders out of
+  # send order); the caller then sends in NIF calls bounded in time, resuming after each
+  # with the VM free to preempt it. A small dispatch to on-heap subscribers is sent by
+  # the caller whenever nothing of its own is on its way through their lane, however
+  # busy other producers keep the lanes.
+  use ExUnit.Case, async: false
+
+  import ExAtlas.Test.Reliability, only: [stats: 0]
+  import ExAtlas.Test.FlyEnv, only: [unique_topic: 1]
+
+  alias ExAtlas.Fly.Dispatcher
+  alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
+
+  # Subscribers that report each message they get to the test, tagged with their pid.
+  defp subscribers(topic, n, queue) do
+    parent = self()
+
+    for _ <- 1..n do
+      pid =
+        spawn_link(fn ->
+          Process.flag(:message_queue_data, queue)
+          :ok = Dispatcher.subscribe(topic)
+          send(parent, {:ready, self()})
+          relay(parent)
+        end)
+
+      assert_receive {:ready, ^pid}
+      pid
+    end
+  end
+
+  defp relay(parent) do
+    receive do
+      message ->
+        send(parent, {:got, self(), message})
+        relay(parent)
+    end
+  end
+
+  # How often the caller went back to the NIF to go on with a dispatch: calls of the
+  # backend's `make_room/3`, which every `{:more, pending}` and each `:more` after it
+  # goes through.
+  defp resume_calls(fun) do
+    mfa = {RegistryBackend, :make_room, 3}
+    parent = self()
+
+    producer =
+      spawn_link(fn ->
+        receive do: (:go -> :ok)
+        fun.()
+        send(parent, :dispatched)
+      end)
+
+    1 = :erlang.trace(producer, true, [:call])
+    1 = :erlang.trace_pattern(mfa, true, [:local])
+
+    try do
+      send(producer, :go)
+      assert_receive :dispatched, 10_000
+    after
+      :erlang.trace_pattern(mfa, false, [:local])
+    end
+
+    count_traces(0)
+  end
+
+  defp count_traces(n) do
+    receive do
+      {:trace, _, :call, {RegistryBackend, :make_room, _}} -> count_traces(n + 1)
+    after
+      0 -> n
+    end
+  end
+
+  test "off-heap subscribers get every message from the caller, in bounded NIF calls" do
+    topic = unique_topic("direct")
+    pids = subscribers(topic, 3_000, :off_heap)
+    before = stats().delivered_batches
+    message = {:ex_atlas_fly_logs, "app", Enum.map(1..20, &%{"line" => &1})}
+
+    calls = resume_calls(fn -> :ok = Dispatcher.dispatch(topic, message) end)
+
+    # 3 000 copies of a 20-map batch take far longer than one 0.5 ms slice: the caller
+    # came back for more, and no sender delivered anything.
+    assert calls > 0
+    assert stats().delivered_batches == before
+
+    for pid <- pids, do: assert_receive({:got, ^pid, ^message}, 5_000)
+    refute_received {:got, _, _}
+  end
+
+  test "a topic of on-heap and off-heap subscribers: the lanes for one, the caller for the other" do
+    topic = unique_topic("mixed")
+    on_heap = subscribers(topic, 40, :on_heap)
+    off_heap = subscribers(topic, 40, :off_heap)
+    before = stats().delivered_batches
+
+    for seq <- 1..20, do: :ok = Dispatcher.dispatch(topic, {:seq, seq})
+    :ok = Dispatcher.sync()
+
+    # 40 on-heap subscriptions are more than a small dispatch: they went through the
+    # senders, one batch per lane they span.
+    assert stats().delivered_batches > before
+
+    for pid <- on_heap ++ off_heap, seq <- 1..20 do
+      assert_receive {:got, ^pid, {:seq, ^seq}}
+    end
+  end
+
+  test "a small dispatch is sent by its producer while another producer keeps the lanes busy" do
+    big = unique_topic("busy")
+    small = unique_topic("small")
+    _big_subscribers = subscribers(big, 2_000, :on_heap)
+    [small_subscriber] = subscribers(small, 1, :on_heap)
+    parent = self()
+    :ok = Dispatcher.sync()
+    before = stats().delivered_batches
+
+    # Another producer keeps every lane busy with big dispatches meanwhile, one batch per
+    # lane each.
+    busy = spawn_link(fn -> busy(big, parent, 0) end)
+    assert_receive :busy
+    assert stats().in_flight > 0, "the lanes were not busy"
+
+    for seq <- 1..200, do: :ok = Dispatcher.dispatch(small, {:small, seq})
+    :ok = Dispatcher.sync()
+    send(busy, :stop)
+    assert_receive {:busy_done, dispatches}, 30_000
+    for seq <- 1..200, do: assert_receive({:got, ^small_subscriber, {:small, ^seq}}, 5_000)
+
+    # Every batch delivered was the busy producer's: none of the 200 small dispatches
+    # was handed to a sender, although the lanes were never idle.
+    assert stats().delivered_batches - before == dispatches * stats().lanes
+  end
+
+  defp busy(topic, parent, n) do
+    if n == 1, do: send(parent, :busy)
+
+    receive do
+      :stop ->
+        :ok = Dispatcher.sync()
+        send(parent, {:busy_done, n})
+    after
+      0 ->
+        :ok = Dispatcher.dispatch(topic, :busy)
+        busy(topic, parent, n + 1)
+    end
+  end
+end
