@@ -204,6 +204,28 @@ defmodule ExAtlas.Test.Cluster do
 
   defp apply_fault({module, function, args}), do: apply(module, function, args)
 
+  @doc """
+  Spawns, on `node`, a producer that dispatches `{:p, id, seq}` to `topic` for seq
+  1..count, sleeping 1 ms every `every` dispatches, and sends
+  `{:produced, id, slowest_dispatch_us}` to the caller.
+  """
+  @spec timed_producer(node(), binary(), term(), pos_integer(), pos_integer()) :: pid()
+  def timed_producer(node, topic, id, count, every) do
+    Node.spawn(node, __MODULE__, :produce_timed, [self(), topic, id, count, every])
+  end
+
+  @doc false
+  def produce_timed(parent, topic, id, count, every) do
+    slowest =
+      Enum.reduce(1..count, 0, fn seq, slowest ->
+        {us, :ok} = :timer.tc(Dispatcher, :dispatch, [topic, {:p, id, seq}])
+        if rem(seq, every) == 0, do: Process.sleep(1)
+        max(us, slowest)
+      end)
+
+    send(parent, {:produced, id, slowest})
+  end
+
   @doc "Connects this node to `node`, trying again until it is connected."
   @spec connect(node(), non_neg_integer()) :: :ok
   def connect(node, tries \\ 500) do
