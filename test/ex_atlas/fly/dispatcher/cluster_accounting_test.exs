@@ -89,26 +89,20 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterAccountingTest do
     define_telemetry()
     ExAtlas.Test.TelemetryStandIn.capture([@drop])
 
-    log =
-      capture_log(fn ->
-        Peers.producer_with_fault(
-          node(),
-          topic,
-          :a1,
-          count,
-          300,
-          {Process, :exit, [relay, :kill]}
-        )
-
-        assert_receive {:produced, :a1, :ok}, 60_000
-        eventually(fn -> Cluster.stats()[b].queued == 0 end, 10_000)
-      end)
+    capture_log(fn ->
+      Peers.producer_with_fault(node(), topic, :a1, count, 300, {Process, :exit, [relay, :kill]})
+      assert_receive {:produced, :a1, :ok}, 60_000
+      eventually(fn -> Cluster.stats()[b].queued == 0 end, 10_000)
+    end)
 
     refute :erpc.call(b, Process, :whereis, [Cluster.Relay]) in [nil, relay]
     dropped = Cluster.stats()[b].dropped - before
     seqs = for {:p, :a1, seq} <- Peers.report(sub), do: seq
     assert seqs == Enum.sort(seqs) and seqs == Enum.uniq(seqs)
     assert length(seqs) + dropped == count
+
+    # The link reports its drops (log, telemetry) once a second.
+    if dropped > 0, do: assert_receive({:telemetry, @drop, %{count: _}, %{node: ^b}}, 5_000)
 
     IO.puts(
       "\nremote relay killed: dispatched #{count}, delivered #{length(seqs)}, dropped #{dropped}"
