@@ -163,6 +163,85 @@ defmodule ExAtlas.Test.Cluster do
     send(parent, {:produced, id, Dispatcher.sync(:cluster)})
   end
 
+  @doc """
+  Spawns, on `node`, a producer that dispatches `{:p, id, seq}` to `topic` for seq
+  1..count and applies `fault` (`{module, function, args}`: the peers do not have the test
+  modules) on `node` right after dispatch `at`. Once done it waits
+  until `node` is connected to each of `reconnect` (connecting it), calls
+  `sync(:cluster)` and sends `{:produced, id, sync_result}` to the caller.
+  """
+  @spec producer_with_fault(
+          node(),
+          binary(),
+          term(),
+          pos_integer(),
+          pos_integer(),
+          {module(), atom(), list()},
+          [
+            node()
+          ]
+        ) :: pid()
+  def producer_with_fault(node, topic, id, count, at, fault, reconnect \\ []) do
+    Node.spawn(node, __MODULE__, :produce_with_fault, [
+      self(),
+      {topic, id, count},
+      at,
+      fault,
+      reconnect
+    ])
+  end
+
+  @doc false
+  def produce_with_fault(parent, {topic, id, count}, at, fault, reconnect) do
+    for seq <- 1..count do
+      :ok = Dispatcher.dispatch(topic, {:p, id, seq})
+      if seq == at, do: apply_fault(fault)
+    end
+
+    Enum.each(reconnect, &connect/1)
+    send(parent, {:produced, id, Dispatcher.sync(:cluster)})
+  end
+
+  defp apply_fault({module, function, args}), do: apply(module, function, args)
+
+  @doc """
+  Spawns, on `node`, a producer that dispatches `{:p, id, seq}` to `topic` for seq
+  1..count, sleeping 1 ms every `every` dispatches, and sends
+  `{:produced, id, slowest_dispatch_us}` to the caller.
+  """
+  @spec timed_producer(node(), binary(), term(), pos_integer(), pos_integer()) :: pid()
+  def timed_producer(node, topic, id, count, every) do
+    Node.spawn(node, __MODULE__, :produce_timed, [self(), topic, id, count, every])
+  end
+
+  @doc false
+  def produce_timed(parent, topic, id, count, every) do
+    slowest =
+      Enum.reduce(1..count, 0, fn seq, slowest ->
+        {us, :ok} = :timer.tc(Dispatcher, :dispatch, [topic, {:p, id, seq}])
+        if rem(seq, every) == 0, do: Process.sleep(1)
+        max(us, slowest)
+      end)
+
+    send(parent, {:produced, id, slowest})
+  end
+
+  @doc "Connects this node to `node`, trying again until it is connected."
+  @spec connect(node(), non_neg_integer()) :: :ok
+  def connect(node, tries \\ 500) do
+    cond do
+      node in Node.list() -> :ok
+      Node.connect(node) == true -> :ok
+      tries == 0 -> raise "could not connect to #{node}"
+      true -> retry_connect(node, tries)
+    end
+  end
+
+  defp retry_connect(node, tries) do
+    Process.sleep(10)
+    connect(node, tries - 1)
+  end
+
   @doc "Spawns, on `node`, a process that subscribes to and leaves `topic` until `:stop`."
   @spec churner(node(), binary()) :: pid()
   def churner(node, topic), do: Node.spawn(node, __MODULE__, :churn, [topic, 0])

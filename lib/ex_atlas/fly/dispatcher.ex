@@ -232,8 +232,9 @@ defmodule ExAtlas.Fly.Dispatcher do
   is in its subscribers' mailboxes on this node and on every other connected node; a
   barrier through each node's link and relay, one message each way per node. Returns
   `{:error, {:no_answer, nodes}}` when some nodes did not answer within `timeout` ms
-  (default 5 000), for example a node suspended or cut off. Outside cluster mode it is
-  `sync/0`.
+  (default 5 000), for example a node suspended or cut off; answers that come later are
+  discarded (they go to a process alias that is gone by then), never left in the
+  caller's mailbox. Outside cluster mode it is `sync/0`.
   """
   @spec sync(:cluster, timeout()) :: :ok | {:error, {:no_answer, [node()]}}
   def sync(:cluster, timeout \\ 5_000) do
@@ -282,9 +283,11 @@ defmodule ExAtlas.Fly.Dispatcher do
     * `:waiting` - producers waiting for room in a full lane now (see the `:wait`
       telemetry events);
     * `:lost_batches`, `:lost_deliveries` - what senders that exited had not delivered;
-    * `:cluster` - in cluster mode, per connected node, the messages queued for it
-      (`:queued`, unacknowledged ones included) and those dropped since its link started
-      (`:dropped`); `%{}` outside cluster mode.
+    * `:cluster` - in cluster mode, per node with a link (connected, or away for less
+      than twice the 10 s hold time), the messages queued for it (`:queued`,
+      unacknowledged ones included) and those dropped for it since its link started
+      (`:dropped`: queue full, lost with the connection or its relay, or away longer
+      than the hold time; see the README); `%{}` outside cluster mode.
 
   Counting topics walks all of them on a dirty scheduler: poll it every few seconds, not
   per dispatch. Raises `ArgumentError` in `:registry` mode when no registry runs. The

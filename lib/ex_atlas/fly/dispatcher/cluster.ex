@@ -9,27 +9,57 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   # node's relay is a member of the group of every topic it has local subscribers to.
   # No membership protocol of our own.
   #
-  # This module is the supervisor of the `:pg` scope and the relay (`:rest_for_one`: a
-  # new scope needs a relay that joins again), and the functions callers use. Nothing of
-  # it runs unless cluster mode is on: a dispatch calls `forward/2` only when the NIF
-  # answers `:forward` (a relay is set) or after it waited for room, and `forward/2` is
-  # then one :persistent_term read.
+  # This module is the supervisor of cluster mode and the functions callers use. Its
+  # children, `:rest_for_one`:
+  #
+  #   * `Switch` turns forwarding on for as long as the supervisor runs, and off (with
+  #     the NIF's relay) only when it stops: a restart of the relay or of the scope does
+  #     not stop forwarding, so nothing is skipped uncounted meanwhile;
+  #   * the links' supervisor: one `Link` per other node, which outlives restarts of
+  #     the scope and of the relay, so that what it holds is never lost uncounted;
+  #   * the `:pg` scope, and the relay (a new scope needs a relay that joins again).
+  #
+  # The ETS tables belong to this supervisor, so that a restarted child finds them:
+  #
+  #   * @links, `{node, handle}`: the link of each node, written by the link itself;
+  #   * @interest, a bag of `{topic, node}`: the topics each node's link forwards, that
+  #     is, the node's `:pg` groups as the link learnt them, plus the groups it held
+  #     when it went away (until it is back and `:pg` has caught up, or `Link`'s hold
+  #     time ran out); written by the links;
+  #   * @seen, `{link pid, count}`: per link of another node, the dispatches this node's
+  #     relay has received from it, so that a restarted relay answers a link exactly.
+  #
+  # Nothing of it runs unless cluster mode is on: a dispatch calls `forward/2` only when
+  # the NIF answers `:forward` (a relay is set) or after it waited for room, and
+  # `forward/2` is then a :persistent_term read and one ETS lookup per interested node.
+  # It never calls or waits for a process.
 
   use Supervisor
 
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
-  alias ExAtlas.Fly.Dispatcher.Cluster.{Link, Relay}
+  alias ExAtlas.Fly.Dispatcher.Cluster.{Link, Relay, Switch}
 
   @scope ExAtlas.Fly.Dispatcher.PG
   @links ExAtlas.Fly.Dispatcher.Cluster.Links
+  @interest ExAtlas.Fly.Dispatcher.Cluster.Interest
+  @seen ExAtlas.Fly.Dispatcher.Cluster.Seen
+  @link_sup ExAtlas.Fly.Dispatcher.Cluster.LinkSupervisor
   @bound_key {__MODULE__, :bound}
+  @synced :"$ex_atlas_cluster_synced"
 
   @spec start_link(keyword()) :: Supervisor.on_start()
   def start_link(opts), do: Supervisor.start_link(__MODULE__, opts, name: __MODULE__)
 
   @impl true
   def init(opts) do
+    for table <- [@links, @seen],
+        do: :ets.new(table, [:named_table, :public, read_concurrency: true])
+
+    :ets.new(@interest, [:named_table, :public, :bag, read_concurrency: true])
+
     children = [
+      {Switch, opts},
+      {DynamicSupervisor, name: @link_sup, strategy: :one_for_one},
       %{id: :pg, start: {:pg, :start_link, [@scope]}},
       {Relay, opts}
     ]
@@ -46,6 +76,22 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   def links_table, do: @links
 
   @doc false
+  @spec interest_table() :: atom()
+  def interest_table, do: @interest
+
+  @doc false
+  @spec seen_table() :: atom()
+  def seen_table, do: @seen
+
+  @doc false
+  @spec link_supervisor() :: atom()
+  def link_supervisor, do: @link_sup
+
+  @doc false
+  @spec synced_tag() :: atom()
+  def synced_tag, do: @synced
+
+  @doc false
   @spec enable(pos_integer()) :: :ok
   def enable(bound) do
     if :persistent_term.get(@bound_key, nil) != bound, do: :persistent_term.put(@bound_key, bound)
@@ -60,65 +106,65 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   end
 
   @doc """
-  Sends `message` for `topic` once to each other node whose relay is in the topic's
-  group, through that node's link. Never blocks: a node whose queue is full has the
-  dispatch dropped (counted, logged by its link).
+  Hands `message` for `topic` once to the link of each other node that has interest in
+  the topic (see the moduledoc). Never blocks, never calls a process: a node whose queue
+  is full has the dispatch dropped (counted, logged by its link).
   """
   @spec forward(binary(), term()) :: :ok
   def forward(topic, message) do
     case :persistent_term.get(@bound_key, nil) do
       nil -> :ok
-      bound -> forward(members(topic), bound, topic, message)
+      bound -> forward(interested(topic), bound, topic, message)
     end
   end
 
   defp forward([], _bound, _topic, _message), do: :ok
 
-  defp forward([relay | rest], bound, topic, message) do
-    if node(relay) != node() do
-      case link(node(relay)) do
-        nil -> :ok
-        handle -> Link.push(handle, bound, relay, topic, message)
-      end
+  defp forward([{_topic, node} | rest], bound, topic, message) do
+    # A row is written by its node's link once the link runs, and deleted before it
+    # stops: there is always a link here.
+    case :ets.lookup(@links, node) do
+      [{^node, handle}] -> Link.push(handle, bound, topic, message)
+      [] -> :ok
     end
 
     forward(rest, bound, topic, message)
   end
 
-  defp members(topic) do
-    :pg.get_members(@scope, topic)
+  defp interested(topic) do
+    :ets.lookup(@interest, topic)
   rescue
-    # The scope is being restarted.
+    # Cluster mode is stopping.
     ArgumentError -> []
-  end
-
-  defp link(node) do
-    case :ets.lookup(@links, node) do
-      [{^node, handle}] -> handle
-      [] -> Relay.ensure_link(node)
-    end
-  rescue
-    ArgumentError -> nil
   end
 
   @doc """
   Returns once everything the caller dispatched before is in its subscribers' mailboxes
   on this node and on every other connected node, or `{:error, {:no_answer, nodes}}`
-  when some nodes did not answer within `timeout` ms.
+  when some nodes did not answer within `timeout` ms. The replies come to a process
+  alias that is gone when this returns: none reaches the caller later.
   """
   @spec sync(timeout()) :: :ok | {:error, {:no_answer, [node()]}}
   def sync(timeout) do
     :ok = RegistryBackend.sync(nil)
+    connected = Node.list()
+    reply_to = :erlang.alias()
 
     waits =
-      for {node, handle} <- links(), into: %{} do
+      for {node, handle} <- links(), node in connected, into: %{} do
         ref = make_ref()
-        :ok = Link.push_sync(handle, {Relay, node}, self(), ref)
+        :ok = Link.push_sync(handle, reply_to, ref)
         {ref, node}
       end
 
     deadline = System.monotonic_time(:millisecond) + timeout
-    await_synced(waits, deadline)
+
+    try do
+      await_synced(waits, deadline)
+    after
+      :erlang.unalias(reply_to)
+      flush_synced(waits)
+    end
   end
 
   defp await_synced(waits, _deadline) when map_size(waits) == 0, do: :ok
@@ -127,10 +173,19 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
     left = max(deadline - System.monotonic_time(:millisecond), 0)
 
     receive do
-      {:"$ex_atlas_cluster_synced", ref, _node} when is_map_key(waits, ref) ->
+      {@synced, ref, _node} when is_map_key(waits, ref) ->
         await_synced(Map.delete(waits, ref), deadline)
     after
       left -> {:error, {:no_answer, waits |> Map.values() |> Enum.sort()}}
+    end
+  end
+
+  # Replies that reached the alias before it was deactivated.
+  defp flush_synced(waits) do
+    receive do
+      {@synced, ref, _node} when is_map_key(waits, ref) -> flush_synced(waits)
+    after
+      0 -> :ok
     end
   end
 
@@ -147,7 +202,38 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   @spec relay_counts() :: %{received: non_neg_integer(), acks: non_neg_integer()}
   def relay_counts, do: GenServer.call(Relay, :counts)
 
-  @doc "Per connected node: messages queued for it (sent and unacknowledged included) and dropped."
+  @doc """
+  Per node with a link (connected, or gone for less than the hold time): messages
+  queued for it (sent and unacknowledged included) and dropped for it.
+  """
   @spec stats() :: %{node() => %{queued: non_neg_integer(), dropped: non_neg_integer()}}
   def stats, do: Map.new(links(), fn {node, handle} -> {node, Link.counts(handle)} end)
+end
+
+defmodule ExAtlas.Fly.Dispatcher.Cluster.Switch do
+  @moduledoc false
+  # Forwarding is on while cluster mode's supervisor runs: the first child, so it stops
+  # last and turns forwarding (and the NIF's relay) off only when all of cluster mode
+  # stops, never while the relay or the scope restarts.
+
+  use GenServer
+
+  alias ExAtlas.Fly.Dispatcher.{Cluster, Native, Server}
+
+  @spec start_link(keyword()) :: GenServer.on_start()
+  def start_link(opts), do: GenServer.start_link(__MODULE__, opts)
+
+  @impl true
+  def init(opts) do
+    Process.flag(:trap_exit, true)
+    dispatcher = Server.lookup() || raise ArgumentError, "no registry runs"
+    Cluster.enable(Keyword.fetch!(opts, :cluster_queue))
+    {:ok, dispatcher}
+  end
+
+  @impl true
+  def terminate(_reason, dispatcher) do
+    Cluster.disable()
+    if Server.lookup() == dispatcher, do: Native.set_relay(dispatcher, :undefined)
+  end
 end

@@ -127,7 +127,9 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterTest do
     end
   end
 
-  test "a node stopped mid-stream does not break or block the others", %{b: b} do
+  test "a node stopped mid-stream does not break or block the others; what it missed is dropped",
+       %{b: b} do
+    put_hold(500)
     topic = unique_topic("cluster:stop")
 
     {peer_d, d} =
@@ -147,7 +149,18 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterTest do
     refute Process.alive?(producer)
     assert :ok = Dispatcher.sync(:cluster)
     assert Peers.report(sub_b) == for(seq <- 1..2_000, do: {:p, :a, seq})
-    refute Map.has_key?(Cluster.stats(), d)
+
+    # d's interest was kept for the hold time: what it did not receive is counted as
+    # dropped for it, and then its link goes (twice the hold time after its nodedown).
+    log =
+      capture_log(fn ->
+        eventually(fn -> Cluster.stats()[d][:queued] in [0, nil] end, 10_000)
+        assert %{dropped: dropped} = Cluster.stats()[d] || %{dropped: :reaped}
+        assert dropped == :reaped or dropped > 0
+        eventually(fn -> not Map.has_key?(Cluster.stats(), d) end, 10_000)
+      end)
+
+    assert log =~ "dropped"
   end
 
   test "a suspended relay: dispatch goes on, the node's queue stays bounded, drops are counted",
@@ -232,6 +245,12 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterTest do
     assert Dispatcher.sync(:cluster, 5_000) == :ok
     assert received(b) == received_b
     assert Peers.report(sub_c) == for(seq <- 1..(count + 100), do: {:p, :a, seq})
+  end
+
+  # The link's hold time for a departed node, on this node, for one test.
+  defp put_hold(ms) do
+    Application.put_env(:ex_atlas, :cluster_hold_ms, ms)
+    on_exit(fn -> Application.delete_env(:ex_atlas, :cluster_hold_ms) end)
   end
 
   defp received(node), do: :erpc.call(node, Cluster, :relay_counts, []).received

@@ -123,10 +123,16 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   # each has answered, everything the caller dispatched before is delivered. A sender
   # that dies meanwhile had its undelivered batches counted and logged as lost; there is
   # nothing more to wait for from it.
+  #
+  # The senders answer to a process alias, not to the caller's pid: once this returns
+  # (or the caller gives up, killed in the wait) no answer reaches the caller's mailbox.
+  # `{:"$ex_atlas_sync", reply_to, ref}` is `Sender.request_sync/2`'s request with the
+  # alias in place of the pid.
   @impl true
   def sync(_arg) do
     senders = for sender <- Native.senders(dispatcher!()), is_pid(sender), do: sender
     tag = Sender.synced_tag()
+    reply_to = :erlang.alias()
 
     # One ref and one monitor per sender, matched exactly: the caller's own messages
     # (a host's :DOWN messages included) stay in its mailbox untouched.
@@ -134,7 +140,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
       for sender <- senders do
         ref = make_ref()
         monitor = Process.monitor(sender)
-        :ok = Sender.request_sync(sender, ref)
+        send(sender, {:"$ex_atlas_sync", reply_to, ref})
         {ref, monitor}
       end
 
@@ -146,7 +152,17 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
         end
       end)
     after
-      Enum.each(waits, fn {_ref, monitor} -> Process.demonitor(monitor, [:flush]) end)
+      :erlang.unalias(reply_to)
+
+      Enum.each(waits, fn {ref, monitor} ->
+        Process.demonitor(monitor, [:flush])
+
+        receive do
+          {^tag, ^ref} -> :ok
+        after
+          0 -> :ok
+        end
+      end)
     end
   end
 

@@ -8,10 +8,18 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
   #     a hint it checks against `count/2`), and it reads every topic when it starts;
   #   * receiving: dispatches from other nodes' links arrive in order per sender and go
   #     through the local fan-out (`Backend.Registry.dispatch_local/2`, with its bounds
-  #     and the local watchdog), then are acknowledged in batches, which opens the
-  #     sending link's window again;
-  #   * sending: it starts one `Link` per connected node (`:net_kernel.monitor_nodes/1`)
-  #     and publishes them in an ETS table for callers of dispatch/2.
+  #     and the local watchdog). It counts them per link in an ETS table that outlives
+  #     it, and acknowledges in batches with that count, which opens the link's window
+  #     again and tells a link that greets it after a cut (`hello`) what arrived;
+  #   * links: it starts one `Link` per connected node (`:net_kernel.monitor_nodes/1`),
+  #     under cluster mode's link supervisor, and stops a node's link once the node has
+  #     been away for twice the link's hold time.
+  #
+  # Everything it sends to other nodes (acknowledgements, answers to greetings, pings
+  # and syncs) goes with `:nosuspend`: a busy distribution buffer to one node must not
+  # stop this process, which every other node's traffic goes through. What does not go
+  # out waits in an outbox, in order per node, and is tried again shortly; what is for a
+  # node no longer connected is dropped (its link greets us again when it is back).
 
   use GenServer
 
@@ -26,55 +34,48 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
   # load they cost about two messages a second per node, not one per dispatch.
   @ack_every 64
   @ack_ms 500
+  @retry_ms 5
 
   @spec start_link(keyword()) :: GenServer.on_start()
   def start_link(opts), do: GenServer.start_link(__MODULE__, opts, name: __MODULE__)
-
-  @doc "The link to `node`, started now if the node is connected but has none yet."
-  @spec ensure_link(node()) :: Link.handle() | nil
-  def ensure_link(node) do
-    GenServer.call(__MODULE__, {:ensure_link, node})
-  catch
-    :exit, _ -> nil
-  end
 
   @impl true
   def init(opts) do
     Process.flag(:trap_exit, true)
     bound = Keyword.fetch!(opts, :cluster_queue)
     dispatcher = Server.lookup() || raise ArgumentError, "no registry runs"
-    :ets.new(Cluster.links_table(), [:named_table, :protected, read_concurrency: true])
     :ok = :net_kernel.monitor_nodes(true)
 
     state = %{
       dispatcher: dispatcher,
       bound: bound,
       joined: MapSet.new(),
-      links: %{},
       acks: %{},
+      ack_timer: nil,
+      monitors: %{},
+      outbox: :queue.new(),
+      retry: nil,
       received: 0,
       acks_sent: 0
     }
 
-    state = Enum.reduce(Node.list(), state, &start_link_to(&2, &1))
+    # Links outlive a restart of this process: start the missing ones, and reap later
+    # those whose node is away.
+    connected = Node.list()
+    state = Enum.reduce(connected, state, &start_link_to(&2, &1))
+
+    for {node, _} <- :ets.tab2list(Cluster.links_table()),
+        node not in connected,
+        do: schedule_reap(node)
+
     :ok = Native.set_relay(dispatcher, self())
     state = Enum.reduce(Native.topics(dispatcher), state, &reconcile(&2, &1))
-    Cluster.enable(bound)
     {:ok, state}
   end
 
   @impl true
   def handle_call(:counts, _from, state),
     do: {:reply, %{received: state.received, acks: state.acks_sent}, state}
-
-  def handle_call({:ensure_link, node}, _from, state) do
-    state = if node in Node.list(), do: start_link_to(state, node), else: state
-
-    case state.links do
-      %{^node => handle} -> {:reply, handle, state}
-      _ -> {:reply, nil, state}
-    end
-  end
 
   @impl true
   def handle_info({:"$ex_atlas_remote", link, topic, message}, state) do
@@ -85,70 +86,91 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
       ArgumentError -> :ok
     end
 
+    _ = :ets.update_counter(Cluster.seen_table(), link, 1, {link, 0})
+    state = watch_link(state, link)
     {:noreply, count_ack(%{state | received: state.received + 1}, link)}
   end
 
   def handle_info({:"$ex_atlas_interest", topic}, state), do: {:noreply, reconcile(state, topic)}
 
-  def handle_info({:"$ex_atlas_sync", from, ref}, state) do
+  def handle_info({:"$ex_atlas_sync", reply_to, ref}, state) do
     # Everything this relay dispatched before is delivered once this returns.
     _ = RegistryBackend.sync(nil)
-    send(from, {:"$ex_atlas_cluster_synced", ref, node()})
-    {:noreply, state}
+    {:noreply, deliver(state, reply_to, {Cluster.synced_tag(), ref, node()})}
   end
 
-  def handle_info(:ack, state), do: {:noreply, flush_acks(state)}
+  def handle_info({:"$ex_atlas_hello", link, ref}, state) do
+    # Everything the link sent before it greeted us came before this: the count is final.
+    state = flush_ack(state, link)
+    welcome = {:"$ex_atlas_welcome", ref, self(), seen(link), MapSet.to_list(state.joined)}
+    {:noreply, deliver(watch_link(state, link), link, welcome)}
+  end
+
+  def handle_info({:"$ex_atlas_ping", link, ref}, state),
+    do: {:noreply, deliver(state, link, {:"$ex_atlas_pong", ref})}
+
+  def handle_info(:ack, state), do: {:noreply, flush_acks(%{state | ack_timer: nil})}
+
+  def handle_info(:retry, state), do: {:noreply, flush_outbox(%{state | retry: nil})}
 
   def handle_info({:nodeup, node}, state), do: {:noreply, start_link_to(state, node)}
 
   def handle_info({:nodedown, node}, state) do
-    case state.links do
-      %{^node => {pid, _counts}} ->
-        :ets.delete(Cluster.links_table(), node)
-        Process.unlink(pid)
-        Process.exit(pid, :shutdown)
-        {:noreply, %{state | links: Map.delete(state.links, node)}}
+    schedule_reap(node)
+    {:noreply, state}
+  end
+
+  def handle_info({:reap, node}, state) do
+    unless node in Node.list() do
+      case :ets.lookup(Cluster.links_table(), node) do
+        [{^node, {pid, _counts}}] ->
+          _ = DynamicSupervisor.terminate_child(Cluster.link_supervisor(), pid)
+
+        [] ->
+          :ok
+      end
+
+      # The counts of that node's links: they will not greet us again.
+      :ets.select_delete(Cluster.seen_table(), [
+        {{:"$1", :_}, [{:==, {:node, :"$1"}, node}], [true]}
+      ])
+    end
+
+    {:noreply, state}
+  end
+
+  def handle_info({:DOWN, ref, :process, link, reason}, state) do
+    case state.monitors do
+      %{^link => ^ref} ->
+        # A link cut off may greet us again: its count stays until its node is reaped.
+        if reason != :noconnection, do: :ets.delete(Cluster.seen_table(), link)
+        {:noreply, %{state | monitors: Map.delete(state.monitors, link)}}
 
       _ ->
         {:noreply, state}
     end
   end
 
-  def handle_info({:EXIT, pid, reason}, state) do
-    case Enum.find(state.links, fn {_node, {link, _}} -> link == pid end) do
-      {node, _} ->
-        Logger.warning(
-          "[ExAtlas.Fly.Dispatcher] the link to #{inspect(node)} exited (#{inspect(reason)})",
-          node: node
-        )
-
-        :ets.delete(Cluster.links_table(), node)
-        state = %{state | links: Map.delete(state.links, node)}
-        {:noreply, if(node in Node.list(), do: start_link_to(state, node), else: state)}
-
-      nil ->
-        {:noreply, state}
-    end
-  end
-
   def handle_info(_other, state), do: {:noreply, state}
 
-  @impl true
-  def terminate(_reason, state) do
-    Cluster.disable()
-
-    if Server.lookup() == state.dispatcher do
-      Native.set_relay(state.dispatcher, :undefined)
-    end
-  end
-
-  defp start_link_to(%{links: links} = state, node) when is_map_key(links, node), do: state
+  defp schedule_reap(node), do: Process.send_after(self(), {:reap, node}, 2 * Link.hold_ms())
 
   defp start_link_to(state, node) do
-    {:ok, pid} = Link.start_link({node, state.bound})
-    handle = {pid, GenServer.call(pid, :counts)}
-    :ets.insert(Cluster.links_table(), {node, handle})
-    %{state | links: Map.put(state.links, node, handle)}
+    unless :ets.member(Cluster.links_table(), node) do
+      case DynamicSupervisor.start_child(Cluster.link_supervisor(), {Link, {node, state.bound}}) do
+        {:ok, _pid} ->
+          :ok
+
+        other ->
+          Logger.error(
+            "[ExAtlas.Fly.Dispatcher] could not start the link to #{inspect(node)}: " <>
+              inspect(other),
+            node: node
+          )
+      end
+    end
+
+    state
   end
 
   # Joins or leaves the topic's group as the local registry says now, whatever order the
@@ -171,25 +193,91 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
     end
   end
 
+  defp seen(link) do
+    case :ets.lookup(Cluster.seen_table(), link) do
+      [{^link, n}] -> n
+      [] -> 0
+    end
+  end
+
+  defp watch_link(%{monitors: monitors} = state, link) when is_map_key(monitors, link),
+    do: state
+
+  defp watch_link(state, link),
+    do: %{state | monitors: Map.put(state.monitors, link, Process.monitor(link))}
+
+  ## Acknowledgements
+
   defp count_ack(state, link) do
     n = Map.get(state.acks, link, 0) + 1
 
     cond do
       n >= @ack_every ->
-        send(link, {:"$ex_atlas_ack", self(), n})
-        %{state | acks: Map.delete(state.acks, link), acks_sent: state.acks_sent + 1}
+        flush_ack(state, link)
 
-      map_size(state.acks) == 0 ->
-        Process.send_after(self(), :ack, @ack_ms)
-        %{state | acks: %{link => n}}
+      state.ack_timer == nil ->
+        %{state | acks: Map.put(state.acks, link, n), ack_timer: ack_timer()}
 
       true ->
         %{state | acks: Map.put(state.acks, link, n)}
     end
   end
 
-  defp flush_acks(state) do
-    Enum.each(state.acks, fn {link, n} -> send(link, {:"$ex_atlas_ack", self(), n}) end)
-    %{state | acks: %{}, acks_sent: state.acks_sent + map_size(state.acks)}
+  defp ack_timer, do: Process.send_after(self(), :ack, @ack_ms)
+
+  defp flush_acks(state), do: Enum.reduce(Map.keys(state.acks), state, &flush_ack(&2, &1))
+
+  # An acknowledgement carries the count so far: a later one covers an earlier one.
+  defp flush_ack(state, link) do
+    if Map.has_key?(state.acks, link) do
+      state = %{state | acks: Map.delete(state.acks, link), acks_sent: state.acks_sent + 1}
+      deliver(state, link, {:"$ex_atlas_ack", self(), seen(link)})
+    else
+      state
+    end
   end
+
+  ## Sending to other nodes without ever being suspended
+
+  defp deliver(state, to, message) do
+    if blocked?(state.outbox, node(to)) do
+      %{state | outbox: :queue.in({to, message}, state.outbox)}
+    else
+      case :erlang.send(to, message, [:nosuspend, :noconnect]) do
+        :ok -> state
+        :noconnect -> state
+        :nosuspend -> retry(%{state | outbox: :queue.in({to, message}, state.outbox)})
+      end
+    end
+  end
+
+  defp blocked?(outbox, node),
+    do: Enum.any?(:queue.to_list(outbox), fn {to, _} -> node(to) == node end)
+
+  # Tries the outbox in order; a node whose buffer is still busy keeps its messages, in
+  # order, and holds up no other node's.
+  defp flush_outbox(state) do
+    {kept, _busy} =
+      Enum.reduce(:queue.to_list(state.outbox), {[], MapSet.new()}, fn {to, message} = out,
+                                                                       {kept, busy} ->
+        cond do
+          MapSet.member?(busy, node(to)) ->
+            {[out | kept], busy}
+
+          :erlang.send(to, message, [:nosuspend, :noconnect]) == :nosuspend ->
+            {[out | kept], MapSet.put(busy, node(to))}
+
+          true ->
+            {kept, busy}
+        end
+      end)
+
+    state = %{state | outbox: kept |> Enum.reverse() |> :queue.from_list()}
+    if :queue.is_empty(state.outbox), do: state, else: retry(state)
+  end
+
+  defp retry(%{retry: nil} = state),
+    do: %{state | retry: Process.send_after(self(), :retry, @retry_ms)}
+
+  defp retry(state), do: state
 end
