@@ -37,12 +37,12 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
   def start_link(delivery), do: GenServer.start_link(__MODULE__, delivery)
 
   @doc """
-  Asks `sender` to reply `{#{inspect(@synced)}, ref}` to the caller once it has handled
-  everything the caller handed it before.
+  Asks `sender` to send `{#{inspect(@synced)}, ref}` to `reply_to` (a pid or a process
+  alias) once it has handled everything the caller handed it before.
   """
-  @spec request_sync(pid(), reference()) :: :ok
-  def request_sync(sender, ref) do
-    send(sender, {@sync, self(), ref})
+  @spec request_sync(pid(), pid() | reference(), reference()) :: :ok
+  def request_sync(sender, reply_to, ref) do
+    send(sender, {@sync, reply_to, ref})
     :ok
   end
 

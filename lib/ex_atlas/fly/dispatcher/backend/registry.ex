@@ -126,8 +126,6 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   #
   # The senders answer to a process alias, not to the caller's pid: once this returns
   # (or the caller gives up, killed in the wait) no answer reaches the caller's mailbox.
-  # `{:"$ex_atlas_sync", reply_to, ref}` is `Sender.request_sync/2`'s request with the
-  # alias in place of the pid.
   @impl true
   def sync(_arg) do
     senders = for sender <- Native.senders(dispatcher!()), is_pid(sender), do: sender
@@ -140,7 +138,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
       for sender <- senders do
         ref = make_ref()
         monitor = Process.monitor(sender)
-        send(sender, {:"$ex_atlas_sync", reply_to, ref})
+        :ok = Sender.request_sync(sender, reply_to, ref)
         {ref, monitor}
       end
 
