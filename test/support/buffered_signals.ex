@@ -201,6 +201,62 @@ defmodule ExAtlas.Test.BufferedSignals do
     Enum.reverse(bad)
   end
 
+  @typedoc "What a producer does, in order (see `produce/2`)."
+  @type step ::
+          {:dispatch, binary(), term()}
+          | :sync
+          | {:sync, :cluster}
+          | {:kill_sender, non_neg_integer()}
+          | {:suspend, pid()}
+          | {:resume, pid()}
+
+  @doc """
+  Runs `steps` in a fresh process on `node` (whose pid, and so whose signal buffer,
+  differs from any before) and returns once it finished; raises if a step failed.
+  A fresh producer per trial is what makes the reversal likely: which of two senders'
+  buffers is fetched first depends on the two pids only.
+
+  `{:suspend, pid}` and `{:resume, pid}` suspend and resume a local process from the
+  producer (a process that dies resumes what it suspended). `{:kill_sender, lane}` kills the current sender of lane `rem(lane, lanes)`
+  (`ExAtlas.Fly.Dispatcher.Server.senders/0`) with `Process.exit(sender, :kill)`.
+  """
+  @spec produce([step()], node()) :: :ok
+  def produce(steps, node \\ node()) do
+    ref = make_ref()
+    pid = Node.spawn(node, __MODULE__, :run_steps, [self(), ref, steps])
+    monitor = Process.monitor(pid)
+
+    receive do
+      {^ref, :done} ->
+        Process.demonitor(monitor, [:flush])
+        :ok
+
+      {:DOWN, ^monitor, :process, ^pid, reason} ->
+        raise "producer #{inspect(pid)} failed: #{inspect(reason)}"
+    after
+      60_000 -> raise "producer #{inspect(pid)} did not finish"
+    end
+  end
+
+  @doc false
+  def run_steps(parent, ref, steps) do
+    Enum.each(steps, &step/1)
+    send(parent, {ref, :done})
+  end
+
+  defp step({:dispatch, topic, message}),
+    do: :ok = ExAtlas.Fly.Dispatcher.dispatch(topic, message)
+
+  defp step(:sync), do: :ok = ExAtlas.Fly.Dispatcher.sync()
+  defp step({:sync, :cluster}), do: :ok = ExAtlas.Fly.Dispatcher.sync(:cluster)
+  defp step({:suspend, pid}), do: true = :erlang.suspend_process(pid)
+  defp step({:resume, pid}), do: true = :erlang.resume_process(pid)
+
+  defp step({:kill_sender, lane}) do
+    senders = ExAtlas.Fly.Dispatcher.Server.senders()
+    Process.exit(Enum.at(senders, rem(lane, length(senders))), :kill)
+  end
+
   @doc """
   The self-check: `trials` times, a held buffered subscriber gets `{:seq, :plain, 1}`
   from a fresh process, which then tells a second fresh process to send
