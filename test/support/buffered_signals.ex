@@ -217,8 +217,9 @@ defmodule ExAtlas.Test.BufferedSignals do
   buffers is fetched first depends on the two pids only.
 
   `{:suspend, pid}` and `{:resume, pid}` suspend and resume a local process from the
-  producer (a process that dies resumes what it suspended). `{:kill_sender, lane}` kills the current sender of lane `rem(lane, lanes)`
-  (`ExAtlas.Fly.Dispatcher.Server.senders/0`) with `Process.exit(sender, :kill)`.
+  producer (a process that dies resumes what it suspended). `{:kill_sender, lane}` kills
+  the current sender of lane `rem(lane, lanes)` (`ExAtlas.Fly.Dispatcher.Server.senders/0`)
+  with `Process.exit(sender, :kill)` and waits until it is dead.
   """
   @spec produce([step()], node()) :: :ok
   def produce(steps, node \\ node()) do
@@ -252,9 +253,14 @@ defmodule ExAtlas.Test.BufferedSignals do
   defp step({:suspend, pid}), do: true = :erlang.suspend_process(pid)
   defp step({:resume, pid}), do: true = :erlang.resume_process(pid)
 
+  # Returns once the sender is dead, so that what is dispatched next finds it gone (and,
+  # with the server suspended, parks) rather than dying in its mailbox.
   defp step({:kill_sender, lane}) do
     senders = ExAtlas.Fly.Dispatcher.Server.senders()
-    Process.exit(Enum.at(senders, rem(lane, length(senders))), :kill)
+    sender = Enum.at(senders, rem(lane, length(senders)))
+    monitor = Process.monitor(sender)
+    Process.exit(sender, :kill)
+    receive do: ({:DOWN, ^monitor, :process, _, _} -> true)
   end
 
   @doc """
