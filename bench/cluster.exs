@@ -460,7 +460,7 @@ defmodule ClusterBench do
     end
   end
 
-  defp report(rows, counts, interest, stalled, {n, reps, quick}, machine, out) do
+  defp report(rows, counts, interest, stalled, {n, reps, _quick}, machine, out) do
     [{_, ours_call, ours_e2e}, _pg, {_, fwd_call, fwd_e2e}] = rows
     one = counts |> List.last() |> elem(1)
     command = Bench.command("cluster.exs")
