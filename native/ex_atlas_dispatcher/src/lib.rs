@@ -299,6 +299,13 @@ mod nif {
         }
     }
 
+    /// Whether the calling process is still alive (it may have been killed during a
+    /// dirty NIF call, which runs on regardless).
+    fn current_process_alive(env: Env<'_>) -> bool {
+        // SAFETY: `env` is the calling process's env, valid for this call.
+        unsafe { rustler::sys::enif_is_current_process_alive(env.as_c_arg()) != 0 }
+    }
+
     fn pid_from_raw(raw: u64) -> LocalPid {
         // SAFETY: see `pid_to_raw`; `raw` always comes from `pid_to_raw` of a local pid,
         // an immediate term that stays valid for the life of the VM.
@@ -1046,7 +1053,13 @@ mod nif {
         let start = batch.cursor.load(Ordering::Acquire);
         let mut sent = 0;
         for pid in batch.part.pids_from(start).take(DIRTY_SLICE) {
-            let _ = send_from(env, pid, message);
+            // A failed send is normally a subscriber that is gone. But a sender killed
+            // while on a dirty scheduler runs on to the end of the call, and what it can
+            // no longer send must not pass for delivered: stop, and its monitor counts
+            // the rest as lost.
+            if !send_from(env, pid, message) && !current_process_alive(env) {
+                break;
+            }
             sent += 1;
         }
         if advance(env, &batch, start + sent) {

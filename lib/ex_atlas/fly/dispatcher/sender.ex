@@ -26,7 +26,7 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
 
   require Logger
 
-  alias ExAtlas.Fly.Dispatcher.Native
+  alias ExAtlas.Fly.Dispatcher.{Native, Server}
 
   @deliver :"$ex_atlas_deliver"
   @drain :"$ex_atlas_drain"
@@ -72,7 +72,14 @@ defmodule ExAtlas.Fly.Dispatcher.Sender do
     {:noreply, delivery}
   end
 
+  # Whatever is still parked for this lane was dispatched before the request: pulled and
+  # delivered first (the server's drain request may come after this one).
   def handle_info({@sync, from, ref}, delivery) do
+    with dispatcher when dispatcher != nil <- Server.lookup(),
+         lane when lane != nil <- Enum.find_index(Native.senders(dispatcher), &(&1 == self())) do
+      drain(delivery, dispatcher, lane)
+    end
+
     send(from, {@synced, ref})
     {:noreply, delivery}
   end

@@ -7,6 +7,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   alias ExAtlas.Fly.Dispatcher.{Cluster, Native, Sender, Server, Telemetry}
 
   @room :"$ex_atlas_room"
+  @successor_poll_ms 5
 
   @impl true
   def subscribe(topic, _arg) do
@@ -121,46 +122,79 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   # Every sender handles a caller's requests in the order the caller made them, so once
   # each has answered, everything the caller dispatched before is delivered. A sender
-  # that dies meanwhile had its undelivered batches counted and logged as lost; there is
-  # nothing more to wait for from it.
+  # that dies first had its undelivered batches counted and logged as lost, but what
+  # reached its lane after it died is parked for its successor: ask that one too (it
+  # pulls what is parked before it answers). Once the registry is closed nothing more is
+  # delivered, and there is nothing left to wait for.
   #
   # The senders answer to a process alias, not to the caller's pid: once this returns
   # (or the caller gives up, killed in the wait) no answer reaches the caller's mailbox.
   @impl true
   def sync(_arg) do
-    senders = for sender <- Native.senders(dispatcher!()), is_pid(sender), do: sender
-    tag = Sender.synced_tag()
+    dispatcher = dispatcher!()
     reply_to = :erlang.alias()
 
-    # One ref and one monitor per sender, matched exactly: the caller's own messages
-    # (a host's :DOWN messages included) stay in its mailbox untouched.
-    waits =
-      for sender <- senders do
-        ref = make_ref()
-        monitor = Process.monitor(sender)
-        :ok = Sender.request_sync(sender, reply_to, ref)
-        {ref, monitor}
-      end
-
     try do
-      Enum.each(waits, fn {ref, monitor} ->
-        receive do
-          {^tag, ^ref} -> :ok
-          {:DOWN, ^monitor, :process, _, _} -> :ok
-        end
-      end)
+      dispatcher
+      |> Native.senders()
+      |> Enum.with_index(fn sender, lane -> ask(sender, lane, reply_to) end)
+      |> Enum.each(&await_sender(&1, dispatcher, reply_to))
     after
       :erlang.unalias(reply_to)
+      flush_synced(Sender.synced_tag())
+    end
+  end
 
-      Enum.each(waits, fn {ref, monitor} ->
+  defp ask(sender, lane, reply_to) when is_pid(sender) do
+    ref = make_ref()
+    # One ref and one monitor per sender, matched exactly: the caller's own messages (a
+    # host's :DOWN messages included) stay in its mailbox untouched.
+    monitor = Process.monitor(sender)
+    :ok = Sender.request_sync(sender, reply_to, ref)
+    {lane, sender, ref, monitor}
+  end
+
+  defp ask(:undefined, lane, _reply_to), do: {lane, :undefined, nil, nil}
+
+  defp await_sender({lane, :undefined, nil, nil}, dispatcher, reply_to),
+    do: successor(lane, :undefined, dispatcher, reply_to)
+
+  defp await_sender({lane, sender, ref, monitor}, dispatcher, reply_to) do
+    tag = Sender.synced_tag()
+
+    receive do
+      {^tag, ^ref} ->
         Process.demonitor(monitor, [:flush])
+        :ok
 
-        receive do
-          {^tag, ^ref} -> :ok
-        after
-          0 -> :ok
-        end
-      end)
+      {:DOWN, ^monitor, :process, _, _} ->
+        successor(lane, sender, dispatcher, reply_to)
+    end
+  end
+
+  # The sender of `lane` after `gone`; the server starts one at once, so this waits in
+  # short steps only while that happens (or while a restarted server adopts the registry).
+  defp successor(lane, gone, dispatcher, reply_to) do
+    next = if Server.lookup() == dispatcher, do: Enum.at(Native.senders(dispatcher), lane)
+
+    cond do
+      next == nil ->
+        :ok
+
+      is_pid(next) and next != gone ->
+        await_sender(ask(next, lane, reply_to), dispatcher, reply_to)
+
+      true ->
+        receive after: (@successor_poll_ms -> successor(lane, gone, dispatcher, reply_to))
+    end
+  end
+
+  # Answers that reached the alias before it was removed.
+  defp flush_synced(tag) do
+    receive do
+      {^tag, _ref} -> flush_synced(tag)
+    after
+      0 -> :ok
     end
   end
 
