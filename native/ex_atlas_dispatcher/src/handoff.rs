@@ -21,7 +21,10 @@
 //!
 //! Sending happens outside the lock: a copy of a big message takes milliseconds, and other
 //! producers must not wait for it. The price is that a sender may die between the look-up
-//! and the send; the failed send then closes the lane and the batch is parked.
+//! and the send. A batch is therefore recorded as *sending* first: a reclaim of its sender
+//! meanwhile only marks it orphaned. If the send then fails, nothing reached anyone, and
+//! the batch is parked for the next sender; if it succeeded, it died in the sender's
+//! mailbox, and the producer counts it lost ([`Handed::Lost`]).
 
 use crate::sync::{lock, AtomicBool, Mutex, Ordering};
 use rustc_hash::FxHashMap;
@@ -46,8 +49,21 @@ pub enum Handed {
     Sent,
     /// Kept until a sender pulls it.
     Parked,
-    /// Already finished (reclaimed meanwhile): nothing to do.
-    Dropped,
+    /// Sent to a sender that died before it could take it, or handed to a closed lane:
+    /// now marked done, and the caller counts what it had not delivered as lost and gives
+    /// its credit back.
+    Lost,
+}
+
+/// Where a batch in flight stands with its sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leg {
+    /// A producer is sending it, outside the lock.
+    Sending,
+    /// In the sender's mailbox or hands.
+    Sent,
+    /// Its sender was reclaimed while it was being sent (see [`Handoff::hand`]).
+    Orphaned,
 }
 
 /// What [`Handoff::install`] asks the glue to do.
@@ -62,7 +78,9 @@ pub enum Installed {
 struct State<H, O> {
     pid: Pid,
     open: bool,
-    in_flight: VecDeque<(Pid, H)>,
+    /// Set by [`Handoff::clear`]: nothing is sent or parked any more.
+    closed: bool,
+    in_flight: VecDeque<(Pid, H, Leg)>,
     parked: VecDeque<(H, O)>,
     last: FxHashMap<Pid, H>,
 }
@@ -78,6 +96,7 @@ impl<H, O> Default for Handoff<H, O> {
             state: Mutex::new(State {
                 pid: 0,
                 open: false,
+                closed: false,
                 in_flight: VecDeque::new(),
                 parked: VecDeque::new(),
                 last: FxHashMap::default(),
@@ -123,14 +142,18 @@ where
         // Declared before the guard, so dropped after it: dropping a handle may free the
         // batch, and freeing one may come back here.
         let replaced;
+        let mut removed = Vec::new();
         let mut state = lock(&self.state);
         replaced = state.last.insert(batch.producer(), batch.clone());
         let _ = &replaced;
         loop {
-            if is_done(&batch) {
-                // Reclaimed after a failed send below (its sender's monitor fired
-                // meanwhile), so already counted; `finish` runs for it there.
-                return Handed::Dropped;
+            if state.closed {
+                // Closed while this producer was on its way: nobody will take it.
+                if batch.done().swap(true, Ordering::AcqRel) {
+                    return Handed::Sent;
+                }
+                removed.extend(forget(&mut state, &batch).map(|b| (0, b, Leg::Sent)));
+                return Handed::Lost;
             }
             if !state.open || state.pid == 0 {
                 let out = park(&batch);
@@ -140,19 +163,38 @@ where
             let pid = state.pid;
             // Recorded before the send: once sent, the sender may die at any moment, and
             // its reclaim must find the batch.
-            state.in_flight.push_back((pid, batch.clone()));
+            state
+                .in_flight
+                .push_back((pid, batch.clone(), Leg::Sending));
             drop(state);
-            if send(pid, &batch) {
-                return Handed::Sent;
-            }
+            let sent = send(pid, &batch);
             state = lock(&self.state);
-            if let Some(at) = state
+            let at = state
                 .in_flight
                 .iter()
-                .rposition(|(to, b)| *to == pid && same(b, &batch))
-            {
-                // `batch` itself still holds the batch: this drop frees nothing.
-                state.in_flight.remove(at);
+                .rposition(|(to, b, _)| *to == pid && same(b, &batch));
+            let leg = at.map(|at| state.in_flight[at].2);
+            if sent {
+                match (at, leg) {
+                    (Some(at), Some(Leg::Orphaned)) => {
+                        // Its sender died with it in the mailbox.
+                        removed.extend(state.in_flight.remove(at));
+                        if batch.done().swap(true, Ordering::AcqRel) {
+                            return Handed::Sent;
+                        }
+                        removed.extend(forget(&mut state, &batch).map(|b| (pid, b, Leg::Sent)));
+                        return Handed::Lost;
+                    }
+                    (Some(at), _) => state.in_flight[at].2 = Leg::Sent,
+                    // Delivered and finished already.
+                    (None, _) => {}
+                }
+                return Handed::Sent;
+            }
+            // Nothing reached anyone: take the record back, and park or try the new
+            // sender.
+            if let Some(at) = at {
+                removed.extend(state.in_flight.remove(at));
             }
             if state.pid == pid {
                 // Gone before its monitor told us: close the lane until a new sender has
@@ -185,7 +227,7 @@ where
         }
         match state.parked.pop_front() {
             Some((batch, out)) => {
-                state.in_flight.push_back((pid, batch.clone()));
+                state.in_flight.push_back((pid, batch.clone(), Leg::Sent));
                 Some((batch, out))
             }
             None => {
@@ -197,7 +239,8 @@ where
 
     /// The sender `pid` is dead: the lane closes if it was the current one, and the
     /// unfinished batches it held are taken out, marked done so that nothing else counts
-    /// them again; the caller counts them as lost and gives their credits back.
+    /// them again; the caller counts them as lost and gives their credits back. A batch
+    /// still being sent to it is left to its producer, marked orphaned.
     pub fn reclaim(&self, pid: Pid) -> Vec<H> {
         let mut released = Vec::new();
         let mut state = lock(&self.state);
@@ -206,9 +249,11 @@ where
         }
         let mut taken = Vec::new();
         let mut kept = VecDeque::with_capacity(state.in_flight.len());
-        for (to, batch) in state.in_flight.drain(..) {
+        for (to, batch, leg) in state.in_flight.drain(..) {
             if to != pid {
-                kept.push_back((to, batch));
+                kept.push_back((to, batch, leg));
+            } else if leg == Leg::Sending && !is_done(&batch) {
+                kept.push_back((to, batch, Leg::Orphaned));
             } else if !batch.done().swap(true, Ordering::AcqRel) {
                 taken.push(batch);
             } else {
@@ -230,8 +275,8 @@ where
         let mut released = Vec::new();
         let mut state = lock(&self.state);
         released.extend(forget(&mut state, batch));
-        while state.in_flight.front().is_some_and(|(_, b)| is_done(b)) {
-            released.extend(state.in_flight.pop_front().map(|(_, b)| b));
+        while state.in_flight.front().is_some_and(|(_, b, _)| is_done(b)) {
+            released.extend(state.in_flight.pop_front().map(|(_, b, _)| b));
         }
         drop(state);
         drop(released);
@@ -256,8 +301,9 @@ where
     pub fn clear(&self) -> (Vec<H>, Vec<(H, O)>) {
         let mut state = lock(&self.state);
         state.open = false;
+        state.closed = true;
         state.last.clear();
-        let in_flight = state.in_flight.drain(..).map(|(_, b)| b).collect();
+        let in_flight = state.in_flight.drain(..).map(|(_, b, _)| b).collect();
         let parked = state.parked.drain(..).collect();
         (in_flight, parked)
     }

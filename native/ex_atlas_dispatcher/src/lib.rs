@@ -450,12 +450,13 @@ mod nif {
             done: AtomicBool::new(false),
         });
         let handed = dispatcher.senders[lane].hand(
-            batch,
+            batch.clone(),
             |pid, batch| send_batch(env, pid, batch, message),
             |batch| parked_message(batch, message),
         );
-        // A batch reclaimed between a failed send and its parking was counted there.
-        let _: Handed = handed;
+        if handed == Handed::Lost {
+            batch.give_back_undelivered(env);
+        }
     }
 
     /// The share of the calling process's timeslice spent so far, told to the VM as it

@@ -153,6 +153,8 @@ struct World {
     /// Batches handed over, and dispatches the producer sent itself.
     handed: AtomicUsize,
     inline: AtomicUsize,
+    /// Batches that died in a killed sender's mailbox: the only ones that may be lost.
+    died: AtomicUsize,
     producer_done: AtomicBool,
 }
 
@@ -175,6 +177,7 @@ impl World {
             lost: AtomicUsize::new(0),
             handed: AtomicUsize::new(0),
             inline: AtomicUsize::new(0),
+            died: AtomicUsize::new(0),
             producer_done: AtomicBool::new(false),
         }
     }
@@ -218,6 +221,7 @@ impl World {
     fn kill(&self, pid: u64) {
         let mut mailbox = lock(&self.mailboxes[pid as usize]);
         self.alive[pid as usize].store(false, Ordering::SeqCst);
+        self.died.fetch_add(mailbox.len(), Ordering::SeqCst);
         mailbox.clear();
     }
 
@@ -234,8 +238,11 @@ impl World {
             seq,
             done: AtomicBool::new(false),
         });
-        // Dropped: reclaimed after a failed send to the dead sender, counted lost there.
-        let _: Handed = self.lane.hand(batch, |pid, b| self.send(pid, b), |b| b.seq);
+        let handed = self.lane.hand(batch, |pid, b| self.send(pid, b), |b| b.seq);
+        if handed == Handed::Lost {
+            // Sent into the mailbox of a sender that died with it.
+            self.lost.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -300,6 +307,11 @@ fn a_producers_order_holds_across_a_sender_replacement() {
             "a batch was neither delivered nor counted lost, or both"
         );
         assert_eq!(seen.len(), load(&world.delivered) + load(&world.inline));
+        assert_eq!(
+            load(&world.lost),
+            load(&world.died),
+            "a batch that reached no sender was counted lost instead of parked"
+        );
     });
 }
 
