@@ -7,6 +7,7 @@ pub mod handoff;
 mod loom_tests;
 pub mod memory;
 pub mod registry;
+pub mod route;
 #[cfg(all(test, not(loom)))]
 mod stress_tests;
 pub mod sync;
@@ -19,15 +20,15 @@ static ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
 // not link it; `cargo test` covers the core modules above without a VM.
 #[cfg(not(test))]
 mod nif {
-    use crate::{fanout, handoff, memory, registry};
+    use crate::{fanout, handoff, memory, registry, route};
 
     use fanout::{Lanes, Refused, Reservation};
     use handoff::{Handed, Handoff, Installed, Tracked};
     use registry::{ClosedError, Part, Sharded, SubscribeError};
+    use route::Work;
     use rustler::sys::ErlNifPid;
     use rustler::types::binary::NewBinary;
     use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, Resource, ResourceArc, Term};
-    use std::collections::VecDeque;
     use std::panic::{catch_unwind, AssertUnwindSafe};
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     use std::sync::{Mutex, MutexGuard, RwLock};
@@ -235,15 +236,6 @@ mod nif {
         work: Mutex<Work>,
         /// 1 + the lane of a credit granted and not used yet; 0 when none.
         granted: AtomicUsize,
-    }
-
-    /// The two kinds of work of a dispatch (see `dispatch_to`).
-    #[derive(Default)]
-    struct Work {
-        /// Parts for the lanes' senders: lane, subscribers, first position not sent.
-        hand_over: VecDeque<(usize, Part, usize)>,
-        /// Parts the caller sends itself: subscribers, first position not sent.
-        inline: VecDeque<(Part, usize)>,
     }
 
     /// How far a dispatch got.
@@ -851,17 +843,9 @@ mod nif {
         dispatch_to(env, &dispatcher, topic.as_slice(), message)
     }
 
-    /// The rules that keep each caller's order for every subscriber, whatever OTP does to
-    /// the order of messages from different processes:
-    ///
-    /// * subscribers in the direct partition (off-heap message queues, whose signals OTP
-    ///   may buffer per sender) get every message from the caller itself, never from a
-    ///   sender, so one process sends all of a caller's messages to each of them;
-    /// * in a lane, a small dispatch (at most `INLINE_DISPATCH` subscriptions over the
-    ///   lanes) is sent by the caller when nothing it handed to that lane before is still
-    ///   on its way: those messages are in the subscribers' queues already, and on-heap
-    ///   queues keep that order. Anything else goes to the lane's sender, which delivers
-    ///   a caller's batches in the order handed.
+    /// Dispatches `message` to `topic`'s subscribers, split by `route::route` (which
+    /// process sends which part, and why) into the parts the caller sends itself and the
+    /// batches handed to the lanes' senders.
     ///
     /// What the caller sends itself, it always finishes itself: when its time is up it
     /// gets `{:more, pending}`, yields, and goes on with `resume/2`. Nothing sent inline
@@ -876,28 +860,16 @@ mod nif {
         let Ok(snapshot) = dispatcher.registry.snapshot(topic) else {
             return atoms::closed().encode(env);
         };
-        let direct = dispatcher.registry.direct();
-        let on_lanes: usize = snapshot
-            .iter()
-            .filter(|(lane, _)| *lane != direct)
-            .map(|(_, part)| part.len())
-            .sum();
-        let small = on_lanes <= INLINE_DISPATCH;
         let mut producer = None;
-        let mut work = Work::default();
-        for (lane, part) in snapshot {
-            let inline = lane == direct
-                || (small
-                    && dispatcher.clear_for(
-                        lane,
-                        *producer.get_or_insert_with(|| pid_to_raw(&env.pid())),
-                    ));
-            if inline {
-                work.inline.push_back((part, 0));
-            } else {
-                work.hand_over.push_back((lane, part, 0));
-            }
-        }
+        let mut work = route::route(
+            snapshot,
+            dispatcher.registry.direct(),
+            INLINE_DISPATCH,
+            |lane| {
+                let producer = *producer.get_or_insert_with(|| pid_to_raw(&env.pid()));
+                dispatcher.clear_for(lane, producer)
+            },
+        );
         let progress =
             proceed(
                 env,
