@@ -27,7 +27,10 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   #     when it went away (until it is back and `:pg` has caught up, or `Link`'s hold
   #     time ran out); written by the links;
   #   * @seen, `{link pid, count}`: per link of another node, the dispatches this node's
-  #     relay has received from it, so that a restarted relay answers a link exactly.
+  #     relay has received from it, so that a restarted relay answers a link exactly;
+  #   * @unlinked, `{node, count}`: dispatches for a node that `:pg` shows with interest
+  #     but that has no link yet (the relay has not started it): counted as dropped here,
+  #     and taken over by the node's link, which reports them, once it runs.
   #
   # Nothing of it runs unless cluster mode is on: a dispatch calls `forward/2` only when
   # the NIF answers `:forward` (a relay is set) or after it waited for room, and
@@ -43,6 +46,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   @links ExAtlas.Fly.Dispatcher.Cluster.Links
   @interest ExAtlas.Fly.Dispatcher.Cluster.Interest
   @seen ExAtlas.Fly.Dispatcher.Cluster.Seen
+  @unlinked ExAtlas.Fly.Dispatcher.Cluster.Unlinked
   @link_sup ExAtlas.Fly.Dispatcher.Cluster.LinkSupervisor
   @bound_key {__MODULE__, :bound}
   @synced :"$ex_atlas_cluster_synced"
@@ -52,7 +56,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
 
   @impl true
   def init(opts) do
-    for table <- [@links, @seen],
+    for table <- [@links, @seen, @unlinked],
         do: :ets.new(table, [:named_table, :public, read_concurrency: true])
 
     :ets.new(@interest, [:named_table, :public, :bag, read_concurrency: true])
@@ -82,6 +86,10 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   @doc false
   @spec seen_table() :: atom()
   def seen_table, do: @seen
+
+  @doc false
+  @spec unlinked_table() :: atom()
+  def unlinked_table, do: @unlinked
 
   @doc false
   @spec link_supervisor() :: atom()
@@ -120,22 +128,45 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
 
   defp forward([], _bound, _topic, _message), do: :ok
 
-  defp forward([{_topic, node} | rest], bound, topic, message) do
-    # A row is written by its node's link once the link runs, and deleted before it
-    # stops: there is always a link here.
+  defp forward([node | rest], bound, topic, message) do
     case :ets.lookup(@links, node) do
       [{^node, handle}] -> Link.push(handle, bound, topic, message)
-      [] -> :ok
+      # `:pg` shows the node's interest before its link runs: counted, never skipped.
+      [] -> :ets.update_counter(@unlinked, node, 1, {node, 0})
     end
 
     forward(rest, bound, topic, message)
   end
 
+  # The nodes with interest in `topic`: those whose link forwards it (the node's groups
+  # as the link learnt them, departed ones included), and those `:pg` shows in the
+  # topic's group before their link has learnt it or before their link runs.
   defp interested(topic) do
-    :ets.lookup(@interest, topic)
+    linked = for {_topic, node} <- :ets.lookup(@interest, topic), do: node
+    here = node()
+
+    seen =
+      for pid <- :pg.get_members(@scope, topic),
+          (remote = node(pid)) != here,
+          remote not in linked,
+          uniq: true,
+          do: remote
+
+    linked ++ seen
   rescue
     # Cluster mode is stopping.
     ArgumentError -> []
+  end
+
+  @doc false
+  @spec take_unlinked(node()) :: non_neg_integer()
+  def take_unlinked(node) do
+    case :ets.take(@unlinked, node) do
+      [{^node, count}] -> count
+      [] -> 0
+    end
+  rescue
+    ArgumentError -> 0
   end
 
   @doc """
@@ -207,7 +238,19 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   queued for it (sent and unacknowledged included) and dropped for it.
   """
   @spec stats() :: %{node() => %{queued: non_neg_integer(), dropped: non_neg_integer()}}
-  def stats, do: Map.new(links(), fn {node, handle} -> {node, Link.counts(handle)} end)
+  def stats do
+    linked = Map.new(links(), fn {node, handle} -> {node, Link.counts(handle)} end)
+
+    Enum.reduce(unlinked(), linked, fn {node, count}, acc ->
+      Map.update(acc, node, %{queued: 0, dropped: count}, &%{&1 | dropped: &1.dropped + count})
+    end)
+  end
+
+  defp unlinked do
+    :ets.tab2list(@unlinked)
+  rescue
+    ArgumentError -> []
+  end
 end
 
 defmodule ExAtlas.Fly.Dispatcher.Cluster.Switch do

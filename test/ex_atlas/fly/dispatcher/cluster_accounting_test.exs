@@ -126,6 +126,41 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterAccountingTest do
     assert Cluster.stats()[b].dropped == 0
   end
 
+  test "a node :pg shows before its link runs: what it misses is counted, then reported by its link",
+       %{b: b} do
+    topic = unique_topic("cluster:unlinked")
+    sub = Peers.subscriber(b, topic)
+    Peers.await_visible(node(), topic, [b])
+    :ok = Dispatcher.dispatch(topic, {:p, :before})
+    assert :ok = Dispatcher.sync(:cluster)
+    dropped = Cluster.stats()[b].dropped
+
+    # As between a nodeup and the relay starting the node's link: `:pg` shows the node's
+    # interest, and no link is there to take the dispatch.
+    [{^b, handle}] = :ets.lookup(Cluster.links_table(), b)
+    true = :ets.delete(Cluster.links_table(), b)
+    true = :ets.match_delete(Cluster.interest_table(), {topic, b})
+
+    try do
+      for seq <- 1..5, do: :ok = Dispatcher.dispatch(topic, {:p, seq})
+      assert :ets.lookup(Cluster.unlinked_table(), b) == [{b, 5}]
+    after
+      :ets.insert(Cluster.links_table(), {b, handle})
+    end
+
+    # Counted in stats/0 at once, and taken over by the link, which reports it.
+    assert Cluster.stats()[b].dropped == dropped + 5
+
+    capture_log(fn ->
+      eventually(fn -> :ets.lookup(Cluster.unlinked_table(), b) == [] end, 5_000)
+    end)
+
+    assert Cluster.stats()[b].dropped == dropped + 5
+    :ok = Dispatcher.dispatch(topic, {:p, :after})
+    assert :ok = Dispatcher.sync(:cluster)
+    assert Peers.report(sub) == [{:p, :before}, {:p, :after}]
+  end
+
   test "dispatch calls no process: it goes on while this node's relay is suspended and a node joins",
        %{b: b} do
     topic = unique_topic("cluster:no_call")

@@ -468,6 +468,10 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
   ## Reporting
 
   defp report(state) do
+    # What was dispatched for the node before this link ran is counted as dropped here.
+    unlinked = Cluster.take_unlinked(state.node)
+    if unlinked > 0, do: :atomics.add(state.counts, @dropped, unlinked)
+    state = %{state | lost: state.lost + unlinked}
     dropped = :atomics.get(state.counts, @dropped)
     new = dropped - state.reported
 
@@ -477,8 +481,8 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
       Logger.warning(
         "[ExAtlas.Fly.Dispatcher] dropped #{new} dispatches for node #{inspect(state.node)} " <>
           "(#{dropped} in all: #{full} because its queue was full (#{state.bound} " <>
-          "messages), #{state.lost} lost with its connection or its relay, or not back " <>
-          "within #{hold_ms()} ms)",
+          "messages), #{state.lost} lost with its connection or its relay, before its " <>
+          "link ran, or not back within #{hold_ms()} ms)",
         node: state.node,
         dropped: new
       )
