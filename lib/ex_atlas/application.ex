@@ -20,32 +20,40 @@ defmodule ExAtlas.Application do
   # supervisor is killed, the application master calls this at once, while the
   # dispatcher's supervisor is still shutting its children down, and kills every process
   # of the application as soon as it returns: a server killed there closes nothing, and
-  # its subscribers are never told, its waiting producers never woken. So let the tree
-  # finish first, then close whatever registry is left without a server.
+  # its subscribers are never told, its waiting producers never woken. The same goes for
+  # a server still closing the registry of a dispatcher supervisor that was killed just
+  # before the top one gave up. So let them finish first, then close whatever registry is
+  # left without a server.
   @impl true
   def stop(_state) do
-    case await_tree() do
-      :down -> Server.close_orphan()
+    deadline = System.monotonic_time(:millisecond) + @tree_shutdown_ms
+    names = [ExAtlas.Fly.Dispatcher.Supervisor, ExAtlas.Fly.Dispatcher.registry_name()]
+
+    if Enum.all?(names, &await_ours(&1, deadline)) do
+      Server.close_orphan()
+    else
       # Still shutting down after the bound: it is about to be killed; close for it.
-      :stuck -> Server.close_published()
+      Server.close_published()
     end
   end
 
-  defp await_tree do
-    with pid when is_pid(pid) <- Process.whereis(ExAtlas.Fly.Dispatcher.Supervisor),
+  # True once the process registered as `name`, if it is ours, is gone.
+  defp await_ours(name, deadline) do
+    with pid when is_pid(pid) <- Process.whereis(name),
          # Only our own tree: a host that runs the registry in its tree keeps it.
          {:ok, :ex_atlas} <- :application.get_application(pid) do
       ref = Process.monitor(pid)
+      wait = max(deadline - System.monotonic_time(:millisecond), 0)
 
       receive do
-        {:DOWN, ^ref, :process, ^pid, _reason} -> :down
+        {:DOWN, ^ref, :process, ^pid, _reason} -> true
       after
-        @tree_shutdown_ms ->
+        wait ->
           Process.demonitor(ref, [:flush])
-          :stuck
+          false
       end
     else
-      _ -> :down
+      _ -> true
     end
   end
 end
