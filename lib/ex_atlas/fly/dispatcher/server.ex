@@ -13,7 +13,9 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
   #
   # The dispatcher is closed only when the server is stopped on purpose (:normal,
   # :shutdown, {:shutdown, _}) or when its supervisor is gone, since then nothing would
-  # restart a server to adopt it. Closing releases every monitor, wakes every waiting
+  # restart a server to adopt it. When the supervisor gives up restarting a crashing
+  # server (restart intensity), `ExAtlas.Fly.Dispatcher.Closer`, its first child, closes
+  # the dispatcher the dead server left as the supervisor stops. Closing releases every monitor, wakes every waiting
   # producer (its dispatch/2 raises ArgumentError) and sends every subscriber the exit
   # signal `closed_reason/0`, as the links of the original Registry did: a subscriber
   # that does not trap exits stops, and its supervisor starts it again, subscribing anew.
@@ -83,6 +85,18 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
       {nil, _} -> :ok
       {dispatcher, nil} -> close(dispatcher)
       {_dispatcher, _server} -> :ok
+    end
+  end
+
+  @doc """
+  Closes the published dispatcher, whoever owns it; for the `:ex_atlas` application's
+  stop when its own tree did not finish shutting down (it is about to be killed).
+  """
+  @spec close_published() :: :ok
+  def close_published do
+    case lookup() do
+      nil -> :ok
+      dispatcher -> close(dispatcher)
     end
   end
 

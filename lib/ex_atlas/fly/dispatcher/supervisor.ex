@@ -8,11 +8,15 @@ defmodule ExAtlas.Fly.Dispatcher.Supervisor do
   # server (a restarted one adopts it), and the watches live in an ETS table owned by
   # this supervisor, so a restarted watchdog resumes them. If this supervisor dies, the
   # server closes the registry (telling every subscriber) and the table goes with it:
-  # the next start is a fresh, empty registry.
+  # the next start is a fresh, empty registry. If it gives up restarting a crashing
+  # server (restart intensity), the `Closer`, started first and so stopped last, closes
+  # the registry the dead server left: registry and watches end together, and the
+  # subscribers are told, rather than a restarted tree adopting subscriptions whose
+  # watches are gone.
 
   use Supervisor
 
-  alias ExAtlas.Fly.Dispatcher.{Cluster, Config, Server, Watchdog}
+  alias ExAtlas.Fly.Dispatcher.{Closer, Cluster, Config, Server, Watchdog}
 
   @doc """
   Starts the registry and the watchdog; `:ignore` when they already run (a host that lists
@@ -32,6 +36,7 @@ defmodule ExAtlas.Fly.Dispatcher.Supervisor do
     :ok = Watchdog.create_table()
 
     children = [
+      %{id: Closer, start: {Closer, :start_link, [[]]}, type: :worker},
       %{id: Server, start: {Server, :start_link, [opts]}, type: :worker, shutdown: 10_000},
       %{id: Watchdog, start: {Watchdog, :start_link, [[]]}, type: :worker}
     ]

@@ -6,11 +6,12 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
   use ExUnit.Case, async: false
 
   import ExAtlas.Test.Reliability
+  import ExAtlas.Test.FlyEnv, only: [restart_app: 1, unique_topic: 1]
 
   require Logger
 
   alias ExAtlas.Fly.Dispatcher
-  alias ExAtlas.Fly.Dispatcher.{Native, Sender}
+  alias ExAtlas.Fly.Dispatcher.{Native, Sender, Server, Watchdog}
 
   @moduletag timeout: :infinity
   @moduletag :capture_log
@@ -54,6 +55,186 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
     assert outcomes.other == 0, "workers died: #{inspect(outcomes.died)}"
     assert_working_registry()
     assert_one_set_of_senders()
+  end
+
+  # Issue 19 §4-§6: however the registry ends, every subscriber is told with the exit
+  # signal `Server.closed_reason/0`, and every producer waiting for room raises
+  # ArgumentError or goes on dispatching (on the next registry); none hangs, none dies.
+  # Each path runs under a flood: 24 producers, 2 000 subscribers, queue_capacity: 1,
+  # the senders suspended so that every producer is waiting when the path starts.
+  describe "every path that ends the registry, with every producer waiting" do
+    setup do
+      restart_app(queue_capacity: 1, lanes: 2)
+    end
+
+    test "Application.stop/1" do
+      ends_registry(fn -> quietly(fn -> :ok = Application.stop(:ex_atlas) end) end)
+    end
+
+    test "the application's top supervisor (ExAtlas.Supervisor) killed" do
+      ends_registry(fn -> Process.exit(Process.whereis(ExAtlas.Supervisor), :kill) end)
+    end
+
+    # The application master calls the application's stop/1 at once and kills every
+    # process of the application when it returns. A server held in its shutdown (here
+    # suspended, so its supervisor kills it after its 10 s shutdown time) shows whether
+    # the registry is still closed then, whatever the timing.
+    test "the top supervisor killed while the server is stuck in its shutdown" do
+      ends_registry(fn ->
+        :erlang.suspend_process(Process.whereis(Dispatcher.registry_name()))
+        Process.exit(Process.whereis(ExAtlas.Supervisor), :kill)
+      end)
+    end
+
+    test "the dispatcher's supervisor killed (restarted by the application)" do
+      ends_registry(fn -> Process.exit(Process.whereis(Dispatcher.Supervisor), :kill) end)
+      assert_fresh_registry()
+    end
+
+    test "the dispatcher's supervisor exceeding its restart intensity (server killed)" do
+      ends_registry(fn -> kill_until_gone(Dispatcher.Supervisor, &registry_server/0) end)
+      # Registry and watches agree: both start empty, rather than the subscriptions
+      # adopted without their watches.
+      assert_fresh_registry()
+    end
+
+    test "the top supervisor exceeding its restart intensity (dispatcher's supervisor killed)" do
+      ends_registry(fn ->
+        kill_until_gone(ExAtlas.Supervisor, fn -> Process.whereis(Dispatcher.Supervisor) end)
+      end)
+    end
+  end
+
+  defp ends_registry(stop) do
+    topic = unique_topic("lifecycle:end")
+    reason = Server.closed_reason()
+    parent = self()
+
+    subscribers =
+      spawn_ready(2_000, fn ready ->
+        Process.flag(:trap_exit, true)
+        :ok = Dispatcher.subscribe(topic)
+        ready.()
+        told(parent, reason)
+      end)
+
+    # One of them watched too: its watch must end with its subscription.
+    [watched] =
+      spawn_ready(1, fn ready ->
+        Process.flag(:trap_exit, true)
+        :ok = Dispatcher.subscribe_with_backpressure(topic, threshold: 1_000_000)
+        ready.()
+        told(parent, reason)
+      end)
+
+    assert %{watches: 1} = Watchdog.stats()
+    senders = Server.senders()
+    Enum.each(senders, &:erlang.suspend_process/1)
+    {producers, counts} = start_producers(24, topic)
+    eventually("every producer waiting for room", fn -> stats().waiting == 24 end)
+    before = snapshot(counts, 24)
+
+    stop.()
+
+    # Every subscriber is told, once.
+    for pid <- [watched | subscribers], do: assert_receive({:told, ^pid}, 30_000)
+    refute_received {:told, _}
+
+    # Every waiting producer raised ArgumentError or dispatched again, and is alive.
+    eventually(
+      "every producer raised ArgumentError or dispatched again",
+      fn ->
+        now = snapshot(counts, 24)
+        Enum.all?(1..24, fn i -> now[i] != before[i] end)
+      end,
+      30_000
+    )
+
+    for {pid, ref} <- producers do
+      refute_received {:DOWN, ^ref, :process, ^pid, _}
+      assert Process.alive?(pid)
+    end
+
+    kill_all(Enum.map(producers, &elem(&1, 0)) ++ [watched | subscribers])
+    # Senders of a registry that is gone: nothing to resume if they died with it.
+    Enum.each(senders, &(Process.alive?(&1) and :erlang.resume_process(&1)))
+  end
+
+  defp told(parent, reason) do
+    receive do
+      {:EXIT, _from, ^reason} -> send(parent, {:told, self()})
+      _other -> :ok
+    end
+
+    told(parent, reason)
+  end
+
+  # Each producer counts its dispatches (index 2i - 1) and its ArgumentErrors (2i).
+  defp start_producers(count, topic) do
+    counts = :atomics.new(2 * count, signed: false)
+
+    producers =
+      for i <- 1..count do
+        spawn_monitor(fn -> produce(topic, counts, i) end)
+      end
+
+    {producers, counts}
+  end
+
+  defp produce(topic, counts, i) do
+    try do
+      :ok = Dispatcher.dispatch(topic, {:flood, i})
+      :atomics.add(counts, 2 * i - 1, 1)
+    rescue
+      ArgumentError -> :atomics.add(counts, 2 * i, 1)
+    end
+
+    produce(topic, counts, i)
+  end
+
+  defp snapshot(counts, count) do
+    Map.new(1..count, &{&1, {:atomics.get(counts, 2 * &1 - 1), :atomics.get(counts, 2 * &1)}})
+  end
+
+  defp registry_server do
+    pid = Process.whereis(Dispatcher.registry_name())
+    # Registered before its init/1 has published the registry: not ready yet.
+    if pid && Server.lookup(), do: pid
+  end
+
+  # Kills the child that `child` finds, again and again (each time once the supervisor
+  # has restarted it), until `supervisor` gives up and exits.
+  defp kill_until_gone(supervisor, child) do
+    sup = Process.whereis(supervisor)
+    ref = Process.monitor(sup)
+    kill_child(sup, ref, child, nil, 0)
+  end
+
+  defp kill_child(sup, ref, child, last, kills) do
+    receive do
+      {:DOWN, ^ref, :process, ^sup, _} -> kills
+    after
+      0 ->
+        assert kills < 20, "#{inspect(sup)} never gave up"
+
+        case child.() do
+          pid when is_pid(pid) and pid != last ->
+            Process.exit(pid, :kill)
+            kill_child(sup, ref, child, pid, kills + 1)
+
+          _not_yet ->
+            Process.sleep(1)
+            kill_child(sup, ref, child, last, kills)
+        end
+    end
+  end
+
+  defp assert_fresh_registry do
+    eventually("a new registry", &registry_server/0)
+    eventually("a new watchdog", fn -> Process.whereis(Watchdog) end)
+    assert %{subscriptions: 0, subscribers: 0} = stats()
+    assert %{watches: 0} = Watchdog.stats()
+    assert_working_registry()
   end
 
   describe "reloading and purging the code" do
