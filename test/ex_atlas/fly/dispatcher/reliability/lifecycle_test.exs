@@ -318,11 +318,20 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
 
       for {mode, {status, output}} <- Task.await_many(runs, :infinity) do
         assert output =~ "FULL", "#{mode}: the lanes were not full before the stop:\n#{output}"
+
+        if mode in ["init_stop", "kill_then_init_stop"] do
+          # Issue 19 §4: :init.stop/0 is a path by which the application stops too. An
+          # application started before :ex_atlas stops after it, and its prep_stop/1
+          # counts the subscribers that got the closing exit signal by then.
+          assert [_, told, of] = Regex.run(~r/TOLD (\d+) OF (\d+)/, output), output
+          assert told == of, "#{mode}: only #{told} of #{of} subscribers were told"
+        end
+
         assert status == 0, "#{mode}: exit status #{status}:\n#{output}"
 
         IO.puts(
           "\nlifecycle, VM #{mode} with full lanes: exited 0; #{first_line(output, "FULL")}" <>
-            stop_time(output)
+            stop_time(output) <> told(output)
         )
       end
     end
@@ -529,17 +538,48 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
 
   defp vm_script(mode) do
     """
+    # Started before :ex_atlas, so stopped after it: its prep_stop/1 reports how many of
+    # the subscribers got the registry's closing exit signal by then.
+    defmodule ToldProbe do
+      use Application
+      def start(_type, _args), do: Supervisor.start_link([], strategy: :one_for_one)
+
+      def prep_stop(state) do
+        told = :persistent_term.get(:told)
+        wait = fn wait, left ->
+          if :counters.get(told, 1) < 20_000 and left > 0,
+            do: Process.sleep(10) && wait.(wait, left - 1),
+            else: :ok
+        end
+        wait.(wait, 500)
+        IO.puts("TOLD \#{:counters.get(told, 1)} OF 20000")
+        state
+      end
+    end
+
+    :persistent_term.put(:told, :counters.new(1, []))
+    :ok = :application.load({:application, :told_probe,
+      [description: ~c"probe", vsn: ~c"1", modules: [ToldProbe], registered: [],
+       applications: [:kernel, :stdlib], mod: {ToldProbe, []}]})
+    {:ok, _} = Application.ensure_all_started(:told_probe)
+
     Application.put_env(:ex_atlas, :fly, queue_capacity: 2, lanes: 2)
     {:ok, _} = Application.ensure_all_started(:ex_atlas)
     alias ExAtlas.Fly.Dispatcher
     alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
 
     parent = self()
-    # Subscribers that never read: every delivery stays in a mailbox.
+    told = :persistent_term.get(:told)
+    # Subscribers that never read: every delivery stays in a mailbox. They trap exits
+    # and count the registry's closing signal.
     for _ <- 1..20_000 do
       spawn(fn ->
+        Process.flag(:trap_exit, true)
         :ok = Dispatcher.subscribe("full")
         send(parent, :subscribed)
+        receive do
+          {:EXIT, _, {:shutdown, :ex_atlas_dispatcher_closed}} -> :counters.add(told, 1, 1)
+        end
         Process.sleep(:infinity)
       end)
     end
@@ -592,6 +632,13 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
       "; :init.stop/0 to exit #{String.to_integer(exit) - String.to_integer(stop)} ms"
     else
       _ -> ""
+    end
+  end
+
+  defp told(output) do
+    case first_line(output, "TOLD") do
+      "" -> ""
+      line -> "; " <> line
     end
   end
 
