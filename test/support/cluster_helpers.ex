@@ -44,6 +44,32 @@ defmodule ExAtlas.Test.Cluster do
   end
 
   @doc """
+  For a test module's `setup_all`: starts distribution, then one peer in cluster mode per
+  name in `names` (named `prefix_name_N`), stopped when the module's tests are done.
+  Returns their node names, in order.
+  """
+  @spec start_peers(String.t(), [atom()]) :: [node()]
+  def start_peers(prefix, names) do
+    :ok = ensure_distribution()
+
+    peers =
+      for name <- names,
+          do: start_peer("#{prefix}_#{name}_#{System.unique_integer([:positive])}", cluster: true)
+
+    ExUnit.Callbacks.on_exit(fn ->
+      for {peer, _node} <- peers do
+        try do
+          :peer.stop(peer)
+        catch
+          :exit, _ -> :ok
+        end
+      end
+    end)
+
+    Enum.map(peers, &elem(&1, 1))
+  end
+
+  @doc """
   Starts a peer named `name` on 127.0.0.1 with this node's code path and cookie, sets
   `config :ex_atlas, :fly` to `fly` there and starts `:ex_atlas`. Returns `{peer, node}`.
   """

@@ -18,18 +18,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterAccountingTest do
   @drop [:ex_atlas, :fly, :dispatcher, :cluster, :drop]
 
   setup_all do
-    :ok = Peers.ensure_distribution()
-
-    {peer_b, b} =
-      Peers.start_peer("ex_atlas_acc_b_#{System.unique_integer([:positive])}", cluster: true)
-
-    {peer_c, c} =
-      Peers.start_peer("ex_atlas_acc_c_#{System.unique_integer([:positive])}", cluster: true)
-
-    on_exit(fn ->
-      for peer <- [peer_b, peer_c], do: catch_exit(:peer.stop(peer))
-    end)
-
+    [b, c] = Peers.start_peers("ex_atlas_acc", [:b, :c])
     %{b: b, c: c}
   end
 
