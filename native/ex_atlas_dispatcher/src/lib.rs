@@ -20,6 +20,7 @@ static ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
 // not link it; `cargo test` covers the core modules above without a VM.
 #[cfg(not(test))]
 mod nif {
+    use crate::sync::lock;
     use crate::{fanout, handoff, memory, registry, route};
 
     use fanout::{Lanes, Refused, Reservation};
@@ -31,7 +32,7 @@ mod nif {
     use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, Resource, ResourceArc, Term};
     use std::panic::{catch_unwind, AssertUnwindSafe};
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-    use std::sync::{Mutex, MutexGuard, RwLock};
+    use std::sync::{Mutex, RwLock};
     use std::time::{Duration, Instant};
 
     /// The time our NIF calls count as one whole timeslice of the calling process: the
@@ -309,12 +310,6 @@ mod nif {
         let mut binary = NewBinary::new(env, bytes.len());
         binary.as_mut_slice().copy_from_slice(bytes);
         Term::from(binary)
-    }
-
-    fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-        mutex
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A message built in an environment of its own, which a send moves to the receiver
@@ -910,23 +905,23 @@ mod nif {
         mut reserve: impl FnMut(usize) -> Result<bool, ()>,
     ) -> Progress {
         // Hand-overs first: each is quick, and its sender starts at once.
-        while let Some(&(lane, _, _)) = work.hand_over.front() {
+        while let Some(&(lane, _, _)) = work.hand_over.first() {
             match reserve(lane) {
                 Ok(true) => {}
                 Ok(false) => return Progress::NoRoom,
                 Err(()) => return Progress::Closed,
             }
-            if let Some((lane, part, start)) = work.hand_over.pop_front() {
-                hand_over(env, dispatcher, lane, part, start, message);
-            }
+            // At most one entry per lane: the shift is a few words.
+            let (lane, part, start) = work.hand_over.remove(0);
+            hand_over(env, dispatcher, lane, part, start, message);
         }
-        while let Some((part, start)) = work.inline.front_mut() {
+        while let Some((part, start)) = work.inline.first_mut() {
             let sent = send_within(env, part.pids_from(*start), message, slice, INLINE_SLICE);
             *start += sent;
             if *start < part.len() {
                 return Progress::OutOfTime;
             }
-            work.inline.pop_front();
+            work.inline.remove(0);
         }
         Progress::Done
     }

@@ -11,15 +11,17 @@
 //! * Everything else goes to the lane's sender, behind the producer's earlier batches.
 
 use crate::registry::{Part, Snapshot};
-use std::collections::VecDeque;
+use smallvec::SmallVec;
 
-/// The two kinds of work of one dispatch, each part with its first position not sent.
+/// The two kinds of work of one dispatch, each part with its first position not sent,
+/// in the order to do them. Inline vectors of a snapshot's size: a small dispatch, the
+/// common case, allocates nothing here.
 #[derive(Default)]
 pub struct Work {
     /// Parts for the lanes' senders: lane, subscribers, first position not sent.
-    pub hand_over: VecDeque<(usize, Part, usize)>,
+    pub hand_over: SmallVec<[(usize, Part, usize); 4]>,
     /// Parts the producer sends itself: subscribers, first position not sent.
-    pub inline: VecDeque<(Part, usize)>,
+    pub inline: SmallVec<[(Part, usize); 4]>,
 }
 
 /// Splits `snapshot` (parts by lane; the direct partition's index is `direct`) into what
@@ -40,9 +42,9 @@ pub fn route(
     let mut work = Work::default();
     for (lane, part) in snapshot {
         if lane == direct || (small && clear_for(lane)) {
-            work.inline.push_back((part, 0));
+            work.inline.push((part, 0));
         } else {
-            work.hand_over.push_back((lane, part, 0));
+            work.hand_over.push((lane, part, 0));
         }
     }
     work
