@@ -95,6 +95,8 @@ defmodule ExAtlas.Fly.Dispatcher do
       :ok
   """
 
+  require Logger
+
   alias ExAtlas.Fly.Dispatcher.{Backend, Cluster, Config}
 
   @typedoc "A topic: any binary, for example `\"logs:\" <> app_name`."
@@ -113,6 +115,8 @@ defmodule ExAtlas.Fly.Dispatcher do
           waiting: non_neg_integer(),
           lost_batches: non_neg_integer(),
           lost_deliveries: non_neg_integer(),
+          replay_messages: non_neg_integer(),
+          replay_bytes: non_neg_integer(),
           cluster: %{node() => %{queued: non_neg_integer(), dropped: non_neg_integer()}}
         }
 
@@ -133,6 +137,83 @@ defmodule ExAtlas.Fly.Dispatcher do
   end
 
   def subscribe(topic), do: check_topic!(topic)
+
+  @doc """
+  Subscribes the calling process to `topic`, with options.
+
+    * `:replay` - a non-negative integer `n` (default `0`). In `:registry` mode, before
+      anything dispatched to `topic` after this call, the caller receives the topic's
+      `n` most recent dispatches (as many as are kept, when fewer), as the messages that
+      were dispatched, oldest first. Every dispatch to the topic reaches the caller
+      exactly once: in the replay or live, never both, never neither, and each
+      producer's order holds across the two. See "Replay" in the README.
+
+  The `:replay` setting (`config :ex_atlas, :fly, replay: 100`) says how many
+  dispatches are kept per topic, within `:replay_memory` bytes over all topics; with
+  the default `replay: 0` nothing is kept and this is `subscribe/1`. In the
+  `:phoenix_pubsub` and `{:mfa, _}` modes, which keep no history, a `:replay` above 0 is
+  ignored with a warning, `[ExAtlas.Fly.Dispatcher] replay only works in :registry mode;
+  falling back to plain subscribe/1`.
+
+  `subscribe(topic, [])` is `subscribe(topic)`. Raises `ArgumentError` when `topic` is
+  not a binary, or on an unknown option or a bad value.
+
+      iex> :ok = ExAtlas.Fly.Dispatcher.subscribe("doc:replay", replay: 10)
+      iex> ExAtlas.Fly.Dispatcher.unsubscribe("doc:replay")
+      :ok
+  """
+  @spec subscribe(topic(), [{:replay, non_neg_integer()}]) :: :ok
+  def subscribe(topic, opts) do
+    check_topic!(topic)
+    replay = replay_option!(opts)
+
+    case Config.backend() do
+      {Backend.Registry, _} ->
+        Backend.Registry.subscribe_replay(topic, replay)
+
+      {backend, arg} ->
+        :ok = backend.subscribe(topic, arg)
+        if replay > 0, do: warn_no_replay(topic)
+        :ok
+    end
+  end
+
+  defp replay_option!(opts) when is_list(opts) do
+    if List.improper?(opts), do: bad_options!(opts)
+
+    Enum.reduce(opts, 0, fn
+      {:replay, n}, _ when is_integer(n) and n >= 0 ->
+        n
+
+      {:replay, n}, _ ->
+        raise ArgumentError,
+              "expected :replay to be a non-negative integer, got: #{inspect(n)}"
+
+      {key, _}, _ ->
+        raise ArgumentError,
+              "unknown subscribe/2 option #{inspect(key)}; expected :replay"
+
+      _other, _ ->
+        bad_options!(opts)
+    end)
+  end
+
+  defp replay_option!(opts), do: bad_options!(opts)
+
+  defp bad_options!(opts) do
+    raise ArgumentError,
+          "expected subscribe/2 options to be a keyword list, got: #{inspect(opts)}"
+  end
+
+  @doc false
+  @spec warn_no_replay(binary()) :: :ok
+  def warn_no_replay(topic) do
+    Logger.warning(
+      "[ExAtlas.Fly.Dispatcher] replay only works in :registry mode; falling back to " <>
+        "plain subscribe/1",
+      topic: topic
+    )
+  end
 
   @doc """
   Removes every subscription of the calling process to `topic`.
@@ -283,6 +364,9 @@ defmodule ExAtlas.Fly.Dispatcher do
     * `:waiting` - producers waiting for room in a full lane now (see the `:wait`
       telemetry events);
     * `:lost_batches`, `:lost_deliveries` - what senders that exited had not delivered;
+    * `:replay_messages`, `:replay_bytes` - the dispatches kept for replay (see
+      `subscribe/2`), over all topics, and their size as accounted against
+      `:replay_memory`; `0` when `:replay` is `0`;
     * `:cluster` - in cluster mode, per node with a link (connected, or away for less
       than twice the 10 s hold time), the messages queued for it (`:queued`,
       unacknowledged ones included) and those dropped for it since its link started
@@ -323,8 +407,9 @@ defmodule ExAtlas.Fly.Dispatcher do
   Starting it while a registry already runs is harmless: the child is ignored.
   Options, overriding the application environment: `:lanes` (1 to 1 024; the deprecated
   `:sender_threads` still works, with a warning), `:queue_capacity` (1 to 1 000 000),
-  `:delivery` (`:dirty` or `:scheduler`), `:cluster` (a boolean) and `:cluster_queue`
-  (1 to 10 000 000).
+  `:delivery` (`:dirty` or `:scheduler`), `:cluster` (a boolean), `:cluster_queue`
+  (1 to 10 000 000), `:replay` (0 to 1 000 000 dispatches kept per topic) and
+  `:replay_memory` (bytes kept over all topics, at least 1).
   """
   @spec child_spec(keyword()) :: Supervisor.child_spec()
   def child_spec(opts \\ []) do
@@ -364,10 +449,17 @@ defmodule ExAtlas.Fly.Dispatcher do
       {:cluster_queue, value} ->
         Config.check_cluster_queue!(value, ":cluster_queue")
 
+      {:replay, value} ->
+        Config.check_replay!(value, ":replay")
+
+      {:replay_memory, value} ->
+        Config.check_replay_memory!(value, ":replay_memory")
+
       other ->
         raise ArgumentError,
               "unknown ExAtlas.Fly.Dispatcher option #{inspect(other)}; expected " <>
-                ":lanes, :queue_capacity, :delivery, :cluster or :cluster_queue"
+                ":lanes, :queue_capacity, :delivery, :cluster, :cluster_queue, :replay " <>
+                "or :replay_memory"
     end)
 
     opts

@@ -2,7 +2,10 @@
 //! (`registry`, `fanout`) and encodes results. No registry or queue logic lives here.
 
 pub mod fanout;
+#[cfg(not(test))]
+mod frozen;
 pub mod handoff;
+pub mod history;
 #[cfg(all(test, loom))]
 mod loom_tests;
 pub mod memory;
@@ -20,6 +23,8 @@ static ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
 // not link it; `cargo test` covers the core modules above without a VM.
 #[cfg(not(test))]
 mod nif {
+    use crate::frozen::{term_bytes, Frozen};
+    use crate::history::{History, Take};
     use crate::sync::lock;
     use crate::{fanout, handoff, memory, registry, route};
 
@@ -54,6 +59,10 @@ mod nif {
     /// Pids delivered per dirty NIF call before handing control back to the sender
     /// process, so a huge topic never holds a dirty scheduler for long.
     const DIRTY_SLICE: usize = 16_384;
+    /// Most messages one `replay/2` call takes from its caller's inbox, and most bytes
+    /// past the first message: what it does not send in its timeslice goes back.
+    const REPLAY_CHUNK: usize = 64;
+    const REPLAY_CHUNK_BYTES: usize = 1 << 20;
     /// Most lanes `new/2` accepts, as `config :ex_atlas, :fly, lanes:` does.
     /// Checked here too: a huge count made the allocation abort the whole VM.
     const MAX_LANES: usize = 1_024;
@@ -89,6 +98,12 @@ mod nif {
             done,
             ex_atlas_room = "$ex_atlas_room",
             ex_atlas_interest = "$ex_atlas_interest",
+            ex_atlas_gate = "$ex_atlas_gate",
+            gated,
+            plain,
+            replay_messages,
+            replay_bytes,
+            replay_joiners,
         }
     }
 
@@ -108,7 +123,22 @@ mod nif {
         /// The senders this resource monitors (a `down` for one of them reclaims its
         /// batches; any other `down` is a subscriber's).
         sender_monitors: Mutex<Vec<u64>>,
+        /// Replay: each topic's most recent dispatches and the subscribers catching up
+        /// on them (see `history`); `None` when no message is kept (`replay: 0`), and
+        /// then a dispatch takes no lock of it at all.
+        history: Option<Mutex<History<Frozen, Joining>>>,
     }
+
+    /// What a subscriber catching up on a topic's history carries until it enters the
+    /// registry: the monitor that removes it if it dies meanwhile (handed to the
+    /// registry or released then), and whether it goes to the direct partition.
+    struct Joining {
+        monitor: Monitor,
+        direct: bool,
+    }
+
+    /// Tokens of the dispatches that wait for a topic's joiners.
+    static GATE_TOKENS: AtomicU64 = AtomicU64::new(1);
 
     impl Dispatcher {
         /// The batches the dead sender `pid` had not delivered: counted as lost, their
@@ -172,6 +202,13 @@ mod nif {
                 self.monitors.fetch_sub(1, Ordering::Relaxed);
                 self.registry.remove_subscriber(raw);
                 self.tell_relay(env, raw, None);
+                if let Some(history) = &self.history {
+                    // A subscriber that died catching up: its other monitor, if it had
+                    // one, fires too and does its own counting.
+                    let (left, woken) = lock(history).leave(raw);
+                    drop(left);
+                    open_gate(env, &woken);
+                }
             }));
         }
     }
@@ -554,8 +591,16 @@ mod nif {
         sent_here
     }
 
+    /// A dispatcher with `lanes` lanes of `queue_capacity` batches each, keeping the
+    /// `replay` most recent dispatches of each topic within `replay_memory` bytes in all
+    /// (`replay: 0` keeps none).
     #[rustler::nif]
-    fn new(lanes: usize, queue_capacity: usize) -> rustler::NifResult<ResourceArc<Dispatcher>> {
+    fn new(
+        lanes: usize,
+        queue_capacity: usize,
+        replay: usize,
+        replay_memory: usize,
+    ) -> rustler::NifResult<ResourceArc<Dispatcher>> {
         if !(1..=MAX_LANES).contains(&lanes) {
             return Err(rustler::Error::BadArg);
         }
@@ -567,7 +612,138 @@ mod nif {
             monitors: AtomicUsize::new(0),
             relay: AtomicU64::new(0),
             sender_monitors: Mutex::new(Vec::new()),
+            history: (replay > 0).then(|| Mutex::new(History::new(replay, replay_memory))),
         }))
+    }
+
+    /// Wakes the producers whose dispatch waited for a topic's joiners:
+    /// `{:"$ex_atlas_gate", token}` to each (they dispatch again).
+    fn open_gate(env: Env<'_>, woken: &[(u64, u64)]) {
+        for &(pid, token) in woken {
+            let wake = Outgoing::build(|menv| (atoms::ex_atlas_gate(), token).encode(menv));
+            // A producer that died meanwhile needs no waking.
+            let _ = wake.send(env, pid);
+        }
+    }
+
+    /// Starts subscribing the caller to `topic` with the `n` most recent messages kept
+    /// for it: `:ok`, and the caller calls `replay/2` until it answers `:ok`. `:plain`
+    /// when no history is kept (the caller subscribes as usual), `:not_alive` when the
+    /// caller is exiting, `:closed` once the dispatcher is closed. Badarg when the caller
+    /// is already joining `topic`.
+    #[rustler::nif]
+    fn join<'a>(
+        env: Env<'a>,
+        dispatcher: ResourceArc<Dispatcher>,
+        topic: Binary<'a>,
+        n: usize,
+        direct: bool,
+    ) -> rustler::NifResult<Atom> {
+        let Some(history) = &dispatcher.history else {
+            return Ok(atoms::plain());
+        };
+        if dispatcher.registry.is_closed() {
+            return Ok(atoms::closed());
+        }
+        let pid = env.pid();
+        let Some(monitor) = dispatcher.monitor(Some(env), &pid) else {
+            return Ok(atoms::not_alive());
+        };
+        dispatcher.monitors.fetch_add(1, Ordering::Relaxed);
+        let joined = lock(history).join(
+            topic.as_slice(),
+            pid_to_raw(&pid),
+            n,
+            Joining { monitor, direct },
+        );
+        match joined {
+            Ok(_) => Ok(atoms::ok()),
+            Err(joining) => {
+                release_monitor(env, &dispatcher, &joining.monitor);
+                Err(rustler::Error::BadArg)
+            }
+        }
+    }
+
+    fn release_monitor(env: Env<'_>, dispatcher: &ResourceArc<Dispatcher>, monitor: &Monitor) {
+        // False when it already fired: its `down` does the counting.
+        if dispatcher.demonitor(Some(env), monitor) {
+            dispatcher.monitors.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Goes on with the caller's `join/4` to `topic`: sends the caller the next messages
+    /// of its history, oldest first, for one timeslice at most, and answers `:more`; once
+    /// there are none left, adds the caller to the registry (atomically with respect to
+    /// every dispatch, see `history`) and answers `:ok`. Between two calls the caller
+    /// fetches what it sent itself, so that it is in its queue before anything sent live.
+    /// `:not_alive` when the caller is not joining (it exits), `:closed` once the
+    /// dispatcher is closed, `:too_many_topics` as `subscribe/3`.
+    #[rustler::nif]
+    fn replay<'a>(env: Env<'a>, dispatcher: ResourceArc<Dispatcher>, topic: Binary<'a>) -> Atom {
+        let Some(history) = &dispatcher.history else {
+            return atoms::not_alive();
+        };
+        let topic = topic.as_slice();
+        let pid = env.pid();
+        let raw = pid_to_raw(&pid);
+        let mut kept = lock(history);
+        let chunk = match kept.take(topic, raw, REPLAY_CHUNK, REPLAY_CHUNK_BYTES) {
+            Take::Unknown => {
+                return if dispatcher.registry.is_closed() {
+                    atoms::closed()
+                } else {
+                    atoms::not_alive()
+                };
+            }
+            Take::CaughtUp { data, woken } => {
+                // Still under the history lock: no dispatch to `topic` runs between the
+                // last message of the inbox and the first live one.
+                let mut handed = false;
+                let monitor = || {
+                    handed = true;
+                    Some(data.monitor)
+                };
+                let registry = &dispatcher.registry;
+                let result = if data.direct {
+                    registry.subscribe_direct(topic, raw, monitor)
+                } else {
+                    registry.subscribe(topic, raw, monitor)
+                };
+                drop(kept);
+                if !handed {
+                    release_monitor(env, &dispatcher, &data.monitor);
+                }
+                open_gate(env, &woken);
+                dispatcher.tell_relay(env, raw, Some(topic));
+                return match result {
+                    Ok(Ok(())) => atoms::ok(),
+                    Ok(Err(SubscribeError::NotAlive)) => atoms::not_alive(),
+                    Ok(Err(SubscribeError::TooManyTopics)) => atoms::too_many_topics(),
+                    Err(ClosedError) => atoms::closed(),
+                };
+            }
+            Take::Chunk(chunk) => chunk,
+        };
+        let woken = kept.woken(topic);
+        drop(kept);
+        open_gate(env, &woken);
+        let mut slice = Timeslice::new(env);
+        let mut sent = 0;
+        for entry in &chunk {
+            if sent > 0 && slice.used_up(INLINE_SLICE) {
+                break;
+            }
+            send_from(env, raw, entry.message.term(env));
+            sent += 1;
+        }
+        slice.finish();
+        if sent < chunk.len() {
+            let rest = chunk[sent..].to_vec();
+            lock(history).put_back(topic, raw, rest);
+        }
+        drop(chunk);
+        atoms::more()
     }
 
     /// Installs one sender process per lane, replacing any earlier ones (a restarted
@@ -852,7 +1028,14 @@ mod nif {
         message: Term<'a>,
     ) -> Term<'a> {
         let mut slice = Timeslice::new(env);
-        let Ok(snapshot) = dispatcher.registry.snapshot(topic) else {
+        let snapshot = match &dispatcher.history {
+            None => dispatcher.registry.snapshot(topic),
+            Some(history) => match record(env, dispatcher, history, topic, message) {
+                Ok(snapshot) => snapshot,
+                Err(token) => return (atoms::gated(), token).encode(env),
+            },
+        };
+        let Ok(snapshot) = snapshot else {
             return atoms::closed().encode(env);
         };
         let mut producer = None;
@@ -891,6 +1074,35 @@ mod nif {
             granted: AtomicUsize::new(0),
         });
         (tag, pending).encode(env)
+    }
+
+    /// Keeps `message` in `topic`'s history and takes the topic's snapshot, both under
+    /// the history lock (see `history`); the copy and its measure are made before.
+    /// `Err(token)` when a joiner of the topic is too far behind: nothing was recorded,
+    /// and the caller dispatches again once `{:"$ex_atlas_gate", token}` arrives.
+    fn record(
+        env: Env<'_>,
+        dispatcher: &Dispatcher,
+        history: &Mutex<History<Frozen, Joining>>,
+        topic: &[u8],
+        message: Term<'_>,
+    ) -> Result<Result<registry::Snapshot, ClosedError>, u64> {
+        let bytes = term_bytes(env, message);
+        let frozen = Frozen::freeze(message);
+        let mut kept = lock(history);
+        if kept.is_gated(topic) {
+            let token = GATE_TOKENS.fetch_add(1, Ordering::Relaxed);
+            kept.wait(topic, pid_to_raw(&env.pid()), token);
+            drop(kept);
+            drop(frozen);
+            return Err(token);
+        }
+        let evicted = kept.record(topic, frozen, bytes);
+        let snapshot = dispatcher.registry.snapshot(topic);
+        drop(kept);
+        // Freed after the lock: dropping a kept message frees its environment.
+        drop(evicted);
+        Ok(snapshot)
     }
 
     /// Hands over, then sends, what is left in `work`. `reserve(lane)` takes a credit of
@@ -1088,6 +1300,14 @@ mod nif {
             (atoms::lost_batches(), lanes.lost_batches),
             (atoms::lost_deliveries(), lanes.lost_deliveries),
         ];
+        let kept = dispatcher
+            .history
+            .as_ref()
+            .map(|history| lock(history).stats())
+            .unwrap_or_default();
+        stats.push((atoms::replay_messages(), kept.messages as u64));
+        stats.push((atoms::replay_bytes(), kept.bytes as u64));
+        stats.push((atoms::replay_joiners(), kept.joiners as u64));
         if let Some(bytes) = memory::live_bytes() {
             stats.push((atoms::allocated_bytes(), bytes as u64));
         }
@@ -1110,6 +1330,14 @@ mod nif {
             if dispatcher.demonitor(Some(env), monitor) {
                 dispatcher.monitors.fetch_sub(1, Ordering::Relaxed);
             }
+        }
+        if let Some(history) = &dispatcher.history {
+            let cleared = lock(history).clear();
+            for (_, joining) in &cleared.joiners {
+                release_monitor(env, &dispatcher, &joining.monitor);
+            }
+            open_gate(env, &cleared.woken);
+            drop(cleared);
         }
         let waiters = dispatcher.lanes.close();
         for waiter in &waiters {

@@ -812,6 +812,11 @@ impl<M> Sharded<M> {
         Ok(snapshot)
     }
 
+    /// True once [`Sharded::close`] ran (or while it runs).
+    pub fn is_closed(&self) -> bool {
+        self.shards.iter().any(|shard| shard.lock().closed)
+    }
+
     /// [`Registry::set_tracking`] in every shard.
     pub fn set_tracking(&self, tracking: bool) {
         for shard in self.shards.iter() {

@@ -31,6 +31,8 @@ defmodule ExAtlas.Fly.Dispatcher.Backend do
       waiting: 0,
       lost_batches: 0,
       lost_deliveries: 0,
+      replay_messages: 0,
+      replay_bytes: 0,
       cluster: %{}
     }
   end

@@ -7,7 +7,10 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
 
   alias ExAtlas.Fly.Dispatcher.Backend
 
+  import Bitwise, only: [<<<: 2]
+
   @default_queue_capacity 1_024
+  @default_replay_memory 64 * 1024 * 1024
   @default_cluster_queue 10_000
   # Picked from bench/fanout.exs: see the `delivery:` notes in ExAtlas.Fly.Dispatcher.
   @default_delivery :scheduler
@@ -165,6 +168,45 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
     |> Keyword.get(:delivery, @default_delivery)
     |> check_delivery!("`config :ex_atlas, :fly, delivery: ...`")
   end
+
+  @doc "Dispatches kept per topic for replay (`:replay`, default 0: none)."
+  @spec replay(keyword()) :: non_neg_integer()
+  def replay(opts \\ []) do
+    case Keyword.fetch(opts, :replay) do
+      {:ok, value} ->
+        check_replay!(value, ":replay")
+
+      :error ->
+        fly() |> Keyword.get(:replay, 0) |> check_replay!("`config :ex_atlas, :fly, replay: ...`")
+    end
+  end
+
+  @doc "Bytes of kept dispatches over all topics at most (`:replay_memory`, default 64 MiB)."
+  @spec replay_memory(keyword()) :: pos_integer()
+  def replay_memory(opts \\ []) do
+    case Keyword.fetch(opts, :replay_memory) do
+      {:ok, value} ->
+        check_replay_memory!(value, ":replay_memory")
+
+      :error ->
+        fly()
+        |> Keyword.get(:replay_memory, @default_replay_memory)
+        |> check_replay_memory!("`config :ex_atlas, :fly, replay_memory: ...`")
+    end
+  end
+
+  @doc false
+  @spec check_replay!(term(), String.t()) :: non_neg_integer()
+  def check_replay!(value, _where) when is_integer(value) and value in 0..1_000_000, do: value
+  def check_replay!(value, where), do: bad!(where, "an integer from 0 to 1000000", value)
+
+  @doc false
+  @spec check_replay_memory!(term(), String.t()) :: pos_integer()
+  def check_replay_memory!(value, _where) when is_integer(value) and value in 1..(1 <<< 48),
+    do: value
+
+  def check_replay_memory!(value, where),
+    do: bad!(where, "an integer from 1 to #{1 <<< 48} (bytes)", value)
 
   @doc "Cluster mode (`:cluster`, default false): forward to other nodes over `:pg`."
   @spec cluster?() :: boolean()

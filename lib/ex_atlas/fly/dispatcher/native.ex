@@ -37,8 +37,9 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
     end
   end
 
-  @spec new(pos_integer(), pos_integer()) :: dispatcher()
-  def new(_lanes, _queue_capacity), do: :erlang.nif_error(:nif_not_loaded)
+  @spec new(pos_integer(), pos_integer(), non_neg_integer(), pos_integer()) :: dispatcher()
+  def new(_lanes, _queue_capacity, _replay, _replay_memory),
+    do: :erlang.nif_error(:nif_not_loaded)
 
   @doc "Installs one sender per lane, replacing earlier ones; badarg on a wrong count."
   @spec set_senders(dispatcher(), [pid()]) :: :ok
@@ -62,6 +63,15 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
           :ok | :closed | :not_alive | :too_many_topics
   def subscribe(_dispatcher, _topic, _direct), do: :erlang.nif_error(:nif_not_loaded)
 
+  @doc "Starts a subscription with replay; then `replay/2` until `:ok`."
+  @spec join(dispatcher(), binary(), non_neg_integer(), boolean()) ::
+          :ok | :plain | :not_alive | :closed
+  def join(_dispatcher, _topic, _n, _direct), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec replay(dispatcher(), binary()) ::
+          :ok | :more | :not_alive | :closed | :too_many_topics
+  def replay(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
+
   @spec unsubscribe(dispatcher(), binary()) :: :ok
   def unsubscribe(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
 
@@ -74,7 +84,7 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
 
   @doc "`dispatch/3` to the published dispatcher; `:closed` when none is published."
   @spec dispatch(binary(), term()) ::
-          :ok | :forward | :closed | {:full | :more, pending()}
+          :ok | :forward | :closed | {:full | :more, pending()} | {:gated, pos_integer()}
   def dispatch(_topic, _message), do: :erlang.nif_error(:nif_not_loaded)
 
   @doc """
@@ -84,7 +94,7 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   `:ok`: again at once after `:more`, after `{:"$ex_atlas_room", pending}` after `:wait`.
   """
   @spec dispatch(dispatcher(), binary(), term()) ::
-          :ok | :forward | :closed | {:full | :more, pending()}
+          :ok | :forward | :closed | {:full | :more, pending()} | {:gated, pos_integer()}
   def dispatch(_dispatcher, _topic, _message), do: :erlang.nif_error(:nif_not_loaded)
 
   @spec resume(pending(), term()) :: :ok | :wait | :more | :closed

@@ -127,7 +127,7 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
   defp publish(opts) do
     lanes = Config.lanes(opts)
     capacity = Keyword.get_lazy(opts, :queue_capacity, &Config.queue_capacity/0)
-    dispatcher = Native.new(lanes, capacity)
+    dispatcher = Native.new(lanes, capacity, Config.replay(opts), Config.replay_memory(opts))
     :persistent_term.put(@reported_key, :atomics.new(2, signed: false))
     :persistent_term.put(@key, dispatcher)
     :ok = Native.publish(dispatcher)

@@ -51,6 +51,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
 
   @typedoc "Validated options: threshold, poll_ms and cooldown_ms, in that order."
   @type options :: [
+          replay: non_neg_integer(),
           threshold: pos_integer(),
           poll_ms: pos_integer(),
           cooldown_ms: non_neg_integer()
@@ -65,18 +66,20 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   @spec subscribe(binary(), keyword()) :: :ok
   def subscribe(topic, opts) do
     opts = validate!(opts)
+    {replay, opts} = Keyword.pop(opts, :replay)
 
     case Config.backend() do
-      {Backend.Registry, arg} ->
+      {Backend.Registry, _arg} ->
         # Raises the registry's own "not running" error first, then checks the watchdog
         # before subscribing, so a failure leaves no unwatched subscription behind.
         _ = Backend.Registry.dispatcher!()
         watchdog = GenServer.whereis(__MODULE__) || raise not_started()
-        :ok = Backend.Registry.subscribe(topic, arg)
+        :ok = Backend.Registry.subscribe_replay(topic, replay)
         watch(watchdog, topic, opts)
 
       {backend, arg} ->
         :ok = backend.subscribe(topic, arg)
+        if replay > 0, do: ExAtlas.Fly.Dispatcher.warn_no_replay(topic)
 
         Logger.warning(
           "[ExAtlas.Fly.Dispatcher] subscribe_with_backpressure/2 only works in :registry " <>
@@ -140,7 +143,9 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   @spec validate!(term()) :: options()
   def validate!(opts) when is_list(opts) do
     check_each!(opts, opts)
-    Enum.map(@defaults, fn {key, default} -> {key, Keyword.get(opts, key, default)} end)
+
+    [{:replay, Keyword.get(opts, :replay, 0)}] ++
+      Enum.map(@defaults, fn {key, default} -> {key, Keyword.get(opts, key, default)} end)
   end
 
   def validate!(other), do: not_keyword!(other)
@@ -153,6 +158,8 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
       :poll_ms -> positive!(:poll_ms, value, @max_poll_ms)
       :cooldown_ms when is_integer(value) and value >= 0 -> :ok
       :cooldown_ms -> bad!(:cooldown_ms, "a non-negative integer", value)
+      :replay when is_integer(value) and value >= 0 -> :ok
+      :replay -> bad!(:replay, "a non-negative integer", value)
       _ -> unknown!(key)
     end
 
@@ -181,7 +188,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   defp unknown!(key) do
     raise ArgumentError,
           "unknown subscribe_with_backpressure/2 option #{inspect(key)}; " <>
-            "expected :threshold, :poll_ms or :cooldown_ms"
+            "expected :threshold, :poll_ms, :cooldown_ms or :replay"
   end
 
   defp not_started do

@@ -12,7 +12,7 @@ defmodule ExAtlas.Fly.Dispatcher.NativeTest do
   @room :"$ex_atlas_room"
 
   defp new_dispatcher(lanes, capacity) do
-    dispatcher = Native.new(lanes, capacity)
+    dispatcher = Native.new(lanes, capacity, 0, 1)
     :ok = Native.set_senders(dispatcher, List.duplicate(self(), lanes))
     on_exit(fn -> Native.close(dispatcher) end)
     dispatcher
@@ -46,7 +46,7 @@ defmodule ExAtlas.Fly.Dispatcher.NativeTest do
   end
 
   test "set_senders/2 takes exactly one pid per lane, as a proper list" do
-    dispatcher = Native.new(2, 4)
+    dispatcher = Native.new(2, 4, 0, 1)
     assert_raise ArgumentError, fn -> Native.set_senders(dispatcher, [self()]) end
     assert_raise ArgumentError, fn -> Native.set_senders(dispatcher, [self(), self(), self()]) end
     assert_raise ArgumentError, fn -> Native.set_senders(dispatcher, [self() | self()]) end
@@ -297,7 +297,7 @@ defmodule ExAtlas.Fly.Dispatcher.NativeTest do
   end
 
   test "closing wakes every waiting producer and drops parked batches as lost" do
-    dispatcher = Native.new(1, 1)
+    dispatcher = Native.new(1, 1, 0, 1)
     # More than 16 subscriptions: never sent inline by the caller.
     subscribers(dispatcher, "close", 20)
     # No sender yet: the first batch is parked, the second dispatch has to wait.

@@ -19,6 +19,8 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
     :waiting,
     :lost_batches,
     :lost_deliveries,
+    :replay_messages,
+    :replay_bytes,
     :cluster
   ]
 
@@ -34,6 +36,8 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
     waiting: 0,
     lost_batches: 0,
     lost_deliveries: 0,
+    replay_messages: 0,
+    replay_bytes: 0,
     cluster: %{}
   }
 

@@ -7,22 +7,67 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   alias ExAtlas.Fly.Dispatcher.{Cluster, Native, Sender, Server, Telemetry}
 
   @room :"$ex_atlas_room"
+  @gate :"$ex_atlas_gate"
   @successor_poll_ms 5
 
   @impl true
-  def subscribe(topic, _arg) do
+  def subscribe(topic, _arg), do: subscribe_replay(topic, 0)
+
+  @doc """
+  Subscribes the caller to `topic`, first delivering to it the `replay` most recent
+  dispatches kept for the topic (as many as are kept, when fewer).
+  """
+  @spec subscribe_replay(binary(), non_neg_integer()) :: :ok
+  def subscribe_replay(topic, replay) do
     # OTP orders messages per sending process only, and may fetch an off-heap queue's
     # messages from different senders out of the order they were sent: such a
     # subscriber gets every message from the dispatching process itself.
     {:message_queue_data, queue} = Process.info(self(), :message_queue_data)
+    dispatcher = dispatcher!()
+    direct = queue == :off_heap
 
-    case Native.subscribe(dispatcher!(), topic, queue == :off_heap) do
+    result =
+      case replay > 0 and Native.join(dispatcher, topic, replay, direct) do
+        :ok -> catch_up(dispatcher, topic)
+        plain when plain in [false, :plain] -> Native.subscribe(dispatcher, topic, direct)
+        other -> other
+      end
+
+    case result do
       :ok -> :ok
       # The caller is exiting (its monitor could not be set): nothing to keep, and it will
       # never read a message, as with Registry.register/3 from a dying process.
       :not_alive -> :ok
       :closed -> raise not_started()
       :too_many_topics -> raise ArgumentError, "the registry holds too many topics (2^32)"
+    end
+  end
+
+  # The caller sends itself its history, a timeslice at a time, while dispatches to the
+  # topic go to its inbox in the NIF too; once the inbox is empty the NIF adds it to the
+  # registry, under the lock every dispatch to the topic takes. Before each call it
+  # fetches its signal queue (a receive does that), so that what it sent itself is in
+  # its message queue before anything is sent to it live: OTP may otherwise buffer a
+  # process's signals per sender, and then fetch a live message from another process
+  # ahead of them.
+  defp catch_up(dispatcher, topic) do
+    case Native.replay(dispatcher, topic) do
+      :more ->
+        fetch_signals()
+        catch_up(dispatcher, topic)
+
+      done ->
+        done
+    end
+  end
+
+  defp fetch_signals do
+    ref = make_ref()
+
+    receive do
+      ^ref -> :ok
+    after
+      0 -> :ok
     end
   end
 
@@ -67,6 +112,13 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
       {:more, pending} ->
         :ok = make_room(pending, topic, message)
         true
+
+      # A subscriber of the topic is catching up on its history and is too far behind:
+      # nothing was done; dispatch again once it has caught up a little.
+      {:gated, token} ->
+        receive do
+          {@gate, ^token} -> deliver_here(topic, message)
+        end
 
       :closed ->
         raise not_started()

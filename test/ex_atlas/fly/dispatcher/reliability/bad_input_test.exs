@@ -208,13 +208,13 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.BadInputTest do
   # The NIF bridge with random arguments, the running dispatcher as the first one most of
   # the time: every function it exports except close/1 (which would stop the registry for
   # the rest of the run). It may return anything; it may raise only ArgumentError (badarg).
-  # new/2 gets random integers, huge ones included.
+  # new/4 gets random integers, huge ones included.
   defp native_call do
     {fun, arity} = Enum.random(native_functions())
 
     args =
       case fun do
-        :new -> [integer(), integer()]
+        :new -> [integer(), integer(), integer(), integer()]
         _ -> [native_dispatcher() | for(_ <- 2..arity//1, do: native_arg())]
       end
 
