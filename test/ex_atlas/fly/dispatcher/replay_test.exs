@@ -14,6 +14,8 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
 
   @moduletag timeout: 300_000
 
+  @payload for(i <- 1..40, do: {:line, i})
+
   # The NIF's JOIN_SLACK: dispatches a joiner may fall behind before its topic waits.
   @join_slack 256
 
@@ -463,10 +465,11 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
   # Property test: parameters, a run, and the check.
   defp replay_case do
     :proper_types.tuple([
-      # producers, messages each, kept per topic
+      # producers, messages each at least (they go on until every joiner joined),
+      # kept per topic
       :proper_types.range(1, 4),
       :proper_types.range(1, 400),
-      :proper_types.range(1, 300),
+      :proper_types.range(1, 1_000),
       # joiners: {delay in ms, n, off_heap?}
       :proper_types.list(
         :proper_types.tuple([
@@ -505,28 +508,37 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
 
     producer_pids = start_producers(topic, producers, each, go, joiner_pids)
     for pid <- joiner_pids, do: assert_receive({:joined, ^pid}, 30_000)
-    await_producers(producer_pids)
+    # Every joiner joined while the producers were still going.
+    lasts = stop_producers(producer_pids)
 
-    for pid <- joiner_pids do
-      send(pid, {:collect, go})
-      assert_receive {:got, ^pid, got}, 30_000
-      got
-    end
+    results =
+      for pid <- joiner_pids do
+        send(pid, {:collect, go})
+        assert_receive {:got, ^pid, got}, 30_000
+        got
+      end
+
+    {results, lasts}
   end
 
-  defp check_case(results, {producers, each, kept, _joiners}) do
+  defp check_case({results, lasts}, {_producers, _each, kept, _joiners}) do
+    total = Enum.sum(lasts)
+
     Enum.find_value(results, true, fn {n, got} ->
       cond do
         violation = per_producer_violation(got) ->
           "per-producer violation #{inspect(violation)} in #{inspect(got, limit: 30)}"
 
-        Enum.any?(1..producers, fn p -> last_of(got, p) not in [nil, each] end) ->
-          "a producer's run does not end at its last message: #{inspect(got, limit: 30)}"
+        Enum.any?(Enum.with_index(lasts, 1), fn {last, p} ->
+          last_of(got, p) not in [nil, last]
+        end) ->
+          "a producer's run does not end at its last message (#{inspect(lasts)}): " <>
+            inspect(got, limit: 30)
 
         # Everything dispatched fits in the history and the replay asked for all:
         # every message of every producer.
-        n == :all and kept >= producers * each and length(got) != producers * each ->
-          "a full joiner got #{length(got)} of #{producers * each}"
+        n == :all and kept >= total and length(got) != total ->
+          "a full joiner got #{length(got)} of #{total}"
 
         true ->
           false
@@ -536,7 +548,7 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
 
   defp last_of(got, producer) do
     got
-    |> Enum.filter(&match?({:seq, ^producer, _}, &1))
+    |> Enum.filter(&(elem(&1, 1) == producer))
     |> List.last()
     |> then(&(&1 && elem(&1, 2)))
   end
@@ -544,7 +556,7 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
   # The first place where a producer's numbers do not go up by exactly one.
   defp per_producer_violation(got) do
     got
-    |> Enum.group_by(fn {:seq, p, _} -> p end, fn {:seq, _, i} -> i end)
+    |> Enum.group_by(&elem(&1, 1), &elem(&1, 2))
     |> Enum.find_value(fn {p, seqs} ->
       seqs
       |> Enum.chunk_every(2, 1, :discard)
@@ -554,32 +566,17 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
 
   # Producers that dispatch numbered messages until told to stop; each then syncs.
   defp start_endless_producers(topic, count) do
-    parent = self()
-
-    for p <- 1..count do
-      spawn_link(fn ->
-        endless(topic, p, 1)
-        :ok = Dispatcher.sync()
-        send(parent, {:produced, self()})
-      end)
-    end
+    go = make_ref()
+    start_producers(topic, count, 1, go, [])
   end
 
-  defp endless(topic, p, i) do
-    :ok = Dispatcher.dispatch(topic, {:seq, p, i})
-
-    receive do
-      :stop -> :ok
-    after
-      0 -> endless(topic, p, i + 1)
-    end
-  end
-
+  # Stops the producers; their last numbers, in order.
   defp stop_producers(pids) do
     for pid <- pids, do: send(pid, :stop)
     await_producers(pids)
   end
 
+  # Producers that dispatch numbered messages on `go` (sent to them and to `also`).
   # Producers that dispatch `each` numbered messages on `go` (sent to them and to `also`).
   defp start_producers(topic, count, each, go, also) do
     parent = self()
@@ -591,9 +588,9 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
             ^go -> :ok
           end
 
-          for i <- 1..each, do: :ok = Dispatcher.dispatch(topic, {:seq, p, i})
+          last = produce(topic, p, 1, each)
           :ok = Dispatcher.sync()
-          send(parent, {:produced, self()})
+          send(parent, {:produced, self(), last})
         end)
       end
 
@@ -601,7 +598,25 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
     pids
   end
 
-  defp await_producers(pids), do: for(pid <- pids, do: assert_receive({:produced, ^pid}, 60_000))
+  # Dispatches {:seq, p, i, payload} from `i` on: at least up to `at_least`, then until
+  # :stop. The payload (about 1 KiB) makes a long replay take a while, so that joiners
+  # catch up while dispatches go on.
+  defp produce(topic, p, i, at_least) do
+    :ok = Dispatcher.dispatch(topic, {:seq, p, i, @payload})
+
+    receive do
+      :stop when i >= at_least -> i
+    after
+      0 -> produce(topic, p, i + 1, at_least)
+    end
+  end
+
+  defp await_producers(pids) do
+    for pid <- pids do
+      assert_receive {:produced, ^pid, last}, 60_000
+      last
+    end
+  end
 
   # An off-heap joiner with its signal queue forced into buffered mode that, once
   # subscribed, spins a while without fetching, then collects.
