@@ -44,17 +44,17 @@ defmodule ExAtlas.Test.Cluster do
   end
 
   @doc """
-  For a test module's `setup_all`: starts distribution, then one peer in cluster mode per
-  name in `names` (named `prefix_name_N`), stopped when the module's tests are done.
-  Returns their node names, in order.
+  For a test module's `setup_all`: starts distribution, then one peer per name in `names`
+  (named `prefix_name_N`) with `config :ex_atlas, :fly` set to `fly` (cluster mode by
+  default), stopped when the module's tests are done. Returns their node names, in order.
   """
-  @spec start_peers(String.t(), [atom()]) :: [node()]
-  def start_peers(prefix, names) do
+  @spec start_peers(String.t(), [atom()], keyword()) :: [node()]
+  def start_peers(prefix, names, fly \\ [cluster: true]) do
     :ok = ensure_distribution()
 
     peers =
       for name <- names,
-          do: start_peer("#{prefix}_#{name}_#{System.unique_integer([:positive])}", cluster: true)
+          do: start_peer("#{prefix}_#{name}_#{System.unique_integer([:positive])}", fly)
 
     ExUnit.Callbacks.on_exit(fn ->
       for {peer, _node} <- peers do
@@ -108,9 +108,32 @@ defmodule ExAtlas.Test.Cluster do
     end
   end
 
+  @doc """
+  Spawns, on `node`, a subscriber of `topic` through `subscribe(topic, replay: replay)`
+  that records every message it gets (its history first); returns its pid once
+  subscribed.
+  """
+  @spec replay_subscriber(node(), binary(), non_neg_integer()) :: pid()
+  def replay_subscriber(node, topic, replay) do
+    pid = Node.spawn(node, __MODULE__, :replay_subscriber_init, [self(), topic, replay])
+
+    receive do
+      {:subscribed, ^pid} -> pid
+    after
+      10_000 -> raise "subscriber on #{node} did not subscribe"
+    end
+  end
+
   @doc false
   def subscriber_init(parent, topic) do
     :ok = Dispatcher.subscribe(topic)
+    send(parent, {:subscribed, self()})
+    record(parent, [])
+  end
+
+  @doc false
+  def replay_subscriber_init(parent, topic, replay) do
+    :ok = Dispatcher.subscribe(topic, replay: replay)
     send(parent, {:subscribed, self()})
     record(parent, [])
   end

@@ -4,6 +4,12 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   # registry, and a dispatch goes, once, to each other node that has subscribers to the
   # topic, whose relay runs it through its own local fan-out.
   #
+  # With replay on (`replay: k`, k > 0, on this node) a dispatch goes, once, to every other
+  # node that runs cluster mode, subscribers or not: its relay's local dispatch records it
+  # in that node's history, so a subscriber there is replayed what was dispatched on any
+  # node. Every node of the cluster should then keep a history (the same `replay`): a node
+  # with replay off forwards only to the nodes with subscribers.
+  #
   # Built on what OTP has: distributed Erlang (connecting the nodes is the host's
   # business: dns_cluster, libcluster, ...) and `:pg`, in a scope of our own, where each
   # node's relay is a member of the group of every topic it has local subscribers to.
@@ -29,13 +35,20 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   #   * @seen, `{link pid, count}`: per link of another node, the dispatches this node's
   #     relay has received from it, so that a restarted relay answers a link exactly;
   #   * @unlinked, `{node, count}`: dispatches for a node that `:pg` shows with interest
-  #     but that has no link yet (the relay has not started it): counted as dropped here,
-  #     and taken over by the node's link, which reports them, once it runs.
+  #     (or, with replay on, a node of @peers) but that has no link yet (the relay has
+  #     not started it): counted as dropped here, and taken over by the node's link,
+  #     which reports them, once it runs;
+  #   * @peers, `{node}`: the nodes that run cluster mode, those whose relay has welcomed
+  #     their link once (other connected nodes, a remote shell say, have a link that
+  #     gets nothing), written by the links, kept while the node is away until its link
+  #     is reaped; a connected node whose relay is gone for the link's hold time leaves
+  #     it. With replay on, `forward/2` sends to all of them.
   #
   # Nothing of it runs unless cluster mode is on: a dispatch calls `forward/2` only when
-  # the NIF answers `:forward` (a relay is set) or after it waited for room, and
-  # `forward/2` is then a :persistent_term read and one ETS lookup per interested node.
-  # It never calls or waits for a process.
+  # the NIF answers `:forward` (a relay is set: then for every dispatch) or after it
+  # waited for room, and `forward/2` is then a :persistent_term read and one ETS lookup
+  # per interested node (with replay on: a read of @peers, and one lookup per node of
+  # it). It never calls or waits for a process.
 
   use Supervisor
 
@@ -47,6 +60,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   @interest ExAtlas.Fly.Dispatcher.Cluster.Interest
   @seen ExAtlas.Fly.Dispatcher.Cluster.Seen
   @unlinked ExAtlas.Fly.Dispatcher.Cluster.Unlinked
+  @peers ExAtlas.Fly.Dispatcher.Cluster.Peers
   @link_sup ExAtlas.Fly.Dispatcher.Cluster.LinkSupervisor
   @bound_key {__MODULE__, :bound}
   @synced :"$ex_atlas_cluster_synced"
@@ -56,7 +70,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
 
   @impl true
   def init(opts) do
-    for table <- [@links, @seen, @unlinked],
+    for table <- [@links, @seen, @unlinked, @peers],
         do: :ets.new(table, [:named_table, :public, read_concurrency: true])
 
     :ets.new(@interest, [:named_table, :public, :bag, read_concurrency: true])
@@ -92,6 +106,21 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   def unlinked_table, do: @unlinked
 
   @doc false
+  @spec peers_table() :: atom()
+  def peers_table, do: @peers
+
+  @doc """
+  The other nodes known to run cluster mode (their relay welcomed this node's link), away
+  ones included until their link is reaped.
+  """
+  @spec peers() :: [node()]
+  def peers do
+    for {node} <- :ets.tab2list(@peers), do: node
+  rescue
+    ArgumentError -> []
+  end
+
+  @doc false
   @spec link_supervisor() :: atom()
   def link_supervisor, do: @link_sup
 
@@ -99,10 +128,16 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   @spec synced_tag() :: atom()
   def synced_tag, do: @synced
 
-  @doc false
-  @spec enable(pos_integer()) :: :ok
-  def enable(bound) do
-    if :persistent_term.get(@bound_key, nil) != bound, do: :persistent_term.put(@bound_key, bound)
+  @doc """
+  Turns forwarding on, with `bound` messages queued per node at most; with `replay?` to
+  every node that runs cluster mode, else to the nodes with interest in the topic.
+  """
+  @spec enable(pos_integer(), boolean()) :: :ok
+  def enable(bound, replay?) when is_integer(bound) and bound > 0 and is_boolean(replay?) do
+    # A :persistent_term write is a global GC: done only when the value changes.
+    if :persistent_term.get(@bound_key, nil) != {bound, replay?},
+      do: :persistent_term.put(@bound_key, {bound, replay?})
+
     :ok
   end
 
@@ -115,14 +150,16 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
 
   @doc """
   Hands `message` for `topic` once to the link of each other node that has interest in
-  the topic (see the moduledoc). Never blocks, never calls a process: a node whose queue
-  is full has the dispatch dropped (counted, logged by its link).
+  the topic, or, with replay on, of each other node that runs cluster mode (see the
+  moduledoc). Never blocks, never calls a process: a node whose queue is full has the
+  dispatch dropped (counted, logged by its link).
   """
   @spec forward(binary(), term()) :: :ok
   def forward(topic, message) do
     case :persistent_term.get(@bound_key, nil) do
       nil -> :ok
-      bound -> forward(interested(topic), bound, topic, message)
+      {bound, false} -> forward(interested(topic), bound, topic, message)
+      {bound, true} -> forward(everyone(topic), bound, topic, message)
     end
   end
 
@@ -153,6 +190,17 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
           do: remote
 
     linked ++ seen
+  rescue
+    # Cluster mode is stopping.
+    ArgumentError -> []
+  end
+
+  # With replay on: the nodes with interest in `topic` as above (so that none of them is
+  # skipped while it is not in @peers yet), and every node that runs cluster mode.
+  defp everyone(topic) do
+    interested = interested(topic)
+    peers = for {node} <- :ets.tab2list(@peers), node not in interested, do: node
+    interested ++ peers
   rescue
     # Cluster mode is stopping.
     ArgumentError -> []
@@ -270,7 +318,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Switch do
   def init(opts) do
     Process.flag(:trap_exit, true)
     dispatcher = Server.lookup() || raise ArgumentError, "no registry runs"
-    Cluster.enable(Keyword.fetch!(opts, :cluster_queue))
+    Cluster.enable(Keyword.fetch!(opts, :cluster_queue), Keyword.get(opts, :replay, 0) > 0)
     {:ok, dispatcher}
   end
 

@@ -42,15 +42,18 @@ defmodule ExAtlas.Fly.Dispatcher.Supervisor do
     ]
 
     # Cluster mode, read when the registry starts: the :pg scope and this node's relay.
+    # With replay on here, every dispatch goes to every node that runs cluster mode, so
+    # that each node's history has it.
     children =
       if Keyword.get_lazy(opts, :cluster, &Config.cluster?/0) do
         queue = Keyword.get_lazy(opts, :cluster_queue, &Config.cluster_queue/0)
+        replay = Config.replay(opts)
 
         children ++
           [
             %{
               id: Cluster,
-              start: {Cluster, :start_link, [[cluster_queue: queue]]},
+              start: {Cluster, :start_link, [[cluster_queue: queue, replay: replay]]},
               type: :supervisor
             }
           ]

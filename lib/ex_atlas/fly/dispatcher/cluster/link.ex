@@ -33,6 +33,13 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
   # `:pg` shows them again, or for @hold_ms in all. A node that is not back after
   # @hold_ms has everything queued for it counted as dropped, and dispatches for it are
   # counted as dropped as they come until the relay reaps the link (`Relay`).
+  #
+  # Peers. A relay's first welcome tells that the node runs cluster mode: the link puts
+  # it in `Cluster.peers_table/0`, which `Cluster.forward/2` sends every dispatch to when
+  # replay is on. The node stays there while it is away, so that what it misses then is
+  # queued or counted as above, and leaves it when its link is reaped, or when it is
+  # connected and still has no relay after @hold_ms (cluster mode stopped there: nothing
+  # more is forwarded to it until a relay welcomes the link again).
 
   use GenServer
 
@@ -223,13 +230,19 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
   def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
-  def terminate(_reason, state) do
-    # Reaped (the node stayed away) or cluster mode stops: what is left is dropped.
+  def terminate(reason, state) do
+    # Reaped (the node stayed away) or cluster mode stops: what is left is dropped. A
+    # crashed link is restarted: its node still runs cluster mode.
+    if shutdown?(reason), do: :ets.delete(Cluster.peers_table(), state.node)
     state = lose(state, in_flight(state) + queued_dispatches(state.queue))
     Enum.each(rows(state), &:ets.delete_object(Cluster.interest_table(), {&1, state.node}))
     :ets.delete(Cluster.links_table(), state.node)
     report(state)
   end
+
+  defp shutdown?(:shutdown), do: true
+  defp shutdown?({:shutdown, _}), do: true
+  defp shutdown?(_reason), do: false
 
   ## Sending
 
@@ -320,6 +333,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
     :atomics.sub(state.counts, @queued, delivered - state.acked)
     state = lose(state, state.sent - delivered)
     wanted = MapSet.new(wanted)
+    :ets.insert(Cluster.peers_table(), {state.node})
 
     state = %{
       state
@@ -359,7 +373,9 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
 
     if state.relay == nil do
       # Not back in time: everything held for the node is dropped, and so is whatever
-      # comes for it until it is back or the relay reaps this link.
+      # comes for it until it is back or the relay reaps this link. Connected with no
+      # relay, the node no longer runs cluster mode.
+      if state.node in Node.list(), do: :ets.delete(Cluster.peers_table(), state.node)
       state = lose(state, in_flight(state) + queued_dispatches(state.queue))
       %{state | queue: :queue.new(), sent: state.acked, expired: true}
     else
