@@ -3,12 +3,13 @@
 #   1. dispatch/2 with `replay: 100` beside `replay: 0`, caller-blocked and end to end, at
 #      each N of `--sizes` subscribers of one topic; the application restarts between the
 #      two settings, which take turns round by round (`--rounds`), the history full (100
-#      kept) before anything is timed, so every timed dispatch evicts one;
+#      kept) before anything is timed, so every timed dispatch evicts one; and where the
+#      caller's time goes, on topics without subscribers, beside one send/2 of the batch;
 #   2. subscribe(topic, replay: 100) to a topic with 100 kept batches, from a fresh
 #      process, on-heap and off-heap: how long the call blocks, and when the 100th message
-#      is in hand; beside subscribe/1 and a process sending itself the 100 batches;
-#   3. memory per kept message (our accounting, the VM's growth, the OS's) against the
-#      message's own size.
+#      is in hand; beside subscribe/1 and a process that keeps the 100 batches itself;
+#   3. memory per kept message (our accounting, the VM's growth) against the message's
+#      own size.
 #
 #     MIX_ENV=prod mix run bench/replay.exs          # bench/results/replay.md
 #     MIX_ENV=prod mix run bench/replay.exs --quick  # seconds; temp dir (CI)
