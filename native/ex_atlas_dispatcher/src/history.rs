@@ -163,14 +163,8 @@ impl<M, J> History<M, J> {
     }
 
     /// Records one dispatch of `message` to `topic`: every joiner of the topic gets it in
-    /// its inbox, and it is kept, evicting what the bounds require. Returns a handle to
-    /// the recorded message (valid whatever is evicted later) and what was evicted.
-    pub fn record(
-        &mut self,
-        topic: &[u8],
-        message: M,
-        bytes: usize,
-    ) -> (Arc<Entry<M>>, Evicted<M>) {
+    /// its inbox, and it is kept, evicting what the bounds require.
+    pub fn record(&mut self, topic: &[u8], message: M, bytes: usize) -> Evicted<M> {
         let entry = Arc::new(Entry { bytes, message });
         let global = self.next;
         self.next += 1;
@@ -184,7 +178,7 @@ impl<M, J> History<M, J> {
         };
         let mut evicted = Vec::new();
         let Some(log) = self.topics.get_mut(topic) else {
-            return (entry, evicted);
+            return evicted;
         };
         for joiner in &mut log.joiners {
             joiner.inbox.push_back(entry.clone());
@@ -194,12 +188,10 @@ impl<M, J> History<M, J> {
             if log.is_idle() {
                 self.topics.remove(topic);
             }
-            return (entry, evicted);
+            evicted.push(entry);
+            return evicted;
         }
-        log.entries.push_back(Kept {
-            global,
-            entry: entry.clone(),
-        });
+        log.entries.push_back(Kept { global, entry });
         self.bytes += bytes;
         self.messages += 1;
         if log.entries.len() > self.keep {
@@ -218,7 +210,7 @@ impl<M, J> History<M, J> {
             }
         }
         self.compact();
-        (entry, evicted)
+        evicted
     }
 
     /// Removes the oldest kept message of all topics.
@@ -520,9 +512,8 @@ mod tests {
         let mut h = H::new(100, 50);
         h.record(b"a", 1, 20);
         h.join(b"b", 9, 10, "").unwrap();
-        let (entry, evicted) = h.record(b"b", 2, 51);
-        assert!(evicted.is_empty());
-        assert_eq!(entry.message, 2);
+        let evicted = h.record(b"b", 2, 51);
+        assert_eq!(evicted.len(), 1);
         h.check_invariants().unwrap();
         assert_eq!(h.stats().messages, 1);
         // A joiner still gets it: it was dispatched during its join.

@@ -24,10 +24,9 @@ static ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
 #[cfg(not(test))]
 mod nif {
     use crate::frozen::{term_bytes, Frozen};
-    use crate::history::{Entry, History, Take};
+    use crate::history::{History, Take};
     use crate::sync::lock;
     use crate::{fanout, handoff, memory, registry, route};
-    use std::sync::Arc;
 
     use fanout::{Lanes, Refused, Reservation};
     use handoff::{Handed, Handoff, Installed, Tracked};
@@ -138,9 +137,6 @@ mod nif {
         direct: bool,
     }
 
-    /// A dispatch's message as kept for replay.
-    type KeptMessage = Arc<Entry<Frozen>>;
-
     /// Tokens of the dispatches that wait for a topic's joiners.
     static GATE_TOKENS: AtomicU64 = AtomicU64::new(1);
 
@@ -231,18 +227,6 @@ mod nif {
         producer: u64,
         cursor: AtomicUsize,
         done: AtomicBool,
-        /// The dispatch's message as kept for replay, when it is: the sender sends from
-        /// this copy, and the caller did not copy the message again to hand it over.
-        kept: Option<KeptMessage>,
-    }
-
-    impl Batch {
-        /// The message to deliver: the kept copy, or the one that came with the batch.
-        fn message<'a>(&self, env: Env<'a>, sent: Term<'a>) -> Term<'a> {
-            self.kept
-                .as_ref()
-                .map_or(sent, |kept| kept.message.term(env))
-        }
     }
 
     impl Tracked for Batch {
@@ -290,8 +274,6 @@ mod nif {
         work: Mutex<Work>,
         /// 1 + the lane of a credit granted and not used yet; 0 when none.
         granted: AtomicUsize,
-        /// The message as kept for replay, if it is (see `Batch::kept`).
-        kept: Option<KeptMessage>,
     }
 
     /// How far a dispatch got.
@@ -434,7 +416,6 @@ mod nif {
         batch: &ResourceArc<Batch>,
         message: Term<'a>,
     ) -> bool {
-        let message = carried(env, batch, message);
         let deliver = (atoms::ex_atlas_deliver(), batch.clone(), message);
         send_from(env, pid, deliver.encode(env))
     }
@@ -447,24 +428,10 @@ mod nif {
             (
                 atoms::ex_atlas_deliver(),
                 batch.clone(),
-                if batch.kept.is_some() {
-                    atoms::undefined().encode(menv)
-                } else {
-                    message.in_env(menv)
-                },
+                message.in_env(menv),
             )
                 .encode(menv)
         })
-    }
-
-    /// What travels with `batch` to its sender: the message, or `:undefined` when the
-    /// batch holds the kept copy (the sender's `deliver` sends that one).
-    fn carried<'a>(env: Env<'a>, batch: &Batch, message: Term<'a>) -> Term<'a> {
-        if batch.kept.is_some() {
-            atoms::undefined().encode(env)
-        } else {
-            message
-        }
     }
 
     /// `{:"$ex_atlas_room", pending}` to the producer waiting with `pending`.
@@ -497,7 +464,6 @@ mod nif {
         part: Part,
         start: usize,
         message: Term<'a>,
-        kept: Option<&KeptMessage>,
     ) {
         let batch = ResourceArc::new(Batch {
             dispatcher: dispatcher.clone(),
@@ -506,7 +472,6 @@ mod nif {
             producer: pid_to_raw(&env.pid()),
             cursor: AtomicUsize::new(start),
             done: AtomicBool::new(false),
-            kept: kept.cloned(),
         });
         let handed = dispatcher.senders[lane].hand(
             batch.clone(),
@@ -1063,10 +1028,10 @@ mod nif {
         message: Term<'a>,
     ) -> Term<'a> {
         let mut slice = Timeslice::new(env);
-        let (snapshot, kept) = match &dispatcher.history {
-            None => (dispatcher.registry.snapshot(topic), None),
+        let snapshot = match &dispatcher.history {
+            None => dispatcher.registry.snapshot(topic),
             Some(history) => match record(env, dispatcher, history, topic, message) {
-                Ok((snapshot, kept)) => (snapshot, Some(kept)),
+                Ok(snapshot) => snapshot,
                 Err(token) => return (atoms::gated(), token).encode(env),
             },
         };
@@ -1083,19 +1048,19 @@ mod nif {
                 dispatcher.clear_for(lane, producer)
             },
         );
-        let progress = proceed(
-            env,
-            dispatcher,
-            &mut work,
-            message,
-            &mut slice,
-            |lane| match dispatcher.lanes.try_reserve(lane) {
-                Ok(()) => Ok(true),
-                Err(Refused::Full) => Ok(false),
-                Err(Refused::Closed) => Err(()),
-            },
-            kept.as_ref(),
-        );
+        let progress =
+            proceed(
+                env,
+                dispatcher,
+                &mut work,
+                message,
+                &mut slice,
+                |lane| match dispatcher.lanes.try_reserve(lane) {
+                    Ok(()) => Ok(true),
+                    Err(Refused::Full) => Ok(false),
+                    Err(Refused::Closed) => Err(()),
+                },
+            );
         slice.finish();
         let tag = match progress {
             Progress::Done => return delivered(dispatcher).encode(env),
@@ -1107,7 +1072,6 @@ mod nif {
             dispatcher: dispatcher.clone(),
             work: Mutex::new(work),
             granted: AtomicUsize::new(0),
-            kept,
         });
         (tag, pending).encode(env)
     }
@@ -1122,7 +1086,7 @@ mod nif {
         history: &Mutex<History<Frozen, Joining>>,
         topic: &[u8],
         message: Term<'_>,
-    ) -> Result<(Result<registry::Snapshot, ClosedError>, KeptMessage), u64> {
+    ) -> Result<Result<registry::Snapshot, ClosedError>, u64> {
         let bytes = term_bytes(env, message);
         let frozen = Frozen::freeze(message);
         let mut kept = lock(history);
@@ -1133,12 +1097,12 @@ mod nif {
             drop(frozen);
             return Err(token);
         }
-        let (entry, evicted) = kept.record(topic, frozen, bytes);
+        let evicted = kept.record(topic, frozen, bytes);
         let snapshot = dispatcher.registry.snapshot(topic);
         drop(kept);
         // Freed after the lock: dropping a kept message frees its environment.
         drop(evicted);
-        Ok((snapshot, entry))
+        Ok(snapshot)
     }
 
     /// Hands over, then sends, what is left in `work`. `reserve(lane)` takes a credit of
@@ -1151,7 +1115,6 @@ mod nif {
         message: Term<'a>,
         slice: &mut Timeslice<'a>,
         mut reserve: impl FnMut(usize) -> Result<bool, ()>,
-        kept: Option<&KeptMessage>,
     ) -> Progress {
         // Hand-overs first: each is quick, and its sender starts at once.
         while let Some(&(lane, _, _)) = work.hand_over.first() {
@@ -1162,7 +1125,7 @@ mod nif {
             }
             // At most one entry per lane: the shift is a few words.
             let (lane, part, start) = work.hand_over.remove(0);
-            hand_over(env, dispatcher, lane, part, start, message, kept);
+            hand_over(env, dispatcher, lane, part, start, message);
         }
         while let Some((part, start)) = work.inline.first_mut() {
             let sent = send_within(env, part.pids_from(*start), message, slice, INLINE_SLICE);
@@ -1197,35 +1160,27 @@ mod nif {
         let dispatcher = &pending.dispatcher;
         let mut slice = Timeslice::new(env);
         let mut work = lock(&pending.work);
-        let progress = proceed(
-            env,
-            dispatcher,
-            &mut work,
-            message,
-            &mut slice,
-            |lane| {
-                let granted = pending
-                    .granted
-                    .compare_exchange(lane + 1, 0, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok();
-                if granted {
-                    return Ok(true);
-                }
-                let waiter = Waiter {
-                    pid: pid_to_raw(&env.pid()),
-                    pending: pending.clone(),
-                };
-                match dispatcher
-                    .lanes
-                    .reserve_or_queue(lane, waiter, granting(env, lane))
-                {
-                    Ok(Reservation::Taken) => Ok(true),
-                    Ok(Reservation::Queued) => Ok(false),
-                    Err(_) => Err(()),
-                }
-            },
-            pending.kept.as_ref(),
-        );
+        let progress = proceed(env, dispatcher, &mut work, message, &mut slice, |lane| {
+            let granted = pending
+                .granted
+                .compare_exchange(lane + 1, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+            if granted {
+                return Ok(true);
+            }
+            let waiter = Waiter {
+                pid: pid_to_raw(&env.pid()),
+                pending: pending.clone(),
+            };
+            match dispatcher
+                .lanes
+                .reserve_or_queue(lane, waiter, granting(env, lane))
+            {
+                Ok(Reservation::Taken) => Ok(true),
+                Ok(Reservation::Queued) => Ok(false),
+                Err(_) => Err(()),
+            }
+        });
         drop(work);
         slice.finish();
         match progress {
@@ -1256,7 +1211,6 @@ mod nif {
     /// left; the sender calls again after the VM had the chance to preempt it.
     #[rustler::nif]
     fn deliver<'a>(env: Env<'a>, batch: ResourceArc<Batch>, message: Term<'a>) -> Atom {
-        let message = batch.message(env, message);
         let mut slice = Timeslice::new(env);
         let start = batch.cursor.load(Ordering::Acquire);
         let sent = send_within(
@@ -1276,7 +1230,6 @@ mod nif {
 
     #[rustler::nif(schedule = "DirtyCpu")]
     fn deliver_dirty<'a>(env: Env<'a>, batch: ResourceArc<Batch>, message: Term<'a>) -> Atom {
-        let message = batch.message(env, message);
         let start = batch.cursor.load(Ordering::Acquire);
         let mut sent = 0;
         for pid in batch.part.pids_from(start).take(DIRTY_SLICE) {
