@@ -26,6 +26,8 @@ defmodule ReplayBench do
   alias ExAtlas.Fly.Dispatcher
 
   @kept 100
+  @built "the batch built in code (Bench.entries/0: its literals shared by send/2)"
+  @decoded "the same batch decoded from its external format (no literals, as from JSON)"
   @settings [0, @kept]
   @joiners [:replay_on_heap, :replay_off_heap, :subscribe, :keeper]
   @join_labels %{
@@ -52,7 +54,13 @@ defmodule ReplayBench do
     IO.puts(Bench.header(title, command, machine))
 
     message = {:ex_atlas_fly_logs, "app1", Bench.entries()}
+    # The same batch as a host gets it from a JSON decoder: no literals. A send/2 skips
+    # a message's literals (they stay shared), a kept copy cannot (the module holding
+    # them may be purged), so how many literals a message holds decides what keeping it
+    # costs beside a send.
+    decoded = :erlang.binary_to_term(:erlang.term_to_binary(message))
     {dispatch, alone} = dispatch_cost(o, message)
+    {decoded_dispatch, _} = dispatch_cost(o, decoded)
     joins = join_cost(o, message)
     memory = memory_cost(o, message)
 
@@ -65,9 +73,11 @@ defmodule ReplayBench do
         "#{Dispatcher.stats().lanes} lanes; `replay_memory` at its default (64 MiB) in " <>
         "parts 1 and 2. Method and columns: [bench/README.md](../README.md).\n",
       "## Targets\n",
-      targets(dispatch),
+      targets(dispatch, @built),
+      targets(decoded_dispatch, @decoded),
       "## Dispatch with and without replay\n",
-      dispatch_table(dispatch, o),
+      dispatch_table(dispatch, o, @built),
+      dispatch_table(decoded_dispatch, o, @decoded),
       alone_table(alone),
       "## Subscribe with replay\n",
       join_table(joins, o),
@@ -414,9 +424,9 @@ defmodule ReplayBench do
     "#{Bench.sig(Enum.min(ratios))}-#{Bench.sig(Enum.max(ratios))}x"
   end
 
-  defp dispatch_table(dispatch, o) do
+  defp dispatch_table(dispatch, o, label) do
     Bench.table(
-      "dispatch/2 to N subscribers of one topic, replay: 0 and replay: #{@kept}",
+      "dispatch/2 to N subscribers of one topic, replay: 0 and replay: #{@kept}; #{label}",
       "N|replay|dispatches|caller median|caller p99|e2e median|e2e p99|caller vs replay: 0|" <>
         "e2e vs replay: 0|caller, per round|e2e, per round",
       for n <- o.sizes, replay <- @settings do
@@ -442,7 +452,7 @@ defmodule ReplayBench do
     )
   end
 
-  defp targets(dispatch) do
+  defp targets(dispatch, label) do
     ns = for {n, _} <- Map.keys(dispatch), uniq: true, do: n
 
     rows =
@@ -457,7 +467,7 @@ defmodule ReplayBench do
         end
       end
 
-    Bench.targets("Targets (issue 20)", rows, note: "ratios of medians from this run")
+    Bench.targets("Targets (issue 20): #{label}", rows, note: "ratios of medians from this run")
   end
 
   defp alone_table(alone) do
