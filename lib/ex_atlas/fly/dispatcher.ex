@@ -41,6 +41,10 @@ defmodule ExAtlas.Fly.Dispatcher do
     size of the message.
   * `sync/0` returns once everything the caller dispatched before is in the
     subscribers' mailboxes.
+  * With `config :ex_atlas, :fly, replay: n`, each topic keeps its `n` most recent
+    dispatches (within `:replay_memory` bytes over all topics), and
+    `subscribe(topic, replay: k)` delivers them before anything live, each dispatch
+    exactly once (see `subscribe/2`).
   * The registry outlives a crash of any of its processes (a sender, the server, the
     watchdog): subscriptions and watches are kept. What a killed sender had not
     delivered is counted (`lost_deliveries` in the stats) and logged. When the registry
@@ -283,7 +287,10 @@ defmodule ExAtlas.Fly.Dispatcher do
     * `:poll_ms` - milliseconds between polls, a positive integer up to `4_294_967_295`
       (`1_000`);
     * `:cooldown_ms` - how long the mailbox must stay above the threshold before the
-      eviction, a non-negative integer (`0`: the first poll above it evicts).
+      eviction, a non-negative integer (`0`: the first poll above it evicts);
+    * `:replay` - as in `subscribe/2` (`0`). The replayed messages are in the mailbox
+      when the watch starts: a `:threshold` below their number evicts at the first
+      poll unless the subscriber reads them first.
 
   In the `:phoenix_pubsub` and `{:mfa, _}` modes this is `subscribe/1` plus a warning,
   `[ExAtlas.Fly.Dispatcher] subscribe_with_backpressure/2 only works in :registry mode;

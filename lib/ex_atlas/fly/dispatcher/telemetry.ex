@@ -28,15 +28,16 @@ defmodule ExAtlas.Fly.Dispatcher.Telemetry do
   end
 
   @doc """
-  `[:ex_atlas, :fly, :dispatcher, :wait, :start]`: a producer starts waiting for room in
-  a full lane. Returns what `wait_stop/1` needs.
+  `[:ex_atlas, :fly, :dispatcher, :wait, :start]`: a producer starts waiting, for room in
+  a full lane (`reason: :full`) or for a subscriber of the topic catching up on its
+  replay (`reason: :replay`). Returns what `wait_stop/1` needs.
   """
-  @spec wait_start(binary()) :: span()
-  def wait_start(topic) do
+  @spec wait_start(binary(), :full | :replay) :: span()
+  def wait_start(topic, reason \\ :full) do
     if enabled?() do
       start = System.monotonic_time()
       # The context pairs start and stop, as `:telemetry.span/3` does.
-      metadata = %{topic: topic, telemetry_span_context: make_ref()}
+      metadata = %{topic: topic, reason: reason, telemetry_span_context: make_ref()}
 
       :telemetry.execute(
         @prefix ++ [:wait, :start],

@@ -266,6 +266,28 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
       assert got == for(i <- 1..(@join_slack + 20), do: {:m, i})
     end
 
+    test "emits the :wait telemetry span with reason: :replay" do
+      define_telemetry()
+      start_event = [:ex_atlas, :fly, :dispatcher, :wait, :start]
+      stop_event = [:ex_atlas, :fly, :dispatcher, :wait, :stop]
+      ExAtlas.Test.TelemetryStandIn.capture([start_event, stop_event])
+      topic = unique_topic("slow")
+      {joiner, joined} = stalled_joiner(RegistryBackend.dispatcher!(), topic)
+      assert_receive ^joined
+
+      producer = Task.async(fn -> dispatch_all(topic, 1..(@join_slack + 1)) end)
+
+      assert_receive {:telemetry, ^start_event, _, %{topic: ^topic, reason: :replay} = meta},
+                     5_000
+
+      refute_received {:telemetry, ^stop_event, _, _}
+      send(joiner, :catch_up)
+      Task.await(producer)
+      assert_receive {:telemetry, ^stop_event, %{duration: duration}, ^meta}, 5_000
+      assert duration >= 0
+      Process.exit(joiner, :kill)
+    end
+
     test "that dies lets the waiting dispatches go and leaves nothing behind" do
       topic = unique_topic("slow")
       dispatcher = RegistryBackend.dispatcher!()

@@ -63,7 +63,9 @@ defmodule ExAtlas.Fly.Dispatcher.TelemetryTest do
       :ok = Dispatcher.dispatch(topic, :takes_the_credit)
       producer = spawn_producer(topic, :waits)
 
-      assert_receive {:telemetry, @wait_start, start, %{topic: ^topic} = meta}, 5_000
+      assert_receive {:telemetry, @wait_start, start, %{topic: ^topic, reason: :full} = meta},
+                     5_000
+
       assert %{system_time: system_time, monotonic_time: monotonic} = start
       assert is_integer(system_time) and is_integer(monotonic)
       assert is_reference(meta.telemetry_span_context)

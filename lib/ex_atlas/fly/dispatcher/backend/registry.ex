@@ -116,9 +116,14 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
       # A subscriber of the topic is catching up on its history and is too far behind:
       # nothing was done; dispatch again once it has caught up a little.
       {:gated, token} ->
+        span = Telemetry.wait_start(topic, :replay)
+
         receive do
-          {@gate, ^token} -> deliver_here(topic, message)
+          {@gate, ^token} -> :ok
         end
+
+        Telemetry.wait_stop(span)
+        deliver_here(topic, message)
 
       :closed ->
         raise not_started()
