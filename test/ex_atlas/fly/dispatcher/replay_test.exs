@@ -7,6 +7,8 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
   import ExUnit.CaptureLog
   import ExAtlas.Test.FlyEnv
 
+  import ExAtlas.Test.Replay
+
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
   alias ExAtlas.Fly.Dispatcher.Native
@@ -173,7 +175,7 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
           assert_receive {:spun, ^joiner}, 30_000
           stop_producers(producers)
           received = collect_joiner(joiner)
-          per_producer_violation(received) != nil
+          violation(received) != nil
         end)
 
       assert reversed == 0
@@ -469,14 +471,6 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
     end
   end
 
-  defp drain(acc) do
-    receive do
-      m -> drain([m | acc])
-    after
-      0 -> Enum.reverse(acc)
-    end
-  end
-
   defp gated?(pid) do
     case Process.info(pid, :current_function) do
       {:current_function, {RegistryBackend, :deliver_here, 2}} -> true
@@ -548,7 +542,7 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
 
     Enum.find_value(results, true, fn {n, got} ->
       cond do
-        violation = per_producer_violation(got) ->
+        violation = violation(got) ->
           "per-producer violation #{inspect(violation)} in #{inspect(got, limit: 30)}"
 
         Enum.any?(Enum.with_index(lasts, 1), fn {last, p} ->
@@ -565,24 +559,6 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
         true ->
           false
       end
-    end)
-  end
-
-  defp last_of(got, producer) do
-    got
-    |> Enum.filter(&(elem(&1, 1) == producer))
-    |> List.last()
-    |> then(&(&1 && elem(&1, 2)))
-  end
-
-  # The first place where a producer's numbers do not go up by exactly one.
-  defp per_producer_violation(got) do
-    got
-    |> Enum.group_by(&elem(&1, 1), &elem(&1, 2))
-    |> Enum.find_value(fn {p, seqs} ->
-      seqs
-      |> Enum.chunk_every(2, 1, :discard)
-      |> Enum.find_value(fn [a, b] -> if b != a + 1, do: {p, a, b} end)
     end)
   end
 

@@ -11,6 +11,8 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.ReplaySoakTest do
 
   import ExAtlas.Test.FlyEnv
 
+  import ExAtlas.Test.Replay
+
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
 
@@ -157,27 +159,5 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.ReplaySoakTest do
     send(pid, {:collect, ref})
     assert_receive {^ref, got}, 60_000
     got
-  end
-
-  defp drain(acc) do
-    receive do
-      m -> drain([m | acc])
-    after
-      0 -> Enum.reverse(acc)
-    end
-  end
-
-  defp violation(got) do
-    got
-    |> Enum.group_by(&elem(&1, 1), &elem(&1, 2))
-    |> Enum.find_value(fn {p, seqs} ->
-      seqs
-      |> Enum.chunk_every(2, 1, :discard)
-      |> Enum.find_value(fn [a, b] -> if b != a + 1, do: {p, a, b} end)
-    end)
-  end
-
-  defp last_of(got, p) do
-    got |> Enum.filter(&(elem(&1, 1) == p)) |> List.last() |> then(&(&1 && elem(&1, 2)))
   end
 end
