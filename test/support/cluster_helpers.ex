@@ -98,15 +98,7 @@ defmodule ExAtlas.Test.Cluster do
   its pid once subscribed.
   """
   @spec subscriber(node(), binary()) :: pid()
-  def subscriber(node, topic) do
-    pid = Node.spawn(node, __MODULE__, :subscriber_init, [self(), topic])
-
-    receive do
-      {:subscribed, ^pid} -> pid
-    after
-      10_000 -> raise "subscriber on #{node} did not subscribe"
-    end
-  end
+  def subscriber(node, topic), do: replay_subscriber(node, topic, 0)
 
   @doc """
   Spawns, on `node`, a subscriber of `topic` through `subscribe(topic, replay: replay)`
@@ -115,7 +107,7 @@ defmodule ExAtlas.Test.Cluster do
   """
   @spec replay_subscriber(node(), binary(), non_neg_integer()) :: pid()
   def replay_subscriber(node, topic, replay) do
-    pid = Node.spawn(node, __MODULE__, :replay_subscriber_init, [self(), topic, replay])
+    pid = Node.spawn(node, __MODULE__, :subscriber_init, [self(), topic, replay])
 
     receive do
       {:subscribed, ^pid} -> pid
@@ -125,14 +117,7 @@ defmodule ExAtlas.Test.Cluster do
   end
 
   @doc false
-  def subscriber_init(parent, topic) do
-    :ok = Dispatcher.subscribe(topic)
-    send(parent, {:subscribed, self()})
-    record(parent, [])
-  end
-
-  @doc false
-  def replay_subscriber_init(parent, topic, replay) do
+  def subscriber_init(parent, topic, replay) do
     :ok = Dispatcher.subscribe(topic, replay: replay)
     send(parent, {:subscribed, self()})
     record(parent, [])
