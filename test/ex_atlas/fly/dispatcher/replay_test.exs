@@ -234,10 +234,17 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
       assert accounted >= flat and accounted <= flat + 64
     end
 
-    test "without replay nothing is kept and stats say 0" do
+    test "without replay nothing is kept and stats say 0; asking for a replay warns once" do
       restart_app(replay: 0)
-      dispatch_all(unique_topic("none"), 1..5)
+      topic = unique_topic("none")
+      dispatch_all(topic, 1..5)
       assert %{replay_messages: 0, replay_bytes: 0} = Dispatcher.stats()
+
+      log = capture_log(fn -> assert :ok = Dispatcher.subscribe(topic, replay: 5) end)
+      assert log =~ "asked for replay: 5, but no dispatch is kept"
+      assert mailbox() == []
+      assert Dispatcher.count(topic) == 1
+      assert capture_log(fn -> :ok = Dispatcher.subscribe(topic, replay: 5) end) == ""
     end
   end
 

@@ -4,6 +4,8 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   @behaviour ExAtlas.Fly.Dispatcher.Backend
 
+  require Logger
+
   alias ExAtlas.Fly.Dispatcher.{Cluster, Native, Sender, Server, Telemetry}
 
   @room :"$ex_atlas_room"
@@ -28,9 +30,18 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
     result =
       case replay > 0 and Native.join(dispatcher, topic, replay, direct) do
-        :ok -> catch_up(dispatcher, topic)
-        plain when plain in [false, :plain] -> Native.subscribe(dispatcher, topic, direct)
-        other -> other
+        :ok ->
+          catch_up(dispatcher, topic)
+
+        :plain ->
+          warn_nothing_kept(topic, replay)
+          Native.subscribe(dispatcher, topic, direct)
+
+        false ->
+          Native.subscribe(dispatcher, topic, direct)
+
+        other ->
+          other
       end
 
     case result do
@@ -41,6 +52,25 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
       :closed -> raise not_started()
       :too_many_topics -> raise ArgumentError, "the registry holds too many topics (2^32)"
     end
+  end
+
+  # A replay asked of a registry that keeps nothing (`replay: 0`, the default) is a
+  # plain subscribe; said once per registry start, not per call.
+  defp warn_nothing_kept(topic, replay) do
+    key = {__MODULE__, :warned_nothing_kept}
+    dispatcher = dispatcher!()
+
+    if :persistent_term.get(key, nil) != dispatcher do
+      :persistent_term.put(key, dispatcher)
+
+      Logger.warning(
+        "[ExAtlas.Fly.Dispatcher] subscribe/2 asked for replay: #{replay}, but no " <>
+          "dispatch is kept (config :ex_atlas, :fly, replay: 0): nothing to replay",
+        topic: topic
+      )
+    end
+
+    :ok
   end
 
   # The caller sends itself its history, a timeslice at a time, while dispatches to the
