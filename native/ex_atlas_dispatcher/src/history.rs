@@ -51,6 +51,11 @@ struct Joiner<M, J> {
     inbox: VecDeque<Arc<Entry<M>>>,
     /// Inbox length at which dispatches to the topic wait.
     limit: usize,
+    /// Set once the inbox reached `limit`: from then on dispatches to the topic wait
+    /// until this joiner has caught up completely. Letting them go as soon as it is
+    /// below the limit again would let producers faster than the joiner keep it from
+    /// ever catching up.
+    gating: bool,
     data: J,
 }
 
@@ -75,7 +80,7 @@ impl<M, J> Log<M, J> {
     }
 
     fn is_gated(&self) -> bool {
-        self.joiners.iter().any(|j| j.inbox.len() >= j.limit)
+        self.joiners.iter().any(|j| j.gating)
     }
 }
 
@@ -182,6 +187,7 @@ impl<M, J> History<M, J> {
         };
         for joiner in &mut log.joiners {
             joiner.inbox.push_back(entry.clone());
+            joiner.gating |= joiner.inbox.len() >= joiner.limit;
         }
         if bytes > self.limit {
             // Keeping it would evict everything else and then itself.
@@ -280,6 +286,7 @@ impl<M, J> History<M, J> {
             pid,
             inbox,
             limit: given + JOIN_SLACK,
+            gating: false,
             data,
         });
         let name = match self.topics.get_key_value(topic) {
@@ -582,8 +589,18 @@ mod tests {
         let Take::Chunk(_) = h.take(b"t", 1, 1, usize::MAX) else {
             panic!()
         };
-        assert_eq!(h.woken(b"t"), vec![(42, 7)]);
+        // Below the limit again, but not caught up: still waiting.
+        assert!(h.is_gated(b"t"));
         assert!(h.woken(b"t").is_empty());
+        let woken = loop {
+            match h.take(b"t", 1, 64, usize::MAX) {
+                Take::Chunk(_) => assert!(h.woken(b"t").is_empty()),
+                Take::CaughtUp { woken, .. } => break woken,
+                Take::Unknown => panic!("joiner lost"),
+            }
+        };
+        assert_eq!(woken, vec![(42, 7)]);
+        assert!(!h.is_gated(b"t"));
     }
 
     #[test]
