@@ -665,8 +665,9 @@ mod nif {
         }
     }
 
+    /// Undoes a monitor of ours and counts it; one that already fired is left to its
+    /// `down`, which does the counting.
     fn release_monitor(env: Env<'_>, dispatcher: &ResourceArc<Dispatcher>, monitor: &Monitor) {
-        // False when it already fired: its `down` does the counting.
         if dispatcher.demonitor(Some(env), monitor) {
             dispatcher.monitors.fetch_sub(1, Ordering::Relaxed);
         }
@@ -881,10 +882,7 @@ mod nif {
     ) -> usize {
         let removed = dispatcher.registry.unsubscribe(topic, pid_to_raw(pid));
         if let Some(monitor) = removed.released {
-            // False when the monitor already fired: its `down` does the counting.
-            if dispatcher.demonitor(Some(env), &monitor) {
-                dispatcher.monitors.fetch_sub(1, Ordering::Relaxed);
-            }
+            release_monitor(env, dispatcher, &monitor);
         }
         dispatcher.tell_relay(env, pid_to_raw(pid), Some(topic));
         removed.count
@@ -1327,9 +1325,7 @@ mod nif {
     fn close(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>) -> Vec<LocalPid> {
         let subscribers = dispatcher.registry.close();
         for (_, monitor) in &subscribers {
-            if dispatcher.demonitor(Some(env), monitor) {
-                dispatcher.monitors.fetch_sub(1, Ordering::Relaxed);
-            }
+            release_monitor(env, &dispatcher, monitor);
         }
         if let Some(history) = &dispatcher.history {
             let cleared = lock(history).clear();
