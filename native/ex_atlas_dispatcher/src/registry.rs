@@ -812,9 +812,10 @@ impl<M> Sharded<M> {
         Ok(snapshot)
     }
 
-    /// True once [`Sharded::close`] ran (or while it runs).
+    /// True once [`Sharded::close`] ran (or while it runs): it closes the first shard
+    /// first, so that one shard tells.
     pub fn is_closed(&self) -> bool {
-        self.shards.iter().any(|shard| shard.lock().closed)
+        self.shards.first().is_some_and(|shard| shard.lock().closed)
     }
 
     /// [`Registry::set_tracking`] in every shard.
