@@ -726,9 +726,7 @@ mod nif {
             }
             Take::Chunk(chunk) => chunk,
         };
-        let woken = kept.woken(topic);
         drop(kept);
-        open_gate(env, &woken);
         let mut slice = Timeslice::new(env);
         let mut sent = 0;
         for entry in &chunk {
