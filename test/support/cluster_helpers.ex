@@ -6,6 +6,8 @@ defmodule ExAtlas.Test.Cluster do
   the same build).
   """
 
+  import ExUnit.Assertions, only: [assert_receive: 2, flunk: 1]
+
   alias ExAtlas.Fly.Dispatcher
 
   @doc """
@@ -351,5 +353,34 @@ defmodule ExAtlas.Test.Cluster do
     receive do
       :resume -> :erlang.resume_process(pid)
     end
+  end
+
+  @doc "`ExAtlas.Fly.Dispatcher.Cluster.stats/0` on `node`."
+  @spec stats_on(node()) :: map()
+  def stats_on(node), do: :erpc.call(node, Dispatcher.Cluster, :stats, [])
+
+  @doc "The dispatches `node` counted as dropped for `other` (0 without a link)."
+  @spec dropped_on(node(), node()) :: non_neg_integer()
+  def dropped_on(node, other), do: (stats_on(node)[other] || %{dropped: 0}).dropped
+
+  @doc """
+  On `b`, dispatches `count` messages `{:p, id, n}` to `topic`; right after dispatch `at`
+  `b` cuts itself off from `c` (`:erlang.disconnect_node/1`), goes on, and connects again
+  once done. Returns, once `b`'s queue for `c` is empty, the dispatches `b` counted as
+  dropped for `c` meanwhile. `b`'s drop warnings are captured.
+  """
+  @spec produce_with_cut(node(), node(), binary(), atom(), pos_integer(), pos_integer()) ::
+          non_neg_integer()
+  def produce_with_cut(b, c, topic, id, count, at) do
+    before = dropped_on(b, c)
+
+    ExUnit.CaptureLog.capture_log(fn ->
+      producer_with_fault(b, topic, id, count, at, {:erlang, :disconnect_node, [c]}, [c])
+      assert_receive {:produced, ^id, :ok}, 60_000
+
+      ExAtlas.Test.FlyEnv.eventually(fn -> stats_on(b)[c].queued == 0 end, 10_000)
+    end)
+
+    dropped_on(b, c) - before
   end
 end

@@ -7,7 +7,6 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterReplayTest do
   use ExUnit.Case, async: false
 
   import ExAtlas.Test.FlyEnv, only: [restart_app: 1, unique_topic: 1, eventually: 2]
-  import ExUnit.CaptureLog
 
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Cluster
@@ -126,27 +125,10 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterReplayTest do
     # b and c are connected, and b knows that c runs cluster mode.
     :ok = :erpc.call(b, Peers, :connect, [c])
     eventually(fn -> c in :erpc.call(b, Cluster, :peers, []) end, 10_000)
-    before = dropped_on(b, c)
-
     # b dispatches to a topic nobody subscribes to; right after its dispatch 200 it cuts
     # itself off from c, goes on (c's queue on b fills up, then drops), connects again
     # once done and syncs.
-    capture_log(fn ->
-      Peers.producer_with_fault(
-        b,
-        topic,
-        :b1,
-        count,
-        200,
-        {:erlang, :disconnect_node, [c]},
-        [c]
-      )
-
-      assert_receive {:produced, :b1, :ok}, 60_000
-      eventually(fn -> stats_on(b)[c].queued == 0 end, 10_000)
-    end)
-
-    dropped = dropped_on(b, c) - before
+    dropped = Peers.produce_with_cut(b, c, topic, :b1, count, 200)
     # The cut outlasted c's queue on b: the loss is real, and counted.
     assert dropped >= count - 200 - @peer_queue
 
@@ -181,8 +163,6 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterReplayTest do
   defp messages(id, range), do: for(seq <- range, do: {:p, id, seq})
 
   defp received(node), do: :erpc.call(node, Cluster, :relay_counts, []).received
-  defp stats_on(node), do: :erpc.call(node, Cluster, :stats, [])
-  defp dropped_on(node, other), do: (stats_on(node)[other] || %{dropped: 0}).dropped
 
   # Consecutive runs of a sorted list, as ranges.
   defp runs([]), do: []
