@@ -34,7 +34,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
           catch_up(dispatcher, topic)
 
         :plain ->
-          warn_nothing_kept(topic, replay)
+          warn_nothing_kept(dispatcher, topic, replay)
           Native.subscribe(dispatcher, topic, direct)
 
         false ->
@@ -56,9 +56,8 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   # A replay asked of a registry that keeps nothing (`replay: 0`, the default) is a
   # plain subscribe; said once per registry start, not per call.
-  defp warn_nothing_kept(topic, replay) do
+  defp warn_nothing_kept(dispatcher, topic, replay) do
     key = {__MODULE__, :warned_nothing_kept}
-    dispatcher = dispatcher!()
 
     if :persistent_term.get(key, nil) != dispatcher do
       :persistent_term.put(key, dispatcher)
@@ -143,8 +142,8 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
         :ok = make_room(pending, topic, message)
         true
 
-      # A subscriber of the topic is catching up on its history and is too far behind:
-      # nothing was done; dispatch again once it has caught up a little.
+      # A subscriber of the topic is catching up on its history and fell too far behind:
+      # nothing was done; dispatch again once it has caught up and subscribed.
       {:gated, token} ->
         span = Telemetry.wait_start(topic, :replay)
 
