@@ -13,8 +13,9 @@
 //! - over all topics, `limit` bytes: past it the oldest kept messages go first, whichever
 //!   topic they belong to;
 //! - a joiner's inbox holds what it was given at `join` plus at most [`JOIN_SLACK`]
-//!   messages dispatched since. A dispatch that would pass that waits (is gated) until
-//!   the joiner has caught up a little, as a dispatch to a full lane waits for room.
+//!   messages dispatched since. Once it reaches that, dispatches to the topic wait (are
+//!   gated) until the joiner has caught up and left the history for the registry, as a
+//!   dispatch to a full lane waits for room.
 //!
 //! A joiner's inbox holds shared handles (`Arc`) to the messages, so what it has yet to
 //! deliver stays valid whatever is evicted meanwhile: eviction never opens a gap in a
@@ -160,7 +161,8 @@ impl<M, J> History<M, J> {
     }
 
     /// Records that `pid` waits, with `token`, for `topic`'s joiners; it is woken with
-    /// the token once none of them is at its limit (or it left, or `clear`).
+    /// the token once none of them gates the topic any more (each caught up or left),
+    /// or by `clear`.
     pub fn wait(&mut self, topic: &[u8], pid: Pid, token: u64) {
         if let Some(log) = self.topics.get_mut(topic) {
             log.waiting.push((pid, token));
