@@ -1,6 +1,7 @@
 //! NIF glue for `ExAtlas.Fly.Dispatcher.Native`: decodes terms, calls the plain-Rust core
 //! (`registry`, `fanout`) and encodes results. No registry or queue logic lives here.
 
+pub mod etf;
 pub mod fanout;
 #[cfg(not(test))]
 mod frozen;
