@@ -121,6 +121,8 @@ defmodule ExAtlas.Fly.Dispatcher do
           lost_deliveries: non_neg_integer(),
           replay_messages: non_neg_integer(),
           replay_bytes: non_neg_integer(),
+          replay_cuts: non_neg_integer(),
+          replay_missed: non_neg_integer(),
           cluster: %{node() => %{queued: non_neg_integer(), dropped: non_neg_integer()}}
         }
 

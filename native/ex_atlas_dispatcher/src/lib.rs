@@ -3,10 +3,10 @@
 
 pub mod etf;
 pub mod fanout;
-#[cfg(not(test))]
-mod frozen;
 pub mod handoff;
 pub mod history;
+#[cfg(not(test))]
+mod kept;
 #[cfg(all(test, loom))]
 mod loom_tests;
 pub mod memory;
@@ -24,8 +24,8 @@ static ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
 // not link it; `cargo test` covers the core modules above without a VM.
 #[cfg(not(test))]
 mod nif {
-    use crate::frozen::{term_bytes, Frozen};
-    use crate::history::{History, Take};
+    use crate::history::{History, JoinRefused, Take};
+    use crate::kept::{Kept, Scratch};
     use crate::sync::lock;
     use crate::{fanout, handoff, memory, registry, route};
 
@@ -60,8 +60,9 @@ mod nif {
     /// Pids delivered per dirty NIF call before handing control back to the sender
     /// process, so a huge topic never holds a dirty scheduler for long.
     const DIRTY_SLICE: usize = 16_384;
-    /// Most messages one `replay/2` call takes from its caller's inbox, and most bytes
-    /// past the first message: what it does not send in its timeslice goes back.
+    /// Most messages one `replay/2` call takes from the caller's history, and most bytes
+    /// past the first message (less with a small `replay_memory`, see
+    /// `History::chunk_bytes`): what it does not send in its timeslice it sends next call.
     const REPLAY_CHUNK: usize = 64;
     const REPLAY_CHUNK_BYTES: usize = 1 << 20;
     /// Most lanes `new/2` accepts, as `config :ex_atlas, :fly, lanes:` does.
@@ -99,12 +100,17 @@ mod nif {
             done,
             ex_atlas_room = "$ex_atlas_room",
             ex_atlas_interest = "$ex_atlas_interest",
-            ex_atlas_gate = "$ex_atlas_gate",
-            gated,
             plain,
+            removed,
+            gap,
+            ex_atlas_fly_gap,
             replay_messages,
             replay_bytes,
             replay_joiners,
+            replay_retained_bytes,
+            replay_cuts,
+            replay_missed,
+            replay_monitors,
         }
     }
 
@@ -116,8 +122,10 @@ mod nif {
         lanes: Lanes<Waiter>,
         /// Each lane's sender process and its batches on their way; see `handoff`.
         senders: Box<[Handoff<ResourceArc<Batch>, Outgoing>]>,
-        /// Process monitors currently set, counted where they are set and undone.
+        /// Process monitors of subscriptions currently set, counted where they are set
+        /// and undone; those of joiners apart (`replay_monitors`).
         monitors: AtomicUsize,
+        joiner_monitors: AtomicUsize,
         /// Raw pid of the cluster relay told about topics this node gains or loses; 0
         /// when not in cluster mode.
         relay: AtomicU64,
@@ -127,7 +135,7 @@ mod nif {
         /// Replay: each topic's most recent dispatches and the subscribers catching up
         /// on them (see `history`); `None` when no message is kept (`replay: 0`), and
         /// then a dispatch takes no lock of it at all.
-        history: Option<Mutex<History<Frozen, Joining>>>,
+        history: Option<Mutex<History<Kept, Joining>>>,
     }
 
     /// What a subscriber catching up on a topic's history carries until it enters the
@@ -137,9 +145,6 @@ mod nif {
         monitor: Monitor,
         direct: bool,
     }
-
-    /// Tokens of the dispatches that wait for a topic's joiners.
-    static GATE_TOKENS: AtomicU64 = AtomicU64::new(1);
 
     impl Dispatcher {
         /// The batches the dead sender `pid` had not delivered: counted as lost, their
@@ -188,7 +193,7 @@ mod nif {
     impl Resource for Dispatcher {
         const IMPLEMENTS_DOWN: bool = true;
 
-        fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
+        fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, monitor: Monitor) {
             // rustler catches panics here too, but do not rely on the version for that.
             let _ = catch_unwind(AssertUnwindSafe(|| {
                 let raw = pid_to_raw(&pid);
@@ -200,16 +205,22 @@ mod nif {
                     return;
                 }
                 drop(senders);
-                self.monitors.fetch_sub(1, Ordering::Relaxed);
+                // A process that died catching up: it is a joiner no more. Each of its
+                // monitors (a joiner's, its subscriptions') fires and counts itself.
+                let mut joiner = false;
+                if let Some(history) = &self.history {
+                    let (left, freed) = lock(history).leave(raw);
+                    joiner = left.iter().any(|j| j.monitor == monitor);
+                    drop((left, freed));
+                }
+                let counter = if joiner {
+                    &self.joiner_monitors
+                } else {
+                    &self.monitors
+                };
+                counter.fetch_sub(1, Ordering::Relaxed);
                 self.registry.remove_subscriber(raw);
                 self.tell_relay(env, raw, None);
-                if let Some(history) = &self.history {
-                    // A subscriber that died catching up: its other monitor, if it had
-                    // one, fires too and does its own counting.
-                    let (left, woken) = lock(history).leave(raw);
-                    drop(left);
-                    open_gate(env, &woken);
-                }
             }));
         }
     }
@@ -520,6 +531,16 @@ mod nif {
             }
         }
 
+        /// Starts the clock now, so that work before the first send (a replay's copy of
+        /// the message, whatever its size) is charged too.
+        fn start(&mut self) {
+            if self.started.is_none() {
+                self.started = Some(Instant::now());
+                self.reported = 1;
+                rustler::schedule::consume_timeslice(self.env, 1);
+            }
+        }
+
         /// True when the caller should stop: the timeslice is used up or `budget` has
         /// passed. The first check starts the clock, reports 1% and learns from the VM
         /// whether what was sent so far already used the timeslice up.
@@ -611,20 +632,11 @@ mod nif {
             senders: (0..lanes.len()).map(|_| Handoff::new()).collect(),
             lanes,
             monitors: AtomicUsize::new(0),
+            joiner_monitors: AtomicUsize::new(0),
             relay: AtomicU64::new(0),
             sender_monitors: Mutex::new(Vec::new()),
             history: (replay > 0).then(|| Mutex::new(History::new(replay, replay_memory))),
         }))
-    }
-
-    /// Wakes the producers whose dispatch waited for a topic's joiners:
-    /// `{:"$ex_atlas_gate", token}` to each (they dispatch again).
-    fn open_gate(env: Env<'_>, woken: &[(u64, u64)]) {
-        for &(pid, token) in woken {
-            let wake = Outgoing::build(|menv| (atoms::ex_atlas_gate(), token).encode(menv));
-            // A producer that died meanwhile needs no waking.
-            let _ = wake.send(env, pid);
-        }
     }
 
     /// Starts subscribing the caller to `topic` with the `n` most recent messages kept
@@ -643,14 +655,11 @@ mod nif {
         let Some(history) = &dispatcher.history else {
             return Ok(atoms::plain());
         };
-        if dispatcher.registry.is_closed() {
-            return Ok(atoms::closed());
-        }
         let pid = env.pid();
         let Some(monitor) = dispatcher.monitor(Some(env), &pid) else {
             return Ok(atoms::not_alive());
         };
-        dispatcher.monitors.fetch_add(1, Ordering::Relaxed);
+        dispatcher.joiner_monitors.fetch_add(1, Ordering::Relaxed);
         let joined = lock(history).join(
             topic.as_slice(),
             pid_to_raw(&pid),
@@ -658,49 +667,80 @@ mod nif {
             Joining { monitor, direct },
         );
         match joined {
-            Ok(_) => Ok(atoms::ok()),
-            Err(joining) => {
-                release_monitor(env, &dispatcher, &joining.monitor);
+            Ok(freed) => {
+                drop(freed);
+                Ok(atoms::ok())
+            }
+            Err(JoinRefused::Closed(joining)) => {
+                release_monitor(
+                    env,
+                    &dispatcher,
+                    &joining.monitor,
+                    &dispatcher.joiner_monitors,
+                );
+                Ok(atoms::closed())
+            }
+            Err(JoinRefused::Joining(joining)) => {
+                release_monitor(
+                    env,
+                    &dispatcher,
+                    &joining.monitor,
+                    &dispatcher.joiner_monitors,
+                );
                 Err(rustler::Error::BadArg)
             }
         }
     }
 
-    /// Undoes a monitor of ours and counts it; one that already fired is left to its
-    /// `down`, which does the counting.
-    fn release_monitor(env: Env<'_>, dispatcher: &ResourceArc<Dispatcher>, monitor: &Monitor) {
+    /// Undoes a monitor of ours and counts it in `counter`; one that already fired is
+    /// left to its `down`, which does the counting.
+    fn release_monitor(
+        env: Env<'_>,
+        dispatcher: &ResourceArc<Dispatcher>,
+        monitor: &Monitor,
+        counter: &AtomicUsize,
+    ) {
         if dispatcher.demonitor(Some(env), monitor) {
-            dispatcher.monitors.fetch_sub(1, Ordering::Relaxed);
+            counter.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     /// Goes on with the caller's `join/4` to `topic`: sends the caller the next messages
-    /// of its history, oldest first, for one timeslice at most, and answers `:more`; once
-    /// there are none left, adds the caller to the registry (atomically with respect to
-    /// every dispatch, see `history`) and answers `:ok`. Between two calls the caller
-    /// fetches what it sent itself, so that it is in its queue before anything sent live.
-    /// `:not_alive` when the caller is not joining (it exits), `:closed` once the
-    /// dispatcher is closed, `:too_many_topics` as `subscribe/3`.
+    /// of its history, oldest first, for one timeslice at most, and answers `:more`
+    /// (`{:gap, missed}` when it first sent the caller
+    /// `{:ex_atlas_fly_gap, topic, missed}`: it fell so far behind that `missed`
+    /// dispatches were not kept for it). Once there are none left, adds the caller to the
+    /// registry (atomically with respect to every dispatch, see `history`) and answers
+    /// `:ok`. Between two calls the caller fetches what it sent itself, so that it is in
+    /// its queue before anything sent live. `:removed` when the caller's join was removed
+    /// (`unsubscribe_pid/3` while it caught up), `:closed` once the dispatcher is
+    /// closed, `:not_alive` and `:too_many_topics` as `subscribe/3`.
     #[rustler::nif]
-    fn replay<'a>(env: Env<'a>, dispatcher: ResourceArc<Dispatcher>, topic: Binary<'a>) -> Atom {
+    fn replay<'a>(
+        env: Env<'a>,
+        dispatcher: ResourceArc<Dispatcher>,
+        topic: Binary<'a>,
+    ) -> Term<'a> {
         let Some(history) = &dispatcher.history else {
-            return atoms::not_alive();
+            return atoms::removed().encode(env);
         };
-        let topic = topic.as_slice();
+        let removed = || {
+            if dispatcher.registry.is_closed() {
+                atoms::closed().encode(env)
+            } else {
+                atoms::removed().encode(env)
+            }
+        };
+        let name = topic.as_slice();
         let pid = env.pid();
         let raw = pid_to_raw(&pid);
         let mut kept = lock(history);
-        let chunk = match kept.take(topic, raw, REPLAY_CHUNK, REPLAY_CHUNK_BYTES) {
-            Take::Unknown => {
-                return if dispatcher.registry.is_closed() {
-                    atoms::closed()
-                } else {
-                    atoms::not_alive()
-                };
-            }
-            Take::CaughtUp { data, woken } => {
+        let chunk_bytes = kept.chunk_bytes().min(REPLAY_CHUNK_BYTES);
+        let (missed, entries) = match kept.take(name, raw, REPLAY_CHUNK, chunk_bytes) {
+            Take::Removed => return removed(),
+            Take::CaughtUp { data, freed } => {
                 // Still under the history lock: no dispatch to `topic` runs between the
-                // last message of the inbox and the first live one.
+                // last message replayed and the first live one.
                 let mut handed = false;
                 let monitor = || {
                     handed = true;
@@ -708,42 +748,63 @@ mod nif {
                 };
                 let registry = &dispatcher.registry;
                 let result = if data.direct {
-                    registry.subscribe_direct(topic, raw, monitor)
+                    registry.subscribe_direct(name, raw, monitor)
                 } else {
-                    registry.subscribe(topic, raw, monitor)
+                    registry.subscribe(name, raw, monitor)
                 };
                 drop(kept);
-                if !handed {
-                    release_monitor(env, &dispatcher, &data.monitor);
+                drop(freed);
+                if handed {
+                    dispatcher.joiner_monitors.fetch_sub(1, Ordering::Relaxed);
+                    dispatcher.monitors.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    release_monitor(env, &dispatcher, &data.monitor, &dispatcher.joiner_monitors);
                 }
-                open_gate(env, &woken);
-                dispatcher.tell_relay(env, raw, Some(topic));
+                dispatcher.tell_relay(env, raw, Some(name));
                 return match result {
                     Ok(Ok(())) => atoms::ok(),
                     Ok(Err(SubscribeError::NotAlive)) => atoms::not_alive(),
                     Ok(Err(SubscribeError::TooManyTopics)) => atoms::too_many_topics(),
                     Err(ClosedError) => atoms::closed(),
-                };
+                }
+                .encode(env);
             }
-            Take::Chunk(chunk) => chunk,
+            Take::Chunk { missed, entries } => (missed, entries),
         };
         drop(kept);
         let mut slice = Timeslice::new(env);
+        let told = missed > 0;
+        if told {
+            let notice = (atoms::ex_atlas_fly_gap(), topic, missed).encode(env);
+            send_from(env, raw, notice);
+        }
+        let scratch = Scratch::new();
         let mut sent = 0;
-        for entry in &chunk {
-            if sent > 0 && slice.used_up(INLINE_SLICE) {
+        for entry in &entries {
+            if (told || sent > 0) && slice.used_up(INLINE_SLICE) {
                 break;
             }
-            send_from(env, raw, entry.message.term(env));
+            // Sending to itself cannot fail while it runs. A kept term the VM cannot
+            // decode again (it encoded it itself: never seen) is told as a gap of one.
+            if !entry.message.send(env, &scratch, &pid) {
+                let notice = (atoms::ex_atlas_fly_gap(), topic, 1u64).encode(env);
+                send_from(env, raw, notice);
+            }
             sent += 1;
         }
         slice.finish();
-        if sent < chunk.len() {
-            let rest = chunk[sent..].to_vec();
-            lock(history).put_back(topic, raw, rest);
+        drop(scratch);
+        drop(entries);
+        let given = lock(history).give_back(name, raw, sent, told);
+        match given {
+            Ok(freed) => drop(freed),
+            Err(_) => return removed(),
         }
-        drop(chunk);
-        atoms::more()
+        if told {
+            (atoms::gap(), missed).encode(env)
+        } else {
+            atoms::more().encode(env)
+        }
     }
 
     /// Installs one sender process per lane, replacing any earlier ones (a restarted
@@ -872,19 +933,46 @@ mod nif {
         }
     }
 
-    /// Removes every subscription of `pid` to `topic`; returns how many went.
+    /// Removes every subscription of `pid` to `topic`, and its join of `topic` if it is
+    /// catching up on it; returns how many went. With replay, under the history lock, so
+    /// that the history knows exactly which dispatches went to the subscription: a later
+    /// replay to `pid` starts after them, as some may still be on their way to it.
     fn remove(
         env: Env<'_>,
         dispatcher: &ResourceArc<Dispatcher>,
         topic: &[u8],
         pid: &LocalPid,
     ) -> usize {
-        let removed = dispatcher.registry.unsubscribe(topic, pid_to_raw(pid));
+        let raw = pid_to_raw(pid);
+        let mut joining = None;
+        let removed = match &dispatcher.history {
+            None => dispatcher.registry.unsubscribe(topic, raw),
+            Some(history) => {
+                let mut kept = lock(history);
+                let removed = dispatcher.registry.unsubscribe(topic, raw);
+                if removed.count > 0 {
+                    kept.depart(topic, raw);
+                }
+                let (data, freed) = kept.remove(topic, raw);
+                drop(kept);
+                drop(freed);
+                joining = data;
+                removed
+            }
+        };
         if let Some(monitor) = removed.released {
-            release_monitor(env, dispatcher, &monitor);
+            release_monitor(env, dispatcher, &monitor, &dispatcher.monitors);
         }
-        dispatcher.tell_relay(env, pid_to_raw(pid), Some(topic));
-        removed.count
+        if let Some(joining) = &joining {
+            release_monitor(
+                env,
+                dispatcher,
+                &joining.monitor,
+                &dispatcher.joiner_monitors,
+            );
+        }
+        dispatcher.tell_relay(env, raw, Some(topic));
+        removed.count + usize::from(joining.is_some())
     }
 
     #[rustler::nif]
@@ -1027,10 +1115,7 @@ mod nif {
         let mut slice = Timeslice::new(env);
         let snapshot = match &dispatcher.history {
             None => dispatcher.registry.snapshot(topic),
-            Some(history) => match record(env, dispatcher, history, topic, message) {
-                Ok(snapshot) => snapshot,
-                Err(token) => return (atoms::gated(), token).encode(env),
-            },
+            Some(history) => record(env, dispatcher, history, topic, message, &mut slice),
         };
         let Ok(snapshot) = snapshot else {
             return atoms::closed().encode(env);
@@ -1074,32 +1159,33 @@ mod nif {
     }
 
     /// Keeps `message` in `topic`'s history and takes the topic's snapshot, both under
-    /// the history lock (see `history`); the copy and its measure are made before.
-    /// `Err(token)` when a joiner of the topic is too far behind: nothing was recorded,
-    /// and the caller dispatches again once `{:"$ex_atlas_gate", token}` arrives.
+    /// the history lock (see `history`); the message is encoded before, its time charged
+    /// to the caller's timeslice. Never waits for anyone: a subscriber catching up that
+    /// falls too far behind is cut (and told), not waited for.
     fn record(
         env: Env<'_>,
         dispatcher: &Dispatcher,
-        history: &Mutex<History<Frozen, Joining>>,
+        history: &Mutex<History<Kept, Joining>>,
         topic: &[u8],
         message: Term<'_>,
-    ) -> Result<Result<registry::Snapshot, ClosedError>, u64> {
-        let bytes = term_bytes(env, message);
-        let frozen = Frozen::freeze(message);
-        let mut kept = lock(history);
-        if kept.is_gated(topic) {
-            let token = GATE_TOKENS.fetch_add(1, Ordering::Relaxed);
-            kept.wait(topic, pid_to_raw(&env.pid()), token);
-            drop(kept);
-            drop(frozen);
-            return Err(token);
-        }
-        let evicted = kept.record(topic, frozen, bytes);
+        slice: &mut Timeslice<'_>,
+    ) -> Result<registry::Snapshot, ClosedError> {
+        slice.start();
+        let kept = Kept::of(env, message);
+        let mut history = lock(history);
+        let recorded = match kept {
+            Some((kept, bytes)) => history.record(topic, kept, bytes),
+            None => history.skip(topic),
+        };
+        let Ok(evicted) = recorded else {
+            // Closed while this dispatch was under way.
+            return Err(ClosedError);
+        };
         let snapshot = dispatcher.registry.snapshot(topic);
-        drop(kept);
-        // Freed after the lock: dropping a kept message frees its environment.
+        drop(history);
+        // Freed after the lock.
         drop(evicted);
-        Ok(snapshot)
+        snapshot
     }
 
     /// Hands over, then sends, what is left in `work`. `reserve(lane)` takes a credit of
@@ -1305,6 +1391,13 @@ mod nif {
         stats.push((atoms::replay_messages(), kept.messages as u64));
         stats.push((atoms::replay_bytes(), kept.bytes as u64));
         stats.push((atoms::replay_joiners(), kept.joiners as u64));
+        stats.push((atoms::replay_retained_bytes(), kept.retained as u64));
+        stats.push((atoms::replay_cuts(), kept.cuts));
+        stats.push((atoms::replay_missed(), kept.missed));
+        stats.push((
+            atoms::replay_monitors(),
+            dispatcher.joiner_monitors.load(Ordering::Relaxed) as u64,
+        ));
         if let Some(bytes) = memory::live_bytes() {
             stats.push((atoms::allocated_bytes(), bytes as u64));
         }
@@ -1324,14 +1417,18 @@ mod nif {
     fn close(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>) -> Vec<LocalPid> {
         let subscribers = dispatcher.registry.close();
         for (_, monitor) in &subscribers {
-            release_monitor(env, &dispatcher, monitor);
+            release_monitor(env, &dispatcher, monitor, &dispatcher.monitors);
         }
         if let Some(history) = &dispatcher.history {
             let cleared = lock(history).clear();
             for (_, joining) in &cleared.joiners {
-                release_monitor(env, &dispatcher, &joining.monitor);
+                release_monitor(
+                    env,
+                    &dispatcher,
+                    &joining.monitor,
+                    &dispatcher.joiner_monitors,
+                );
             }
-            open_gate(env, &cleared.woken);
             drop(cleared);
         }
         let waiters = dispatcher.lanes.close();

@@ -33,6 +33,8 @@ defmodule ExAtlas.Fly.Dispatcher.Backend do
       lost_deliveries: 0,
       replay_messages: 0,
       replay_bytes: 0,
+      replay_cuts: 0,
+      replay_missed: 0,
       cluster: %{}
     }
   end

@@ -69,7 +69,13 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   def join(_dispatcher, _topic, _n, _direct), do: :erlang.nif_error(:nif_not_loaded)
 
   @spec replay(dispatcher(), binary()) ::
-          :ok | :more | :not_alive | :closed | :too_many_topics
+          :ok
+          | :more
+          | {:gap, pos_integer()}
+          | :removed
+          | :not_alive
+          | :closed
+          | :too_many_topics
   def replay(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
 
   @spec unsubscribe(dispatcher(), binary()) :: :ok

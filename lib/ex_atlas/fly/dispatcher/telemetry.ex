@@ -28,11 +28,11 @@ defmodule ExAtlas.Fly.Dispatcher.Telemetry do
   end
 
   @doc """
-  `[:ex_atlas, :fly, :dispatcher, :wait, :start]`: a producer starts waiting, for room in
-  a full lane (`reason: :full`) or for a subscriber of the topic catching up on its
-  replay (`reason: :replay`). Returns what `wait_stop/1` needs.
+  `[:ex_atlas, :fly, :dispatcher, :wait, :start]`: a producer starts waiting for room in
+  a full lane (`reason: :full`, the only reason there is). Returns what `wait_stop/1`
+  needs.
   """
-  @spec wait_start(binary(), :full | :replay) :: span()
+  @spec wait_start(binary(), :full) :: span()
   def wait_start(topic, reason \\ :full) do
     if enabled?() do
       start = System.monotonic_time()
@@ -57,6 +57,15 @@ defmodule ExAtlas.Fly.Dispatcher.Telemetry do
     stop = System.monotonic_time()
     execute([:wait, :stop], %{duration: stop - start, monotonic_time: stop}, metadata)
   end
+
+  @doc """
+  `[:ex_atlas, :fly, :dispatcher, :replay, :cut]`: a subscriber catching up on its replay
+  fell so far behind that `missed` dispatches were not kept for it; it has just told
+  itself so with `{:ex_atlas_fly_gap, topic, missed}`.
+  """
+  @spec replay_cut(binary(), pid(), pos_integer()) :: :ok
+  def replay_cut(topic, pid, missed),
+    do: execute([:replay, :cut], %{missed: missed}, %{topic: topic, subscriber: pid})
 
   @doc "`[:ex_atlas, :fly, :dispatcher, :cluster, :drop]`: dispatches dropped for `node`."
   @spec cluster_drop(node(), pos_integer()) :: :ok

@@ -9,7 +9,6 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   alias ExAtlas.Fly.Dispatcher.{Cluster, Native, Sender, Server, Telemetry}
 
   @room :"$ex_atlas_room"
-  @gate :"$ex_atlas_gate"
   @successor_poll_ms 5
 
   @impl true
@@ -49,6 +48,9 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
       # The caller is exiting (its monitor could not be set): nothing to keep, and it will
       # never read a message, as with Registry.register/3 from a dying process.
       :not_alive -> :ok
+      # Its subscription was removed while it caught up (the watchdog evicted it, which
+      # tells it so): as if it had subscribed, then been evicted.
+      :removed -> :ok
       :closed -> raise not_started()
       :too_many_topics -> raise ArgumentError, "the registry holds too many topics (2^32)"
     end
@@ -73,15 +75,24 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   end
 
   # The caller sends itself its history, a timeslice at a time, while dispatches to the
-  # topic go to its inbox in the NIF too; once the inbox is empty the NIF adds it to the
-  # registry, under the lock every dispatch to the topic takes. Before each call it
-  # fetches its signal queue (a receive does that), so that what it sent itself is in
+  # topic are kept for it in the NIF; once it has sent itself the last, the NIF adds it to
+  # the registry, under the lock every dispatch to the topic takes. Nobody waits for it:
+  # if it falls too far behind, what was not kept for it is skipped, and it tells itself
+  # so ({:ex_atlas_fly_gap, topic, missed}, in its place in the stream). Before each call
+  # it fetches its signal queue (a receive does that), so that what it sent itself is in
   # its message queue before anything is sent to it live: OTP may otherwise buffer a
   # process's signals per sender, and then fetch a live message from another process
   # ahead of them.
-  defp catch_up(dispatcher, topic) do
+  @doc false
+  @spec catch_up(Native.dispatcher(), binary()) :: atom()
+  def catch_up(dispatcher, topic) do
     case Native.replay(dispatcher, topic) do
       :more ->
+        fetch_signals()
+        catch_up(dispatcher, topic)
+
+      {:gap, missed} ->
+        Telemetry.replay_cut(topic, self(), missed)
         fetch_signals()
         catch_up(dispatcher, topic)
 
@@ -141,18 +152,6 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
       {:more, pending} ->
         :ok = make_room(pending, topic, message)
         true
-
-      # A subscriber of the topic is catching up on its history and fell too far behind:
-      # nothing was done; dispatch again once it has caught up and subscribed.
-      {:gated, token} ->
-        span = Telemetry.wait_start(topic, :replay)
-
-        receive do
-          {@gate, ^token} -> :ok
-        end
-
-        Telemetry.wait_stop(span)
-        deliver_here(topic, message)
 
       :closed ->
         raise not_started()
