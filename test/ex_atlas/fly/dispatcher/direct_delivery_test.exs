@@ -98,15 +98,32 @@ defmodule ExAtlas.Fly.Dispatcher.DirectDeliveryTest do
     off_heap = subscribers(topic, 40, :off_heap)
     before = stats().delivered_batches
 
-    for seq <- 1..20, do: :ok = Dispatcher.dispatch(topic, {:seq, seq})
+    # With every sender suspended, only what the caller sends itself can arrive: all of
+    # it for the off-heap subscribers, none for the on-heap ones (40 are more than a
+    # small dispatch, so they go through the senders).
+    senders = RegistryBackend.dispatcher!() |> ExAtlas.Fly.Dispatcher.Native.senders()
+    for sender <- senders, do: :erlang.suspend_process(sender)
+
+    try do
+      for seq <- 1..20, do: :ok = Dispatcher.dispatch(topic, {:seq, seq})
+      for pid <- off_heap, do: assert(received(pid, 20) == Enum.to_list(1..20))
+      for pid <- on_heap, do: refute_received({:got, ^pid, _})
+    after
+      for sender <- senders, do: :erlang.resume_process(sender)
+    end
+
     :ok = Dispatcher.sync()
-
-    # 40 on-heap subscriptions are more than a small dispatch: they went through the
-    # senders, one batch per lane they span.
     assert stats().delivered_batches > before
+    # Each in dispatch order.
+    for pid <- on_heap, do: assert(received(pid, 20) == Enum.to_list(1..20))
+    refute_received {:got, _, _}
+  end
 
-    for pid <- on_heap ++ off_heap, seq <- 1..20 do
-      assert_receive {:got, ^pid, {:seq, ^seq}}
+  # The first `n` sequence numbers `pid` reported, in the order it got them.
+  defp received(pid, n) do
+    for _ <- 1..n do
+      assert_receive {:got, ^pid, {:seq, seq}}, 5_000
+      seq
     end
   end
 

@@ -18,9 +18,6 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
 
   @payload for(i <- 1..40, do: {:line, i})
 
-  # The NIF's JOIN_SLACK: dispatches a joiner may fall behind before its topic waits.
-  @join_slack 256
-
   setup do
     restart_app(replay: 10, replay_memory: 64 * 1024 * 1024)
     :ok
@@ -89,8 +86,32 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
       :ok = Dispatcher.unsubscribe(topic)
       assert mailbox() == [{:m, 1}, {:m, 2}]
 
-      :ok = Dispatcher.subscribe(topic, replay: 5)
-      assert mailbox() == [{:m, 1}, {:m, 2}]
+      parent = self()
+
+      spawn_link(fn -> send(parent, {:other, Dispatcher.subscribe(topic, replay: 5), drain()}) end)
+
+      assert_receive {:other, :ok, [{:m, 1}, {:m, 2}]}
+    end
+
+    # A dispatch handed to a sender before the unsubscribe may still be on its way to
+    # the old subscription when the same process subscribes again: its replay starts
+    # after what went to the old subscription, so that nothing comes twice.
+    test "a resubscribe replays only what was dispatched since the process left" do
+      topic = unique_topic("replay")
+      # Enough subscribers that dispatches go through the senders.
+      others = for _ <- 1..40, do: spawn_subscriber(topic)
+      :ok = Dispatcher.subscribe(topic)
+      senders = Native.senders(RegistryBackend.dispatcher!())
+      for sender <- senders, do: :erlang.suspend_process(sender)
+      dispatch_all(topic, 1..3)
+      :ok = Dispatcher.unsubscribe(topic)
+      dispatch_all(topic, 4..5)
+      :ok = Dispatcher.subscribe(topic, replay: 10)
+      for sender <- senders, do: :erlang.resume_process(sender)
+      :ok = Dispatcher.sync()
+      got = mailbox()
+      assert Enum.sort(got) == for(i <- 1..5, do: {:m, i})
+      for pid <- others, do: Process.exit(pid, :kill)
     end
 
     test "a second subscription with replay gets the history once more, and live twice" do
@@ -144,7 +165,7 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
 
       property =
         :proper.forall(replay_case(), fn params ->
-          check_case(run_case(params), params)
+          check_case(run_case(params), params) == nil
         end)
 
       result = :proper.quickcheck(property, [:quiet, {:numtests, numtests}])
@@ -170,9 +191,9 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
           joiner = buffered_joiner(topic, 1_000)
           # The joiner has spun: live messages sat in its buffers beside the replay.
           assert_receive {:spun, ^joiner}, 30_000
-          stop_producers(producers)
+          lasts = stop_producers(producers)
           received = collect_joiner(joiner)
-          violation(received) != nil
+          account(received, lasts) != nil
         end)
 
       assert reversed == 0
@@ -220,15 +241,25 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
       assert Dispatcher.stats().replay_messages == 3
     end
 
-    test "replay_bytes accounts each message's size" do
+    # A message is kept in its external format: it costs its encoded size, exactly,
+    # plus a fixed overhead per message.
+    test "replay_bytes accounts each message's encoded size" do
       topic = unique_topic("size")
-      message = {:ex_atlas_fly_logs, "app", for(i <- 1..20, do: %{"message" => "line #{i}"})}
-      before = Dispatcher.stats().replay_bytes
-      :ok = Dispatcher.dispatch(topic, message)
-      accounted = Dispatcher.stats().replay_bytes - before
-      flat = :erts_debug.flat_size(message) * 8
-      # The heap words, as the VM counts them, plus the word referring to the message.
-      assert accounted >= flat and accounted <= flat + 64
+      small = {:ex_atlas_fly_logs, "app", [%{"message" => "line"}]}
+      big = {:ex_atlas_fly_logs, "app", for(i <- 1..20, do: %{"message" => "line #{i}"})}
+      :ok = Dispatcher.dispatch(topic, :warm)
+
+      [small_cost, big_cost] =
+        for message <- [small, big] do
+          before = Dispatcher.stats().replay_bytes
+          :ok = Dispatcher.dispatch(topic, message)
+          Dispatcher.stats().replay_bytes - before
+        end
+
+      assert big_cost - small_cost ==
+               byte_size(:erlang.term_to_binary(big)) - byte_size(:erlang.term_to_binary(small))
+
+      assert (small_cost - byte_size(:erlang.term_to_binary(small))) in 64..512
     end
 
     test "without replay nothing is kept and stats say 0; asking for a replay warns once" do
@@ -246,98 +277,102 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
   end
 
   describe "a joiner that falls behind" do
-    # A process that joined (Native.join/4) and does not go on stands for a joiner that
-    # is descheduled: dispatches to its topic wait once it is @join_slack behind, never
-    # drop, never grow without bound; they go on when it catches up or dies.
-    test "makes dispatches to its topic wait, until it takes its messages" do
+    # A joiner stopped in the middle of its replay (it has sent itself one chunk, and is
+    # then suspended) is a slow consumer: nobody waits for it. Dispatches to its topic go
+    # on; once what is kept for it alone passes its cap it is cut, and when it goes on it
+    # tells itself exactly how many it missed, in their place.
+    setup do
+      # Room for about 3 000 of these messages; a joiner's cap is a sixteenth of it.
+      restart_app(replay: 100, replay_memory: 1_000_000)
+      :ok
+    end
+
+    test "holds no producer of its topic, nor any other topic; resumed, it is told" do
       topic = unique_topic("slow")
-      dispatcher = RegistryBackend.dispatcher!()
-      {joiner, joined} = stalled_joiner(dispatcher, topic)
-      assert_receive ^joined
-
-      producer =
-        Task.async(fn ->
-          dispatch_all(topic, 1..(@join_slack + 20))
-          Dispatcher.sync()
-        end)
-
-      eventually(fn -> gated?(producer.pid) end)
+      dispatch_all(topic, 1..50)
+      joiner = stalled_joiner(topic, 50)
       other = unique_topic("other")
-      assert :ok = Dispatcher.dispatch(other, :not_gated)
+      :ok = Dispatcher.subscribe(other)
 
-      send(joiner, :catch_up)
-      assert :ok = Task.await(producer)
-      send(joiner, :report)
-      assert_receive {:joined_got, got}
-      assert got == for(i <- 1..(@join_slack + 20), do: {:m, i})
+      producer = Task.async(fn -> dispatch_all(topic, 51..3_000) end)
+      # Were the producer held, this would time out.
+      assert length(Task.await(producer, 30_000)) == 2_950
+      :ok = Dispatcher.dispatch(other, :not_held)
+      :ok = Dispatcher.sync()
+      assert mailbox() == [:not_held]
+      assert internal_stats().replay_cuts >= 1
+
+      got = resume(joiner)
+      # The first chunk (sent before it stopped) from 1, then told: every dispatch from
+      # 1 to 3 000 once, or counted in a notice.
+      assert {:m, 1} = hd(got)
+      {gaps, messages} = split_gaps(got)
+      assert gaps != []
+      numbers = for {:m, i} <- messages, do: i
+      assert numbers == Enum.sort(numbers)
+      assert length(numbers) + Enum.sum(gaps) == 3_000
+      assert no_hole_outside_gaps?(got)
+      assert internal_stats().replay_missed == Enum.sum(gaps)
+      # And it is subscribed: the next dispatch reaches it, after the notice.
+      assert live_after(joiner, topic) == [{:m, 3_001}]
     end
 
-    test "emits the :wait telemetry span with reason: :replay" do
+    test "reports the cut in [:replay, :cut] telemetry, with the count told" do
       define_telemetry()
-      start_event = [:ex_atlas, :fly, :dispatcher, :wait, :start]
-      stop_event = [:ex_atlas, :fly, :dispatcher, :wait, :stop]
-      ExAtlas.Test.TelemetryStandIn.capture([start_event, stop_event])
+      event = [:ex_atlas, :fly, :dispatcher, :replay, :cut]
+      ExAtlas.Test.TelemetryStandIn.capture([event])
       topic = unique_topic("slow")
-      {joiner, joined} = stalled_joiner(RegistryBackend.dispatcher!(), topic)
-      assert_receive ^joined
-
-      producer = Task.async(fn -> dispatch_all(topic, 1..(@join_slack + 1)) end)
-
-      assert_receive {:telemetry, ^start_event, _, %{topic: ^topic, reason: :replay} = meta},
-                     5_000
-
-      refute_received {:telemetry, ^stop_event, _, _}
-      send(joiner, :catch_up)
-      Task.await(producer)
-      assert_receive {:telemetry, ^stop_event, %{duration: duration}, ^meta}, 5_000
-      assert duration >= 0
-      Process.exit(joiner, :kill)
+      dispatch_all(topic, 1..50)
+      joiner = stalled_joiner(topic, 50)
+      dispatch_all(topic, 51..3_000)
+      got = resume(joiner)
+      {[missed | _], _} = split_gaps(got)
+      pid = joiner.pid
+      assert_receive {:telemetry, ^event, %{missed: ^missed}, %{topic: ^topic, subscriber: ^pid}}
     end
 
-    test "that dies lets the waiting dispatches go and leaves nothing behind" do
+    test "that dies leaves nothing behind" do
       topic = unique_topic("slow")
-      dispatcher = RegistryBackend.dispatcher!()
+      dispatch_all(topic, 1..50)
       monitors = internal_stats().monitors
-      {joiner, joined} = stalled_joiner(dispatcher, topic)
-      assert_receive ^joined
+      joiner = stalled_joiner(topic, 50)
       assert internal_stats().replay_joiners == 1
-
-      producer = Task.async(fn -> dispatch_all(topic, 1..(@join_slack + 5)) end)
-      eventually(fn -> gated?(producer.pid) end)
-      Process.exit(joiner, :kill)
-      assert Enum.all?(Task.await(producer), &(&1 == :ok))
+      assert internal_stats().replay_monitors == 1
+      # Past the 100 the topic keeps, not yet past the lag that cuts it (50 + 256): what
+      # it has yet to deliver is retained for it.
+      dispatch_all(topic, 51..250)
+      assert internal_stats().replay_retained_bytes > 0
+      Process.exit(joiner.pid, :kill)
       eventually(fn -> internal_stats().replay_joiners == 0 end)
-      eventually(fn -> internal_stats().monitors == monitors end)
+      assert internal_stats().replay_monitors == 0
+      assert internal_stats().replay_retained_bytes == 0
+      assert internal_stats().monitors == monitors
       assert Dispatcher.count(topic) == 0
     end
 
-    test "waiting dispatches raise once the registry closes" do
+    test "evicted while it catches up: it is not subscribed, and is told so" do
       topic = unique_topic("slow")
-      dispatcher = RegistryBackend.dispatcher!()
-      {_joiner, joined} = stalled_joiner(dispatcher, topic)
-      assert_receive ^joined
-      parent = self()
+      dispatch_all(topic, 1..50)
+      joiner = stalled_joiner(topic, 50)
+      assert RegistryBackend.evict(topic, joiner.pid) == 1
+      assert resume(joiner, :removed) != []
+      assert Dispatcher.count(topic) == 0
+      assert internal_stats().replay_joiners == 0
+      assert internal_stats().replay_monitors == 0
+    end
 
-      producer =
-        spawn(fn ->
-          result =
-            try do
-              dispatch_all(topic, 1..(@join_slack + 5))
-            rescue
-              error in ArgumentError -> {:raised, Exception.message(error)}
-            end
-
-          send(parent, {:producer, result})
-        end)
-
-      eventually(fn -> gated?(producer) end)
+    test "once the registry closes, it learns so, and producers were never held" do
+      topic = unique_topic("slow")
+      dispatch_all(topic, 1..50)
+      joiner = stalled_joiner(topic, 50)
+      dispatch_all(topic, 51..500)
       stop_app()
-      assert_receive {:producer, {:raised, message}}, 5_000
-      assert message =~ "not running"
+      resume(joiner, :closed)
     end
   end
 
   describe "subscribers that die while catching up" do
+    # Each is killed in the middle of its replay: joined, one chunk sent, suspended.
     test "are removed, and the topic goes on" do
       topic = unique_topic("dies")
       restart_app(replay: 1_000)
@@ -345,14 +380,15 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
       for i <- 1..500, do: :ok = Dispatcher.dispatch(topic, {:m, i, big})
       monitors = internal_stats().monitors
 
-      for _ <- 1..20 do
-        pid = spawn(fn -> Dispatcher.subscribe(topic, replay: 1_000) end)
-        Process.sleep(:rand.uniform(3) - 1)
-        Process.exit(pid, :kill)
-      end
+      joiners = for _ <- 1..20, do: stalled_joiner(topic, 1_000)
+      assert internal_stats().replay_joiners == 20
+      for i <- 501..600, do: :ok = Dispatcher.dispatch(topic, {:m, i, big})
+      for %{pid: pid} <- joiners, do: Process.exit(pid, :kill)
 
       eventually(fn -> internal_stats().replay_joiners == 0 end)
-      eventually(fn -> internal_stats().monitors == monitors end)
+      assert internal_stats().replay_monitors == 0
+      assert internal_stats().replay_retained_bytes == 0
+      assert internal_stats().monitors == monitors
       assert Dispatcher.count(topic) == 0
       assert :ok = Dispatcher.dispatch(topic, :still_going)
     end
@@ -443,43 +479,79 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
 
   # -- helpers -------------------------------------------------------------------------
 
-  # A process that joins `topic` through the NIF, tells the test, and goes on only when
-  # told: then it catches up as subscribe_replay/2 does and reports what it got.
-  defp stalled_joiner(dispatcher, topic) do
+  # A process that joins `topic` through the NIF, asking for `n`, sends itself one chunk
+  # of its replay (`Native.replay/2`), and is then suspended there: a joiner stopped in
+  # the middle of its replay. `resume/2` lets it go on with the production code
+  # (`RegistryBackend.catch_up/2`), and returns what it got.
+  defp stalled_joiner(topic, n) do
     parent = self()
-    joined = make_ref()
+    ref = make_ref()
+    dispatcher = RegistryBackend.dispatcher!()
 
     pid =
       spawn(fn ->
-        :ok = Native.join(dispatcher, topic, 0, false)
-        send(parent, joined)
+        :ok = Native.join(dispatcher, topic, n, false)
+        first = Native.replay(dispatcher, topic)
+        send(parent, {ref, :mid_replay, first})
 
         receive do
-          :catch_up -> :ok
+          {^ref, :go} -> :ok
         end
 
-        catch_up(dispatcher, topic)
+        result = RegistryBackend.catch_up(dispatcher, topic)
+        if result == :ok, do: Dispatcher.sync()
+        send(parent, {ref, result, drain([])})
 
         receive do
-          :report -> send(parent, {:joined_got, drain([])})
+          {^ref, :live} -> send(parent, {ref, :live, drain([])})
+        after
+          30_000 -> :ok
         end
       end)
 
-    {pid, joined}
+    assert_receive {^ref, :mid_replay, :more}
+    :erlang.suspend_process(pid)
+    %{pid: pid, ref: ref}
   end
 
-  defp catch_up(dispatcher, topic) do
-    case Native.replay(dispatcher, topic) do
-      :more -> catch_up(dispatcher, topic)
-      :ok -> :ok
-    end
+  defp resume(%{pid: pid, ref: ref}, expected \\ :ok) do
+    send(pid, {ref, :go})
+    :erlang.resume_process(pid)
+    assert_receive {^ref, ^expected, got}, 30_000
+    got
   end
 
-  defp gated?(pid) do
-    case Process.info(pid, :current_function) do
-      {:current_function, {RegistryBackend, :deliver_here, 2}} -> true
-      _ -> false
-    end
+  defp spawn_subscriber(topic) do
+    parent = self()
+
+    pid =
+      spawn(fn ->
+        :ok = Dispatcher.subscribe(topic)
+        send(parent, {:subscribed, self()})
+        Process.sleep(:infinity)
+      end)
+
+    assert_receive {:subscribed, ^pid}
+    pid
+  end
+
+  # What a resumed joiner gets of one more dispatch to `topic`.
+  defp live_after(%{pid: pid, ref: ref}, topic) do
+    :ok = Dispatcher.dispatch(topic, {:m, 3_001})
+    :ok = Dispatcher.sync()
+    send(pid, {ref, :live})
+    assert_receive {^ref, :live, got}, 5_000
+    got
+  end
+
+  # {:m, i} numbers go up by one except right after a gap notice.
+  defp no_hole_outside_gaps?(got) do
+    got
+    |> Enum.chunk_every(2, 1, :discard)
+    |> Enum.all?(fn
+      [{:m, a}, {:m, b}] -> b == a + 1
+      _ -> true
+    end)
   end
 
   # Property test: parameters, a run, and the check.
@@ -541,28 +613,16 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
     {results, lasts}
   end
 
+  # nil when every joiner's stream holds; else what went wrong. A joiner that asked for
+  # everything while everything fits in the history is due every number from 1.
   defp check_case({results, lasts}, {_producers, _each, kept, _joiners}) do
     total = Enum.sum(lasts)
 
-    Enum.find_value(results, true, fn {n, got} ->
-      cond do
-        violation = violation(got) ->
-          "per-producer violation #{inspect(violation)} in #{inspect(got, limit: 30)}"
+    Enum.find_value(results, fn {n, got} ->
+      starts = if n == :all and kept >= total, do: Enum.map(lasts, fn _ -> 1 end)
 
-        Enum.any?(Enum.with_index(lasts, 1), fn {last, p} ->
-          last_of(got, p) not in [nil, last]
-        end) ->
-          "a producer's run does not end at its last message (#{inspect(lasts)}): " <>
-            inspect(got, limit: 30)
-
-        # Everything dispatched fits in the history and the replay asked for all:
-        # every message of every producer.
-        n == :all and kept >= total and length(got) != total ->
-          "a full joiner got #{length(got)} of #{total}"
-
-        true ->
-          false
-      end
+      if fault = account(got, lasts, starts),
+        do: "#{fault} in #{inspect(got, limit: 30)}"
     end)
   end
 

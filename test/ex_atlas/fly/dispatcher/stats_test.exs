@@ -21,6 +21,8 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
     :lost_deliveries,
     :replay_messages,
     :replay_bytes,
+    :replay_cuts,
+    :replay_missed,
     :cluster
   ]
 
@@ -38,6 +40,8 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
     lost_deliveries: 0,
     replay_messages: 0,
     replay_bytes: 0,
+    replay_cuts: 0,
+    replay_missed: 0,
     cluster: %{}
   }
 

@@ -76,7 +76,8 @@ defmodule ExAtlas.Fly.Dispatcher.TelemetryTest do
       assert_receive {:dispatched, ^producer}, 5_000
       assert_receive {:telemetry, @wait_stop, stop, ^meta}, 5_000
       assert %{duration: duration, monotonic_time: stopped} = stop
-      assert is_integer(duration) and duration >= 0
+      # It waited while the sender was suspended: a real span, measured.
+      assert is_integer(duration) and duration > 0
       assert stopped - monotonic == duration
       refute_received {:telemetry, @wait_start, _, _}
       assert Dispatcher.stats().waiting == 0
