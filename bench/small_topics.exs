@@ -2,7 +2,7 @@
 # `Registry.dispatch/3` (ExAtlas 0.5.0), on the same subscriber processes, in one run.
 #
 #     MIX_ENV=prod mix run bench/small_topics.exs [--quick] [--topics N] [--per-topic K]
-#                                                 [--seconds S] [--out DIR]
+#                                                 [--seconds S] [--replay R] [--out DIR]
 #
 # `--topics` topics of `--per-topic` subscribers each (3 000 of 3), the 20-line log batch;
 # each producer dispatches round-robin over its own 10 topics. Deliveries count when they
@@ -12,6 +12,9 @@
 #   * 300 producers paced at 80% of Registry's capacity (its 300-producer saturated
 #     dispatch rate): p50 and p99 latency from dispatch to receipt;
 #   * 1 producer, saturated: dispatches per second and median latency.
+#
+# `--replay R` runs ours with `replay: R` (every dispatch kept in the one history, whose
+# lock all topics share): how much that lock and the copy cost the common case.
 
 Code.require_file("support/bench.ex", __DIR__)
 
@@ -23,7 +26,7 @@ defmodule SmallTopicsBench do
   @own_topics 10
 
   def main(argv) do
-    switches = [topics: :integer, per_topic: :integer, seconds: :float]
+    switches = [topics: :integer, per_topic: :integer, seconds: :float, replay: :integer]
 
     o =
       Bench.options(argv, "small_topics", switches, fn quick ->
@@ -32,10 +35,14 @@ defmodule SmallTopicsBench do
           else: %{topics: 3_000, per_topic: 3, seconds: 3.0}
       end)
 
+    replay = Map.get(o, :replay) || 0
+    if replay > 0, do: :ok = Bench.restart(replay: replay)
     machine = Bench.machine()
     command = Bench.command("small_topics.exs")
 
-    title = "Many small topics: #{o.topics} topics of #{o.per_topic} subscribers, many producers"
+    title =
+      "Many small topics: #{o.topics} topics of #{o.per_topic} subscribers, many producers" <>
+        if(replay > 0, do: " (ours with replay: #{replay})", else: "")
 
     header = Bench.header(title, command, machine)
     IO.puts(header)

@@ -150,9 +150,12 @@ defmodule ExAtlas.Fly.Dispatcher do
     * `:replay` - a non-negative integer `n` (default `0`). In `:registry` mode, before
       anything dispatched to `topic` after this call, the caller receives the topic's
       `n` most recent dispatches (as many as are kept, when fewer), as the messages that
-      were dispatched, oldest first. Every dispatch to the topic reaches the caller
-      exactly once: in the replay or live, never both, never neither, and each
-      producer's order holds across the two. See "Replay" in the README.
+      were dispatched, oldest first. Every dispatch to the topic from the first replayed
+      on reaches the caller exactly once, in the replay or live, or is counted in a gap
+      notice, and each producer's order holds across the two. Nobody waits for the
+      caller: if it falls too far behind while it catches up, what is no longer kept for
+      it is skipped, and it receives `{:ex_atlas_fly_gap, topic, missed}` in the place
+      of the `missed` dispatches (notices in a row add up). See "Replay" in the README.
 
   The `:replay` setting (`config :ex_atlas, :fly, replay: 100`) says how many
   dispatches are kept per topic, within `:replay_memory` bytes over all topics; with

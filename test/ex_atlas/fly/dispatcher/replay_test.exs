@@ -62,6 +62,40 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
       assert mailbox() == messages
     end
 
+    # Most terms are kept encoded; one holding a reference or a local fun is kept as a
+    # copy, so that an :atomics (or a NIF resource's) reference stays the live object
+    # and a fun stays callable.
+    test "terms of every kind come back unchanged and alive" do
+      topic = unique_topic("replay")
+      counter = :atomics.new(1, [])
+      secret = 42
+      fun = fn x -> x + secret end
+      <<_::3, odd::bitstring>> = :binary.copy(<<7>>, 100)
+
+      messages = [
+        {:counter, counter},
+        {:fun, fun},
+        {:export, &Enum.count/1},
+        {:ref, make_ref()},
+        {:big, 2 ** 200, -(2 ** 70), 1.5},
+        {:bits, odd, <<1::1>>},
+        {:nested, [%{a: [{1, "x"}]}, {}, %{}]},
+        {:map, Map.new(1..40, &{&1, &1})}
+      ]
+
+      for message <- messages, do: :ok = Dispatcher.dispatch(topic, message)
+      # What the dispatcher kept is all that holds the :atomics array now, bar this one.
+      :erlang.garbage_collect()
+      assert :ok = Dispatcher.subscribe(topic, replay: 10)
+      got = mailbox()
+      assert got == messages
+      [{:counter, kept} | _] = got
+      :ok = :atomics.add(kept, 1, 5)
+      assert :atomics.get(counter, 1) == 5
+      {:fun, kept_fun} = Enum.at(got, 1)
+      assert kept_fun.(1) == 43
+    end
+
     test "subscribe/1, replay: 0 and subscribe(topic, []) replay nothing" do
       topic = unique_topic("replay")
       dispatch_all(topic, 1..3)
@@ -337,7 +371,9 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
       monitors = internal_stats().monitors
       joiner = stalled_joiner(topic, 50)
       assert internal_stats().replay_joiners == 1
+      # Its monitor is a joiner's, not a subscription's.
       assert internal_stats().replay_monitors == 1
+      assert internal_stats().monitors == monitors
       # Past the 100 the topic keeps, not yet past the lag that cuts it (50 + 256): what
       # it has yet to deliver is retained for it.
       dispatch_all(topic, 51..250)
