@@ -138,6 +138,29 @@ defmodule ExAtlas.Test.FlyEnv do
     end
   end
 
+  @doc """
+  A process subscribed to `topic` that does nothing else (it never reads its mailbox):
+  returns once it is subscribed.
+  """
+  @spec spawn_subscriber(binary()) :: pid()
+  def spawn_subscriber(topic) do
+    parent = self()
+    ref = make_ref()
+
+    pid =
+      spawn(fn ->
+        :ok = ExAtlas.Fly.Dispatcher.subscribe(topic)
+        send(parent, {:subscribed, ref})
+        Process.sleep(:infinity)
+      end)
+
+    receive do
+      {:subscribed, ^ref} -> pid
+    after
+      5_000 -> raise "#{inspect(pid)} did not subscribe to #{inspect(topic)}"
+    end
+  end
+
   @doc "A topic no other test uses."
   @spec unique_topic(String.t()) :: binary()
   def unique_topic(prefix \\ "test") do

@@ -666,30 +666,17 @@ mod nif {
             n,
             Joining { monitor, direct },
         );
-        match joined {
+        let (joining, answer) = match joined {
             Ok(freed) => {
                 drop(freed);
-                Ok(atoms::ok())
+                return Ok(atoms::ok());
             }
-            Err(JoinRefused::Closed(joining)) => {
-                release_monitor(
-                    env,
-                    &dispatcher,
-                    &joining.monitor,
-                    &dispatcher.joiner_monitors,
-                );
-                Ok(atoms::closed())
-            }
-            Err(JoinRefused::Joining(joining)) => {
-                release_monitor(
-                    env,
-                    &dispatcher,
-                    &joining.monitor,
-                    &dispatcher.joiner_monitors,
-                );
-                Err(rustler::Error::BadArg)
-            }
-        }
+            Err(JoinRefused::Closed(joining)) => (joining, Ok(atoms::closed())),
+            Err(JoinRefused::Joining(joining)) => (joining, Err(rustler::Error::BadArg)),
+        };
+        let counter = &dispatcher.joiner_monitors;
+        release_monitor(env, &dispatcher, &joining.monitor, counter);
+        answer
     }
 
     /// Undoes a monitor of ours and counts it in `counter`; one that already fired is

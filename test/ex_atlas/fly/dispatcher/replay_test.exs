@@ -557,20 +557,6 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
     got
   end
 
-  defp spawn_subscriber(topic) do
-    parent = self()
-
-    pid =
-      spawn(fn ->
-        :ok = Dispatcher.subscribe(topic)
-        send(parent, {:subscribed, self()})
-        Process.sleep(:infinity)
-      end)
-
-    assert_receive {:subscribed, ^pid}
-    pid
-  end
-
   # What a resumed joiner gets of one more dispatch to `topic`.
   defp live_after(%{pid: pid, ref: ref}, topic) do
     :ok = Dispatcher.dispatch(topic, {:m, 3_001})

@@ -115,18 +115,4 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
       assert Dispatcher.stats() == @zero
     end
   end
-
-  defp spawn_subscriber(topic) do
-    parent = self()
-
-    pid =
-      spawn(fn ->
-        :ok = Dispatcher.subscribe(topic)
-        send(parent, {:subscribed, self()})
-        Process.sleep(:infinity)
-      end)
-
-    assert_receive {:subscribed, ^pid}, 5_000
-    pid
-  end
 end
