@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what ExAtlas needs on a Debian machine, and nothing when it is all there:
-# Elixir and Erlang (with erlang-dev) from Debian, PropEr for property tests, gnuplot for
+# Elixir and Erlang (with erlang-dev) from Debian, PropEr for property tests, Dialyzer,
+# gnuplot for
 # benchmark plots; checks for a Rust toolchain (cargo, rustfmt, clippy).
 # Safe to run again and again. Runs as root, or through sudo when not root.
 set -euo pipefail
@@ -9,7 +10,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=scripts/env.sh
 . "$here/env.sh"
 
-packages=(elixir erlang-dev erlang-proper gnuplot)
+packages=(elixir erlang-dev erlang-proper erlang-dialyzer gnuplot)
 
 installed() {
   [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = "installed" ]

@@ -209,6 +209,7 @@ defmodule ExAtlas.Fly.Dispatcher do
 
   defp replay_option!(opts), do: bad_options!(opts)
 
+  @spec bad_options!(term()) :: no_return()
   defp bad_options!(opts) do
     raise ArgumentError,
           "expected subscribe/2 options to be a keyword list, got: #{inspect(opts)}"

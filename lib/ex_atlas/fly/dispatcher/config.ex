@@ -258,6 +258,7 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
   def check_delivery!(value, _where) when value in [:dirty, :scheduler], do: value
   def check_delivery!(value, where), do: bad!(where, ":dirty or :scheduler", value)
 
+  @spec bad!(String.t(), String.t(), term()) :: no_return()
   defp bad!(where, expected, value) do
     raise ArgumentError, "expected #{where} to be #{expected}, got: #{inspect(value)}"
   end

@@ -169,6 +169,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   # An element that is not a pair, or an improper tail.
   defp check_each!(_other, opts), do: not_keyword!(opts)
 
+  @spec not_keyword!(term()) :: no_return()
   defp not_keyword!(opts) do
     raise ArgumentError,
           "expected subscribe_with_backpressure/2 options to be a keyword list, got: " <>
@@ -180,11 +181,13 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   defp positive!(key, value, nil), do: bad!(key, "a positive integer", value)
   defp positive!(key, value, max), do: bad!(key, "a positive integer up to #{max}", value)
 
+  @spec bad!(atom(), String.t(), term()) :: no_return()
   defp bad!(key, expected, value) do
     raise ArgumentError,
           "expected #{inspect(key)} to be #{expected}, got: #{inspect(value)}"
   end
 
+  @spec unknown!(term()) :: no_return()
   defp unknown!(key) do
     raise ArgumentError,
           "unknown subscribe_with_backpressure/2 option #{inspect(key)}; " <>
@@ -222,7 +225,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   """
   @spec create_table() :: :ok
   def create_table do
-    :ets.new(@table, [:set, :public, :named_table, read_concurrency: true])
+    @table = :ets.new(@table, [:set, :public, :named_table, read_concurrency: true])
     :persistent_term.put(@count_key, :atomics.new(1, signed: false))
     :ok
   end
@@ -428,7 +431,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
 
     if map_size(watches) == 0 do
       # Cancelled here; a tick already in our mailbox no longer matches a group's timer.
-      :erlang.cancel_timer(group.timer, async: true, info: false)
+      :ok = :erlang.cancel_timer(group.timer, async: true, info: false)
       %{state | groups: Map.delete(state.groups, poll_ms)}
     else
       %{state | groups: Map.put(state.groups, poll_ms, %{group | watches: watches})}
