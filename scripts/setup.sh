@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Installs what ExAtlas needs on a Debian machine, and nothing when it is all there:
 # Elixir and Erlang (with erlang-dev) from Debian, PropEr for property tests, Dialyzer,
-# gnuplot for
-# benchmark plots; checks for a Rust toolchain (cargo, rustfmt, clippy).
+# gnuplot for benchmark plots; checks for a Rust toolchain (cargo, rustfmt, clippy).
 # Safe to run again and again. Runs as root, or through sudo when not root.
 set -euo pipefail
 
