@@ -72,11 +72,12 @@ defmodule ExAtlas.Test.Cluster do
   end
 
   @doc """
-  Starts a peer named `name` on 127.0.0.1 with this node's code path and cookie, sets
-  `config :ex_atlas, :fly` to `fly` there and starts `:ex_atlas`. Returns `{peer, node}`.
+  Starts a peer named `name` on 127.0.0.1 with this node's code path and cookie, and the
+  emulator flags `vm_args` (charlists), sets `config :ex_atlas, :fly` to `fly` there and
+  starts `:ex_atlas`. Returns `{peer, node}`.
   """
-  @spec start_peer(String.t(), keyword()) :: {pid(), node()}
-  def start_peer(name, fly) do
+  @spec start_peer(String.t(), keyword(), [charlist()]) :: {pid(), node()}
+  def start_peer(name, fly, vm_args \\ []) do
     paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
     cookie = Atom.to_charlist(Node.get_cookie())
 
@@ -87,7 +88,7 @@ defmodule ExAtlas.Test.Cluster do
         longnames: true,
         args:
           [~c"-setcookie", cookie, ~c"-kernel", ~c"logger_level", ~c"error"] ++
-            [~c"-kernel", ~c"prevent_overlapping_partitions", ~c"false" | paths]
+            [~c"-kernel", ~c"prevent_overlapping_partitions", ~c"false"] ++ vm_args ++ paths
       })
 
     :ok = :erpc.call(node, Application, :put_env, [:ex_atlas, :fly, fly])
