@@ -162,7 +162,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.ReplaySoakTest do
     missed = Dispatcher.stats().replay_missed - missed_before
 
     assert account(got, lasts) == nil,
-           "#{topic} (#{inspect(suspended)}): #{account(got, lasts)} in #{inspect(got, limit: 20)}"
+           "#{topic} (#{inspect(suspended)}): #{account(got, lasts)} in #{brief(got)}"
 
     told = Enum.sum(elem(split_gaps(got), 0))
     assert told == missed, "#{topic} (#{inspect(suspended)}): told #{told}, counted #{missed}"
@@ -185,6 +185,16 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.ReplaySoakTest do
     Process.sleep(Enum.random(@holds))
     true = :erlang.resume_process(pid)
     where
+  end
+
+  # What a joiner got, without the payloads: {producer, n} and the notices.
+  defp brief(got) do
+    got
+    |> Enum.map(fn
+      {:seq, p, n, _} -> {p, n}
+      notice -> notice
+    end)
+    |> inspect(limit: 200)
   end
 
   # Messages of each producer past its number in `lasts` come after the check's moment.
