@@ -3,7 +3,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.ReplaySoakTest do
   # join with random replays (on- and off-heap), stay a while and leave, or are killed
   # while catching up, or are suspended (`:erlang.suspend_process/1`) and resumed: at a
   # random moment of subscribe/2, or placed mid-replay (as replay_test.exs's stalled
-  # joiner), for anything from no time to far longer than it takes to be cut. Every
+  # joiner), for anything from no time to longer than it takes to be cut. Every
   # joiner must be complete or told (`account/3`): per producer an unbroken run of
   # numbers up to the producer's last at the time it is checked, except across gap
   # notices, which add up to what is missing; and what its notices tell must be exactly
@@ -30,8 +30,10 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.ReplaySoakTest do
   @replay 200
   @replay_memory 4 * 1024 * 1024
   @payload for i <- 1..30, do: %{"line" => i, "text" => "replayed log line #{i}"}
-  # How long a suspended joiner stays suspended, in ms: from not at all to far longer
-  # than it takes its topic's producers to get JOIN_SLACK (256) dispatches past it.
+  # How long a suspended joiner stays suspended, in ms: from not at all to longer than
+  # it takes the producers to get it cut (past its cap, about 150 of these messages
+  # beyond the history, or JOIN_SLACK, 256 dispatches, further behind): a few ms at
+  # full speed, some tens on a busy two-core machine.
   @holds [0, 1, 5, 20, 50]
   # Past the deadline, the churn goes on (this much longer at most) until some joiner was
   # suspended mid-replay and some was cut: a short run checks those too.
