@@ -7,6 +7,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterReplayTest do
   use ExUnit.Case, async: false
 
   import ExAtlas.Test.FlyEnv, only: [restart_app: 1, unique_topic: 1, eventually: 2]
+  import ExAtlas.Test.Replay, only: [account: 3, split_gaps: 1]
 
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Cluster
@@ -19,6 +20,57 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterReplayTest do
   # The peers' per-node queue: a cut of a peer from another one outlasts it.
   @peer_queue 500
 
+  # What runs on a peer beyond ExAtlas.Test.Cluster: the peers load the library and
+  # test/support from the build, not the modules of this file, so setup_all loads this
+  # one there (`:code.load_binary/3`) from the object code `defmodule` returns.
+  {:module, _, beam, _} =
+    defmodule OnPeer do
+      @moduledoc false
+      alias ExAtlas.Fly.Dispatcher
+      alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
+      alias ExAtlas.Fly.Dispatcher.Native
+      alias ExAtlas.Test.Replay
+
+      @doc false
+      def payload, do: for(i <- 1..10, do: %{"line" => i, "text" => "replayed line #{i}"})
+
+      # replay_test.exs's stalled joiner, on a peer: joins `topic` through the NIF asking
+      # for `n` (as subscribe(topic, replay: n) does), sends itself one chunk of its
+      # replay, tells `parent` `{ref, :mid_replay, answer}` and waits there (the test
+      # suspends it). On `{ref, :go}` it goes on with the production code
+      # (`RegistryBackend.catch_up/2`) and sends `{ref, result, what it got}`; on
+      # `{ref, :live}`, `{ref, :live, what it got since}`.
+      @doc false
+      def stalled_joiner(parent, ref, topic, n) do
+        dispatcher = RegistryBackend.dispatcher!()
+        :ok = Native.join(dispatcher, topic, n, false)
+        send(parent, {ref, :mid_replay, Native.replay(dispatcher, topic)})
+
+        receive do
+          {^ref, :go} -> :ok
+        end
+
+        result = RegistryBackend.catch_up(dispatcher, topic)
+        send(parent, {ref, result, Replay.drain()})
+
+        receive do
+          {^ref, :live} -> send(parent, {ref, :live, Replay.drain()})
+        after
+          60_000 -> :ok
+        end
+      end
+
+      # Dispatches `{:seq, p, n, payload}` to `topic` for each n of `range`, then sends
+      # `{:produced, p, sync(:cluster)}` to `parent`.
+      @doc false
+      def produce(parent, topic, p, range) do
+        for n <- range, do: :ok = Dispatcher.dispatch(topic, {:seq, p, n, payload()})
+        send(parent, {:produced, p, Dispatcher.sync(:cluster)})
+      end
+    end
+
+  @on_peer_beam beam
+
   setup_all do
     [b, c] =
       Peers.start_peers("ex_atlas_replay", [:b, :c],
@@ -26,6 +78,11 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterReplayTest do
         replay: @kept,
         cluster_queue: @peer_queue
       )
+
+    for node <- [b, c] do
+      {:module, OnPeer} =
+        :erpc.call(node, :code, :load_binary, [OnPeer, ~c"#{__ENV__.file}", @on_peer_beam])
+    end
 
     %{b: b, c: c}
   end
@@ -160,7 +217,95 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterReplayTest do
     )
   end
 
+  # The issue's case (issue 24): node A (here b) has a subscriber suspended in the middle
+  # of subscribe(topic, replay: 1_000), placed there deterministically: joined, one chunk
+  # of its replay sent, suspended. Nobody may wait for it: not a producer on A, not A's
+  # relay (which delivers what node B, here this node, dispatches, to that topic and to
+  # others), not B's producers. Once resumed, what it got is complete or told.
+  test "a joiner suspended mid-replay holds no producer, nor the relay; resumed, it is told",
+       %{b: a} do
+    topic = unique_topic("replay:stalled")
+    other = unique_topic("replay:other")
+    # A's history of `topic`: 300 from A (producer 1), then 100 from B (producer 2);
+    # fewer than the 1 000 asked for, so the joiner is due every dispatch from 1.
+    :ok = produce_on(a, topic, 1, 1..300)
+    :ok = produce_here(topic, 2, 1..100)
+    other_sub = Peers.subscriber(a, other)
+    before = replay_stats(a)
+
+    ref = make_ref()
+    joiner = Node.spawn(a, OnPeer, :stalled_joiner, [self(), ref, topic, 1_000])
+    # Mid-replay: it has sent itself a chunk and has more to go.
+    assert_receive {^ref, :mid_replay, :more}, 10_000
+    holder = Peers.suspend(joiner)
+
+    # Meanwhile: 1 000 from A to `topic`; from B, 1 000 to `topic` with, after every
+    # tenth, one to `other` (A's relay gets them in that order), then sync(:cluster),
+    # which returns once A's relay has delivered them all. Were either held, they would
+    # not complete within the timeouts.
+    Node.spawn(a, OnPeer, :produce, [self(), topic, 1, 301..1_300])
+    parent = self()
+
+    spawn_link(fn ->
+      for i <- 1..1_000 do
+        :ok = Dispatcher.dispatch(topic, {:seq, 2, 100 + i, OnPeer.payload()})
+        if rem(i, 10) == 0, do: :ok = Dispatcher.dispatch(other, {:other, div(i, 10)})
+      end
+
+      send(parent, {:produced, 2, Dispatcher.sync(:cluster)})
+    end)
+
+    assert_receive {:produced, 1, :ok}, 30_000
+    assert_receive {:produced, 2, :ok}, 30_000
+    assert Peers.report(other_sub) == for(k <- 1..100, do: {:other, k})
+    # All of that while the joiner stayed suspended, and it was cut for it.
+    assert :erpc.call(a, Process, :info, [joiner, :status]) == {:status, :suspended}
+    assert replay_stats(a).replay_cuts > before.replay_cuts
+
+    send(joiner, {ref, :go})
+    :ok = Peers.resume(holder)
+    assert_receive {^ref, :ok, got}, 30_000
+    assert :erpc.call(a, Dispatcher, :count, [topic]) == 1
+
+    # Subscribed: one more from each node reaches it live, in the order dispatched.
+    :ok = produce_on(a, topic, 1, 1_301..1_301)
+    :ok = produce_here(topic, 2, 1_101..1_101)
+    send(joiner, {ref, :live})
+    assert_receive {^ref, :live, live}, 10_000
+    assert [{:seq, 1, 1_301, _}, {:seq, 2, 1_101, _}] = live
+
+    # Complete or told, exactly: each producer's numbers from 1 (`starts`) to its last,
+    # once each or counted in a notice, the notices adding up to what is missing.
+    stream = got ++ live
+    assert account(stream, [1_301, 1_101], [1, 1]) == nil
+    {gaps, messages} = split_gaps(stream)
+    assert gaps != []
+    assert length(messages) + Enum.sum(gaps) == 1_301 + 1_101
+    # And A counted exactly what it told.
+    assert replay_stats(a).replay_missed - before.replay_missed == Enum.sum(gaps)
+
+    IO.puts(
+      "\njoiner suspended mid-replay on a peer: #{length(messages)} of 2402 dispatches " <>
+        "delivered, gap notices #{inspect(gaps)}, replay_missed on it #{Enum.sum(gaps)}"
+    )
+  end
+
   defp messages(id, range), do: for(seq <- range, do: {:p, id, seq})
+
+  # Producer `p` on `node` dispatches `range`, then syncs the cluster.
+  defp produce_on(node, topic, p, range) do
+    Node.spawn(node, OnPeer, :produce, [self(), topic, p, range])
+    assert_receive {:produced, ^p, result}, 30_000
+    result
+  end
+
+  defp produce_here(topic, p, range) do
+    for n <- range, do: :ok = Dispatcher.dispatch(topic, {:seq, p, n, OnPeer.payload()})
+    Dispatcher.sync(:cluster)
+  end
+
+  defp replay_stats(node),
+    do: :erpc.call(node, Dispatcher, :stats, []) |> Map.take([:replay_cuts, :replay_missed])
 
   defp received(node), do: :erpc.call(node, Cluster, :relay_counts, []).received
 
