@@ -108,16 +108,25 @@ impl<J> Joiner<J> {
     }
 
     /// Skips everything up to slot `to` that it has not taken, and `extra` dispatches
-    /// that were never kept; returns how many it missed by this.
-    fn cut(&mut self, to: u64, extra: u64) -> u64 {
+    /// that were never kept.
+    fn cut(&mut self, to: u64, extra: u64) -> Cut {
         let skipped = to.saturating_sub(self.next) + extra;
+        // A new gap, rather than a longer one it has not yet been told of: each such cut
+        // is one gap notice.
+        let fresh = skipped > 0 && self.missed == self.taken.map_or(0, |t| t.told);
         self.next = self.next.max(to);
         self.missed += skipped;
         if let Some(taken) = &mut self.taken {
             taken.cut = true;
         }
-        skipped
+        Cut { skipped, fresh }
     }
+}
+
+/// What one cut did: how many dispatches it skipped, and whether it opened a new gap.
+struct Cut {
+    skipped: u64,
+    fresh: bool,
 }
 
 struct Log<M, J> {
@@ -231,7 +240,8 @@ pub struct Stats {
     /// Bytes of slots retained for joiners only.
     pub retained: usize,
     pub joiners: usize,
-    /// Joiners cut, and the dispatches they missed by it.
+    /// Gaps opened in joiners' streams (one notice each, unless a joiner is cut again
+    /// before it has been told), and the dispatches they skipped.
     pub cuts: u64,
     pub missed: u64,
 }
@@ -359,8 +369,9 @@ impl<M, J> History<M, J> {
             let mut cut = false;
             for joiner in &mut log.joiners {
                 if !joiner.closing && end - joiner.next > joiner.lag {
-                    self.missed += joiner.cut(end, 0);
-                    self.cuts += 1;
+                    let done = joiner.cut(end, 0);
+                    self.missed += done.skipped;
+                    self.cuts += u64::from(done.fresh);
                     joiner.closing = true;
                     cut = true;
                 }
@@ -392,8 +403,9 @@ impl<M, J> History<M, J> {
         if let Some(log) = self.topics.get_mut(topic) {
             let end = log.end();
             for joiner in &mut log.joiners {
-                self.missed += joiner.cut(end, 1);
-                self.cuts += 1;
+                let done = joiner.cut(end, 1);
+                self.missed += done.skipped;
+                self.cuts += u64::from(done.fresh);
             }
             // What they skipped is needed no more.
             self.trim(topic, &mut out);
@@ -450,8 +462,9 @@ impl<M, J> History<M, J> {
             }
             let held = log.bytes_between(needs, live);
             if over_share || held > self.cap as u64 {
-                self.missed += log.joiners[at].cut(live, 0);
-                self.cuts += 1;
+                let done = log.joiners[at].cut(live, 0);
+                self.missed += done.skipped;
+                self.cuts += u64::from(done.fresh);
             }
         }
         self.trim(name, out);
@@ -570,7 +583,9 @@ impl<M, J> History<M, J> {
         let end = log.end();
         let joiner = &mut log.joiners[at];
         if joiner.closing && joiner.taken.is_none() && joiner.next < end {
-            self.missed += joiner.cut(end, 0);
+            let done = joiner.cut(end, 0);
+            self.missed += done.skipped;
+            self.cuts += u64::from(done.fresh);
             let mut freed = Vec::new();
             self.trim(topic, &mut freed);
             drop(freed);
@@ -1041,7 +1056,10 @@ mod tests {
             }
             assert!(!deliver(&mut h, &mut got));
         }
-        assert_eq!(h.stats().cuts, 1);
+        // One notice per cut: from the first on, it skipped to the end at every take.
+        let notices = got.iter().filter(|g| matches!(g, Got::Gap(_))).count() as u64;
+        assert!(notices > 1);
+        assert_eq!(h.stats().cuts, notices);
         // A pause: it catches up at its next take, or the one after if it had a gap to
         // tell first.
         assert!(deliver(&mut h, &mut got) || deliver(&mut h, &mut got));

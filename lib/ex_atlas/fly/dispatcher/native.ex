@@ -90,7 +90,7 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
 
   @doc "`dispatch/3` to the published dispatcher; `:closed` when none is published."
   @spec dispatch(binary(), term()) ::
-          :ok | :forward | :closed | {:full | :more, pending()} | {:gated, pos_integer()}
+          :ok | :forward | :closed | {:full | :more, pending()}
   def dispatch(_topic, _message), do: :erlang.nif_error(:nif_not_loaded)
 
   @doc """
@@ -100,7 +100,7 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   `:ok`: again at once after `:more`, after `{:"$ex_atlas_room", pending}` after `:wait`.
   """
   @spec dispatch(dispatcher(), binary(), term()) ::
-          :ok | :forward | :closed | {:full | :more, pending()} | {:gated, pos_integer()}
+          :ok | :forward | :closed | {:full | :more, pending()}
   def dispatch(_dispatcher, _topic, _message), do: :erlang.nif_error(:nif_not_loaded)
 
   @spec resume(pending(), term()) :: :ok | :wait | :more | :closed

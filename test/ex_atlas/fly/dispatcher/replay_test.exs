@@ -347,6 +347,8 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
       assert length(numbers) + Enum.sum(gaps) == 3_000
       assert no_hole_outside_gaps?(got)
       assert internal_stats().replay_missed == Enum.sum(gaps)
+      # One cut, one notice.
+      assert internal_stats().replay_cuts == length(gaps)
       # And it is subscribed: the next dispatch reaches it, after the notice.
       assert live_after(joiner, topic) == [{:m, 3_001}]
     end
