@@ -1,6 +1,10 @@
 //! NIF glue for `ExAtlas.Fly.Dispatcher.Native`: decodes terms, calls the plain-Rust core
 //! (`registry`, `fanout`) and encodes results. No registry or queue logic lives here.
 
+// Every unsafe operation is marked as such, with its SAFETY comment, even inside an
+// `unsafe fn`.
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod etf;
 pub mod fanout;
 pub mod handoff;
