@@ -76,11 +76,16 @@ pub type Evicted<M> = Vec<Arc<Entry<M>>>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Closed;
 
+/// The process is not joining the topic (any more): removed (`remove`, `leave`), or the
+/// history was cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotJoining;
+
 /// Why `join` refused; the joiner's data comes back.
 #[derive(Debug)]
 pub enum JoinRefused<J> {
     /// The caller is already joining the topic.
-    Joining(J),
+    AlreadyJoining(J),
     Closed(J),
 }
 
@@ -840,7 +845,7 @@ mod tests {
         h.join(b"t", 1, 2, "a").unwrap();
         assert!(matches!(
             h.join(b"t", 1, 2, "b"),
-            Err(JoinRefused::Joining("b"))
+            Err(JoinRefused::AlreadyJoining("b"))
         ));
         h.join(b"u", 1, 2, "c").unwrap();
     }

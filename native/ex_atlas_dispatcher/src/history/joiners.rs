@@ -6,7 +6,7 @@
 //! sent is never freed underneath it and never uncounted; a cut meanwhile skips what
 //! follows the chunk, never the chunk itself.
 
-use super::{Closed, Evicted, History, JoinRefused, Pid, Take, JOIN_SLACK};
+use super::{Evicted, History, JoinRefused, NotJoining, Pid, Take, JOIN_SLACK};
 
 /// A chunk a joiner took and is delivering: slots `start..end`, after a gap notice of
 /// `told` when above 0. `cut`: the joiner was cut while it delivered.
@@ -74,7 +74,7 @@ impl<M, J> History<M, J> {
             return Err(JoinRefused::Closed(data));
         };
         if log.joiners.iter().any(|j| j.pid == pid) {
-            return Err(JoinRefused::Joining(data));
+            return Err(JoinRefused::AlreadyJoining(data));
         }
         let end = log.end();
         let mut next = end.saturating_sub(n as u64).max(log.live);
@@ -162,13 +162,13 @@ impl<M, J> History<M, J> {
         pid: Pid,
         sent: usize,
         told: bool,
-    ) -> Result<Evicted<M>, Closed> {
+    ) -> Result<Evicted<M>, NotJoining> {
         let joiner = self
             .topics
             .get_mut(topic)
             .and_then(|log| log.joiners.iter_mut().find(|j| j.pid == pid));
         let Some(joiner) = joiner else {
-            return Err(Closed);
+            return Err(NotJoining);
         };
         let Some(taken) = joiner.taken.take() else {
             return Ok(Vec::new());

@@ -36,14 +36,14 @@ pub(super) struct Dispatcher {
     pub(super) senders: Box<[Handoff<ResourceArc<Batch>, Outgoing>]>,
     /// Process monitors of subscriptions currently set, counted where they are set
     /// and undone; those of joiners apart (`replay_monitors`).
-    pub(super) monitors: AtomicUsize,
+    pub(super) subscriber_monitors: AtomicUsize,
     pub(super) joiner_monitors: AtomicUsize,
     /// Raw pid of the cluster relay told about topics this node gains or loses; 0
     /// when not in cluster mode.
     pub(super) relay: AtomicU64,
     /// The senders this resource monitors (a `down` for one of them reclaims its
     /// batches; any other `down` is a subscriber's).
-    pub(super) sender_monitors: Mutex<Vec<u64>>,
+    pub(super) monitored_senders: Mutex<Vec<u64>>,
     /// Replay: each topic's most recent dispatches and the subscribers catching up
     /// on them (see `history`); `None` when no message is kept (`replay: 0`), and
     /// then a dispatch takes no lock of it at all.
@@ -77,7 +77,7 @@ impl Resource for Dispatcher {
         // rustler catches panics here too, but do not rely on the version for that.
         let _ = catch_unwind(AssertUnwindSafe(|| {
             let raw = pid_to_raw(&pid);
-            let mut senders = lock(&self.sender_monitors);
+            let mut senders = lock(&self.monitored_senders);
             if let Some(at) = senders.iter().position(|&s| s == raw) {
                 senders.swap_remove(at);
                 drop(senders);
@@ -96,7 +96,7 @@ impl Resource for Dispatcher {
             let counter = if joiner {
                 &self.joiner_monitors
             } else {
-                &self.monitors
+                &self.subscriber_monitors
             };
             counter.fetch_sub(1, Ordering::Relaxed);
             self.registry.remove_subscriber(raw);
@@ -136,10 +136,10 @@ fn new(
         registry: Sharded::new(lanes.len()),
         senders: (0..lanes.len()).map(|_| Handoff::new()).collect(),
         lanes,
-        monitors: AtomicUsize::new(0),
+        subscriber_monitors: AtomicUsize::new(0),
         joiner_monitors: AtomicUsize::new(0),
         relay: AtomicU64::new(0),
-        sender_monitors: Mutex::new(Vec::new()),
+        monitored_senders: Mutex::new(Vec::new()),
         history: (replay > 0).then(|| Mutex::new(History::new(replay, replay_memory))),
     }))
 }
@@ -151,7 +151,7 @@ fn new(
 fn close(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>) -> Vec<LocalPid> {
     let subscribers = dispatcher.registry.close();
     for (_, monitor) in &subscribers {
-        release_monitor(env, &dispatcher, monitor, &dispatcher.monitors);
+        release_monitor(env, &dispatcher, monitor, &dispatcher.subscriber_monitors);
     }
     if let Some(history) = &dispatcher.history {
         let cleared = lock(history).clear();

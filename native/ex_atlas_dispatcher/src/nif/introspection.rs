@@ -60,7 +60,7 @@ fn stats(dispatcher: ResourceArc<Dispatcher>) -> Vec<(Atom, u64)> {
         (atoms::subscribers(), registry.subscribers as u64),
         (
             atoms::monitors(),
-            dispatcher.monitors.load(Ordering::Relaxed) as u64,
+            dispatcher.subscriber_monitors.load(Ordering::Relaxed) as u64,
         ),
         (atoms::lanes(), lanes.lanes as u64),
         (atoms::queue_capacity(), lanes.capacity as u64),

@@ -198,7 +198,7 @@ fn set_senders(
     }
     for (lane, (slot, pid)) in dispatcher.senders.iter().zip(&senders).enumerate() {
         let raw = pid_to_raw(pid);
-        let mut monitored = lock(&dispatcher.sender_monitors);
+        let mut monitored = lock(&dispatcher.monitored_senders);
         if !monitored.contains(&raw) && dispatcher.monitor(Some(env), pid).is_some() {
             monitored.push(raw);
         }

@@ -10,7 +10,7 @@ use super::kept::{Kept, Scratch};
 use super::subscriptions::subscribe_in;
 use super::term::{pid_to_raw, send_from};
 use super::timeslice::Timeslice;
-use crate::history::{Entry, Evicted, History, JoinRefused, Take};
+use crate::history::{Entry, Evicted, History, JoinRefused, NotJoining, Take};
 use crate::registry::{ClosedError, Snapshot};
 use crate::sync::lock;
 use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, ResourceArc, Term};
@@ -64,7 +64,7 @@ fn join<'a>(
             return Ok(atoms::ok());
         }
         Err(JoinRefused::Closed(joining)) => (joining, Ok(atoms::closed())),
-        Err(JoinRefused::Joining(joining)) => (joining, Err(rustler::Error::BadArg)),
+        Err(JoinRefused::AlreadyJoining(joining)) => (joining, Err(rustler::Error::BadArg)),
     };
     let counter = &dispatcher.joiner_monitors;
     release_monitor(env, &dispatcher, &joining.monitor, counter);
@@ -104,7 +104,7 @@ fn replay<'a>(env: Env<'a>, dispatcher: ResourceArc<Dispatcher>, topic: Binary<'
     let given = lock(history).give_back(name, raw, sent, told);
     match given {
         Ok(freed) => drop(freed),
-        Err(_) => return removed(&dispatcher).encode(env),
+        Err(NotJoining) => return removed(&dispatcher).encode(env),
     }
     if told {
         (atoms::gap(), missed).encode(env)
@@ -147,7 +147,9 @@ fn enter(
     drop(freed);
     if handed {
         dispatcher.joiner_monitors.fetch_sub(1, Ordering::Relaxed);
-        dispatcher.monitors.fetch_add(1, Ordering::Relaxed);
+        dispatcher
+            .subscriber_monitors
+            .fetch_add(1, Ordering::Relaxed);
     } else {
         release_monitor(env, dispatcher, &data.monitor, &dispatcher.joiner_monitors);
     }

@@ -66,7 +66,9 @@ fn subscribe(
     let pid = env.pid();
     let monitor = || {
         let monitor = dispatcher.monitor(Some(env), &pid)?;
-        dispatcher.monitors.fetch_add(1, Ordering::Relaxed);
+        dispatcher
+            .subscriber_monitors
+            .fetch_add(1, Ordering::Relaxed);
         Some(monitor)
     };
     let raw = pid_to_raw(&pid);
@@ -103,7 +105,7 @@ fn remove(
         }
     };
     if let Some(monitor) = removed.released {
-        release_monitor(env, dispatcher, &monitor, &dispatcher.monitors);
+        release_monitor(env, dispatcher, &monitor, &dispatcher.subscriber_monitors);
     }
     if let Some(joining) = &joining {
         release_monitor(
