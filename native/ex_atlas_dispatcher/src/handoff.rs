@@ -1,8 +1,8 @@
 //! The hand-over of batches to one lane's sender process, and the order rules built on it.
 //!
-//! Plain Rust with no rustler types: the glue (`lib.rs`) supplies how a batch is sent to a
-//! process and how it is kept while no process can take it. A [`Handoff`] holds, under one
-//! short lock:
+//! Plain Rust with no rustler types: the glue (`nif::lanes`) supplies how a batch is sent
+//! to a process and how it is kept while no process can take it. A [`Handoff`] holds,
+//! under one short lock:
 //!
 //! * the lane's sender (a pid; 0 before the first one) and whether it is *open*, that is,
 //!   takes batches straight from producers;
