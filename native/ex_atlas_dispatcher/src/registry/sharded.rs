@@ -32,7 +32,7 @@ pub struct Cleared<M> {
 /// differ by `16 + (1 << 35)`. A single multiply and a shift cancelled exactly that step
 /// for two partitions (and for any power of two up to 64): runs of about 22 processes
 /// spawned in a row shared a partition, so two processes started together always took
-/// the same lock. [`mix`] lets every input bit reach every output bit.
+/// the same lock. `mix` lets every input bit reach every output bit.
 pub fn partition_of(pid: Pid, partitions: usize) -> usize {
     (mix(pid) % partitions.max(1) as u64) as usize
 }
