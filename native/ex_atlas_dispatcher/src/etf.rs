@@ -14,7 +14,13 @@
 //! with `:erts_debug.flat_size/1` on decoded terms by `scripts/etf_vectors.exs`, whose
 //! output (`etf_vectors.txt`) the tests check [`scan`] against.
 
+mod words;
+
 use smallvec::SmallVec;
+use words::{
+    big_words, binary_words, fun_words, map_words, ref_words, tuple, CONS_WORDS, EXPORT_WORDS,
+    EXTERNAL_ID_WORDS, FLOAT_WORDS, SUB_BINARY_WORDS,
+};
 
 /// What one encoded term holds, read from its external format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,64 +84,8 @@ mod tag {
     pub const FUN: u8 = 117;
 }
 
-// The VM's layout, in heap words (64-bit Erlang/OTP 25, measured: scripts/etf_vectors.exs).
-// Atoms, nil, `{}` (a global literal) and integers in 60 bits are immediates: no words.
-
-/// Integers in `-2^59 ..= 2^59 - 1` are immediates; beyond, bignums.
-const SMALL_MAGNITUDE_MAX_NEG: u64 = 1 << 59;
-/// A bignum: a header, then its magnitude in 64-bit digits.
-const BIG_HEADER_WORDS: usize = 1;
-/// A float: a header and the double.
-const FLOAT_WORDS: usize = 2;
-/// A tuple: a header (arity) and the elements; `{}` is a literal, no words.
-const TUPLE_HEADER_WORDS: usize = 1;
-/// A list cell: head and tail.
-const CONS_WORDS: usize = 2;
-/// Binaries up to this size live on the process heap; larger ones are reference-counted
-/// off-heap, the heap holding only a ProcBin.
-const HEAP_BINARY_MAX: usize = 64;
-/// A heap binary: a header and the size word, then its bytes in whole words.
-const HEAP_BINARY_HEADER_WORDS: usize = 2;
-/// A ProcBin: the heap side of an off-heap binary.
-const PROC_BIN_WORDS: usize = 6;
-/// A sub-binary: what a bitstring (not whole bytes) decodes to, on top of its binary.
-const SUB_BINARY_WORDS: usize = 5;
-/// Maps up to this many keys are flat; larger ones hash array mapped tries.
-const FLATMAP_MAX: usize = 32;
-/// A flat map: header, size and keys pointer, then the values; then the keys tuple
-/// (a header and the keys), which for no keys is the `{}` literal.
-const FLATMAP_HEADER_WORDS: usize = 3;
-/// A hash map: its root's header and size word, then per key a list cell (the pair) and
-/// the word pointing at it, then the inner nodes (a header and one word in their parent
-/// each). The nodes depend on the keys' hashes: 3.7 words per key in all on average
-/// (the VM itself reserves 3.8 when it decodes one). Over about 560 000 maps of 33 to
-/// 1 000 random keys (`elixir scripts/etf_vectors.exs --hashmaps`), the most was 4.33
-/// per key, at 33 keys where it varies most, every two words more about 3.5 times
-/// rarer. We count 4.5 per key: at 33 keys 151 words, 8 more than the most measured,
-/// which by that decay fewer than one map of 33 random keys in a million exceeds;
-/// larger maps vary less. That is 1.2 times what the vectors' maps take, at most 1.36
-/// times the least measured (3.36 per key). Keys built to collide in their hashes can
-/// take more.
-const HASHMAP_ROOT_WORDS: usize = 2;
-/// The words per key a hash map takes, as halves.
-const HASHMAP_HALF_WORDS_PER_KEY: usize = 9;
-/// A pid or port of another node: a header, the node, a link in the off-heap list and
-/// one data word. One of this node is an immediate (no words), but the encoding names a
-/// node and a creation, which only the running VM can match against its own, so we
-/// count the larger.
-const EXTERNAL_ID_WORDS: usize = 4;
-/// A reference of another node: a header, the node and a link, then its count of
-/// 32-bit numbers and the numbers, two to a word. One of this node takes 3 words (4 for
-/// a pid reference, an alias): never more than another node's with as many numbers.
-const EXTERNAL_REF_HEADER_WORDS: usize = 3;
 /// The VM's most numbers in a reference; the decoder refuses more.
 const REF_NUMBERS_MAX: usize = 5;
-/// A fun: a header, a link, the fun entry, arity and free variable count, and the
-/// creator pid, then the free variables; the creator may be another node's pid, whose
-/// words add up (counted as for any pid).
-const FUN_WORDS: usize = 5;
-/// An export fun (`&Mod.fun/arity`).
-const EXPORT_WORDS: usize = 5;
 /// The longest atom name, in characters; UTF-8 takes at most 4 bytes each.
 const ATOM_CHARS_MAX: usize = 255;
 const ATOM_UTF8_BYTES_MAX: usize = 4 * ATOM_CHARS_MAX;
@@ -169,93 +119,22 @@ pub fn scan(ext: &[u8]) -> Result<Shape, Malformed> {
     let mut shape = Shape::default();
     let mut pos = 0;
     let mut pending: usize = 1;
-    // The innermost open NEW_FUN_EXT: the count of pending terms once its free
-    // variables are read, and where its bytes end; then the ones outside it.
-    let (mut fun_level, mut fun_end) = (NO_FUN, 0);
-    let mut outer_funs: SmallVec<[(usize, usize); 4]> = SmallVec::new();
+    let mut funs = OpenFuns::new();
     while pending > 0 {
         pending -= 1;
         let tag = *body.get(pos).ok_or(Malformed)?;
-        // The common tags are read here, where the position stays in a register (the
+        // The common tags are read inline, where the position stays in a register (the
         // loop is bound by the chain of loads from one term's length to the next
-        // term); the others in `other`. `pos` is within `body`, so `pos + 9` cannot
-        // overflow.
-        let (words, elements) = match tag {
-            tag::BINARY => {
-                let n = u32_at(body, pos + 1)?;
-                pos = skip(body, pos + 5, n)?;
-                let (words, refc) = binary_words(n);
-                shape.refc_bytes += refc;
-                (words, 0)
-            }
-            tag::SMALL_ATOM_UTF8 | tag::SMALL_ATOM => {
-                let n = usize::from(*body.get(pos + 1).ok_or(Malformed)?);
-                pos = skip(body, pos + 2, n)?;
-                (0, 0)
-            }
-            t @ (tag::ATOM | tag::ATOM_UTF8) => {
-                let n = u16_at(body, pos + 1)?;
-                if n > atom_bytes_max(t) {
-                    return Err(Malformed);
-                }
-                pos = skip(body, pos + 3, n)?;
-                (0, 0)
-            }
-            tag::SMALL_INTEGER => {
-                pos = skip(body, pos + 1, 1)?;
-                (0, 0)
-            }
-            // 32 bits always fit in an immediate.
-            tag::INTEGER => {
-                pos = skip(body, pos + 1, 4)?;
-                (0, 0)
-            }
-            tag::NEW_FLOAT => {
-                let bits = u64::from_be_bytes(array_at(body, pos + 1)?);
-                // The decoder refuses infinities and NaNs: all exponent bits set.
-                if (bits >> 52) & 0x7ff == 0x7ff {
-                    return Err(Malformed);
-                }
-                pos += 9;
-                (FLOAT_WORDS, 0)
-            }
-            tag::NIL => {
-                pos += 1;
-                (0, 0)
-            }
-            tag::SMALL_TUPLE => {
-                let arity = usize::from(*body.get(pos + 1).ok_or(Malformed)?);
-                pos += 2;
-                tuple(arity)?
-            }
-            tag::MAP => {
-                let n = u32_at(body, pos + 1)?;
-                pos += 5;
-                (map_words(n)?, n.checked_mul(2).ok_or(Malformed)?)
-            }
-            tag::LIST => {
-                // The elements, then the tail ([] when proper).
-                let n = u32_at(body, pos + 1)?;
-                pos += 5;
-                let words = n.checked_mul(CONS_WORDS).ok_or(Malformed)?;
-                (words, n.checked_add(1).ok_or(Malformed)?)
-            }
-            tag::STRING => {
-                // A list of small integers, one byte each.
-                let n = u16_at(body, pos + 1)?;
-                pos = skip(body, pos + 3, n)?;
-                (n * CONS_WORDS, 0)
-            }
-            _ => {
+        // term); the others in `other`.
+        let (words, elements) = match common(body, &mut pos, tag, &mut shape.refc_bytes)? {
+            Some(counts) => counts,
+            None => {
                 let item = other(body, pos, tag)?;
                 pos = item.end;
                 shape.refc_bytes += item.refc_bytes;
                 shape.keeps_alive |= item.keeps_alive;
                 if let Some(end) = item.fun_end {
-                    if fun_level != NO_FUN {
-                        outer_funs.push((fun_level, fun_end));
-                    }
-                    (fun_level, fun_end) = (pending, end);
+                    funs.open(pending, end);
                 }
                 (item.words, item.elements)
             }
@@ -267,17 +146,124 @@ pub fn scan(ext: &[u8]) -> Result<Shape, Malformed> {
                 return Err(Malformed);
             }
         }
-        while pending == fun_level {
-            if pos != fun_end {
-                return Err(Malformed);
-            }
-            (fun_level, fun_end) = outer_funs.pop().unwrap_or((NO_FUN, 0));
-        }
+        funs.close(pending, pos)?;
     }
     if pos != body.len() {
         return Err(Malformed);
     }
     Ok(shape)
+}
+
+/// Reads the term of a common tag `tag` at `*pos` (its own bytes, not its elements),
+/// moving `*pos` past them and adding its off-heap bytes to `refc_bytes`: its heap
+/// words and its count of elements, or `None` for a tag it does not read. `*pos` is
+/// within `body`, so `*pos + 9` cannot overflow.
+#[inline(always)]
+fn common(
+    body: &[u8],
+    pos: &mut usize,
+    tag: u8,
+    refc_bytes: &mut usize,
+) -> Result<Option<(usize, usize)>, Malformed> {
+    let at = *pos;
+    let (end, words, elements) = match tag {
+        tag::BINARY => {
+            let n = u32_at(body, at + 1)?;
+            let end = skip(body, at + 5, n)?;
+            let (words, refc) = binary_words(n);
+            *refc_bytes += refc;
+            (end, words, 0)
+        }
+        tag::SMALL_ATOM_UTF8 | tag::SMALL_ATOM => {
+            let n = usize::from(*body.get(at + 1).ok_or(Malformed)?);
+            (skip(body, at + 2, n)?, 0, 0)
+        }
+        t @ (tag::ATOM | tag::ATOM_UTF8) => {
+            let n = u16_at(body, at + 1)?;
+            if n > atom_bytes_max(t) {
+                return Err(Malformed);
+            }
+            (skip(body, at + 3, n)?, 0, 0)
+        }
+        tag::SMALL_INTEGER => (skip(body, at + 1, 1)?, 0, 0),
+        // 32 bits always fit in an immediate.
+        tag::INTEGER => (skip(body, at + 1, 4)?, 0, 0),
+        tag::NEW_FLOAT => {
+            let bits = u64::from_be_bytes(array_at(body, at + 1)?);
+            // The decoder refuses infinities and NaNs: all exponent bits set.
+            if (bits >> 52) & 0x7ff == 0x7ff {
+                return Err(Malformed);
+            }
+            (at + 9, FLOAT_WORDS, 0)
+        }
+        tag::NIL => (at + 1, 0, 0),
+        tag::SMALL_TUPLE => {
+            let arity = usize::from(*body.get(at + 1).ok_or(Malformed)?);
+            let (words, elements) = tuple(arity)?;
+            (at + 2, words, elements)
+        }
+        tag::MAP => {
+            let n = u32_at(body, at + 1)?;
+            (at + 5, map_words(n)?, n.checked_mul(2).ok_or(Malformed)?)
+        }
+        tag::LIST => {
+            // The elements, then the tail ([] when proper).
+            let n = u32_at(body, at + 1)?;
+            let words = n.checked_mul(CONS_WORDS).ok_or(Malformed)?;
+            (at + 5, words, n.checked_add(1).ok_or(Malformed)?)
+        }
+        tag::STRING => {
+            // A list of small integers, one byte each.
+            let n = u16_at(body, at + 1)?;
+            (skip(body, at + 3, n)?, n * CONS_WORDS, 0)
+        }
+        _ => return Ok(None),
+    };
+    *pos = end;
+    Ok(Some((words, elements)))
+}
+
+/// The NEW_FUN_EXTs open around the term being read: the innermost one's count of
+/// pending terms once its free variables are read, and where its bytes end (by its
+/// size field); then the ones outside it, on the heap past four nested funs.
+struct OpenFuns {
+    level: usize,
+    end: usize,
+    outer: SmallVec<[(usize, usize); 4]>,
+}
+
+impl OpenFuns {
+    #[inline(always)]
+    fn new() -> Self {
+        OpenFuns {
+            level: NO_FUN,
+            end: 0,
+            outer: SmallVec::new(),
+        }
+    }
+
+    /// A fun opens, whose free variables are read once `pending` is back to what it is
+    /// now, and whose bytes end at `end`.
+    #[inline(always)]
+    fn open(&mut self, pending: usize, end: usize) {
+        if self.level != NO_FUN {
+            self.outer.push((self.level, self.end));
+        }
+        (self.level, self.end) = (pending, end);
+    }
+
+    /// Closes the funs whose free variables are all read at `pending` terms still to
+    /// read: each must end at `pos`.
+    #[inline(always)]
+    fn close(&mut self, pending: usize, pos: usize) -> Result<(), Malformed> {
+        while pending == self.level {
+            if pos != self.end {
+                return Err(Malformed);
+            }
+            (self.level, self.end) = self.outer.pop().unwrap_or((NO_FUN, 0));
+        }
+        Ok(())
+    }
 }
 
 /// `N` bytes at `at`.
@@ -320,6 +306,7 @@ fn atom_bytes_max(tag: u8) -> usize {
 }
 
 /// One term of the less common tags, read by [`other`].
+#[derive(Default)]
 struct Item {
     /// The position after the term's own bytes (before its elements).
     end: usize,
@@ -340,114 +327,23 @@ fn other(bytes: &[u8], pos: usize, tag: u8) -> Result<Item, Malformed> {
         bytes,
         pos: pos + 1,
     };
-    let mut item = Item {
-        end: 0,
-        words: 0,
-        elements: 0,
-        refc_bytes: 0,
-        keeps_alive: false,
-        fun_end: None,
-    };
-    match tag {
-        tag::SMALL_BIG => {
-            let n = usize::from(r.u8()?);
-            let negative = r.u8()? != 0;
-            item.words = big_words(negative, r.skip(n)?);
+    let mut item = match tag {
+        tag::SMALL_BIG | tag::LARGE_BIG | tag::FLOAT | tag::LARGE_TUPLE | tag::BIT_BINARY => {
+            r.value(tag)?
         }
-        tag::LARGE_BIG => {
-            let n = r.u32()?;
-            let negative = r.u8()? != 0;
-            item.words = big_words(negative, r.skip(n)?);
-        }
-        // The old format: the float as a 31-byte string.
-        tag::FLOAT => {
-            r.skip(31)?;
-            item.words = FLOAT_WORDS;
-        }
-        tag::LARGE_TUPLE => (item.words, item.elements) = tuple(r.u32()?)?,
-        tag::BIT_BINARY => {
-            let n = r.u32()?;
-            let bits = r.u8()?;
-            // The bits used of the last byte: 1 to 8, 0 only with no bytes.
-            if (bits == 0) != (n == 0) || bits > 8 {
-                return Err(Malformed);
-            }
-            r.skip(n)?;
-            let (words, refc) = binary_words(n);
-            let sub = if n > 0 && bits < 8 {
-                SUB_BINARY_WORDS
-            } else {
-                0
-            };
-            (item.words, item.refc_bytes) = (words + sub, refc);
-        }
-        tag::NEW_PID | tag::PID | tag::PORT | tag::NEW_PORT | tag::V4_PORT => {
-            r.atom()?;
-            r.skip(match tag {
-                tag::NEW_PID => 4 + 4 + 4,
-                tag::PID => 4 + 4 + 1,
-                tag::PORT => 4 + 1,
-                tag::NEW_PORT => 4 + 4,
-                _ => 8 + 4,
-            })?;
-            item.words = EXTERNAL_ID_WORDS;
-        }
-        tag::REFERENCE => {
-            r.atom()?;
-            r.skip(4 + 1)?;
-            (item.words, item.keeps_alive) = (ref_words(1), true);
-        }
-        tag::NEW_REFERENCE | tag::NEWER_REFERENCE => {
-            let n = r.u16()?;
-            // The decoder reads a first number even when the length says none.
-            if n == 0 || n > REF_NUMBERS_MAX {
-                return Err(Malformed);
-            }
-            r.atom()?;
-            let creation = if tag == tag::NEW_REFERENCE { 1 } else { 4 };
-            r.skip(creation + 4 * n)?;
-            (item.words, item.keeps_alive) = (ref_words(n), true);
-        }
-        tag::NEW_FUN => {
-            // Size, arity, uniq, index, free variable count; the size counts itself
-            // and all that follows, free variables included.
-            let at = r.pos;
-            let fixed = r.array::<NEW_FUN_FIXED_BYTES>()?;
-            let [s0, s1, s2, s3, ..] = fixed;
-            let size =
-                usize::try_from(u32::from_be_bytes([s0, s1, s2, s3])).map_err(|_| Malformed)?;
-            let [.., f0, f1, f2, f3] = fixed;
-            let free =
-                usize::try_from(u32::from_be_bytes([f0, f1, f2, f3])).map_err(|_| Malformed)?;
-            r.atom()?;
-            r.fun_integer()?;
-            r.fun_integer()?;
-            let creator = r.creator()?;
-            item.fun_end = Some(at.checked_add(size).ok_or(Malformed)?);
-            (item.words, item.elements) = (fun_words(free, creator)?, free);
-            item.keeps_alive = true;
-        }
-        tag::FUN => {
-            // The old format, which this VM no longer decodes: free variable count,
-            // creator, module, index, uniq, then the free variables.
-            let free = r.u32()?;
-            let creator = r.creator()?;
-            r.atom()?;
-            r.fun_integer()?;
-            r.fun_integer()?;
-            (item.words, item.elements) = (fun_words(free, creator)?, free);
-            item.keeps_alive = true;
-        }
-        tag::EXPORT => {
-            r.atom()?;
-            r.atom()?;
-            r.fun_integer()?;
-            item.words = EXPORT_WORDS;
-        }
+        tag::NEW_PID
+        | tag::PID
+        | tag::PORT
+        | tag::NEW_PORT
+        | tag::V4_PORT
+        | tag::REFERENCE
+        | tag::NEW_REFERENCE
+        | tag::NEWER_REFERENCE => r.identifier(tag)?,
+        tag::NEW_FUN | tag::FUN | tag::EXPORT => r.fun(tag)?,
         // Among others: compressed terms (80), ATOM_CACHE_REF (82) and distribution
         // headers (68), which only a connection's context gives a meaning.
         _ => return Err(Malformed),
-    }
+    };
     item.end = r.pos;
     Ok(item)
 }
@@ -525,74 +421,125 @@ impl<'a> Reader<'a> {
         self.skip(fields)?;
         Ok(EXTERNAL_ID_WORDS)
     }
-}
 
-/// A binary of `n` bytes: its words, and its bytes again when they are off-heap. A
-/// binary's bytes are within the input, so their sum cannot overflow.
-#[inline(always)]
-fn binary_words(n: usize) -> (usize, usize) {
-    if n <= HEAP_BINARY_MAX {
-        (HEAP_BINARY_HEADER_WORDS + n.div_ceil(8), 0)
-    } else {
-        (PROC_BIN_WORDS, n)
-    }
-}
-
-#[inline]
-fn tuple(arity: usize) -> Result<(usize, usize), Malformed> {
-    if arity == 0 {
-        return Ok((0, 0));
-    }
-    let words = arity.checked_add(TUPLE_HEADER_WORDS).ok_or(Malformed)?;
-    Ok((words, arity))
-}
-
-/// A bignum's words from its little-endian magnitude. The decoder drops zero high
-/// bytes (the VM writes none, so this looks at one byte) and makes an immediate of what
-/// fits in one.
-#[inline]
-fn big_words(negative: bool, magnitude: &[u8]) -> usize {
-    let len = magnitude.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-    if len <= 8 {
-        let value = magnitude[..len]
-            .iter()
-            .rev()
-            .fold(0u64, |value, &b| value << 8 | u64::from(b));
-        let fits = if negative {
-            value <= SMALL_MAGNITUDE_MAX_NEG
-        } else {
-            value < SMALL_MAGNITUDE_MAX_NEG
-        };
-        if fits {
-            return 0;
+    /// A bignum, an old float, a large tuple or a bitstring (`tag`).
+    fn value(&mut self, tag: u8) -> Result<Item, Malformed> {
+        let mut item = Item::default();
+        match tag {
+            tag::SMALL_BIG => {
+                let n = usize::from(self.u8()?);
+                let negative = self.u8()? != 0;
+                item.words = big_words(negative, self.skip(n)?);
+            }
+            tag::LARGE_BIG => {
+                let n = self.u32()?;
+                let negative = self.u8()? != 0;
+                item.words = big_words(negative, self.skip(n)?);
+            }
+            // The old format: the float as a 31-byte string.
+            tag::FLOAT => {
+                self.skip(31)?;
+                item.words = FLOAT_WORDS;
+            }
+            tag::LARGE_TUPLE => (item.words, item.elements) = tuple(self.u32()?)?,
+            _ => {
+                let n = self.u32()?;
+                let bits = self.u8()?;
+                // The bits used of the last byte: 1 to 8, 0 only with no bytes.
+                if (bits == 0) != (n == 0) || bits > 8 {
+                    return Err(Malformed);
+                }
+                self.skip(n)?;
+                let (words, refc) = binary_words(n);
+                let sub = if n > 0 && bits < 8 {
+                    SUB_BINARY_WORDS
+                } else {
+                    0
+                };
+                (item.words, item.refc_bytes) = (words + sub, refc);
+            }
         }
+        Ok(item)
     }
-    BIG_HEADER_WORDS + len.div_ceil(8)
-}
 
-#[inline]
-fn map_words(keys: usize) -> Result<usize, Malformed> {
-    if keys == 0 {
-        Ok(FLATMAP_HEADER_WORDS)
-    } else if keys <= FLATMAP_MAX {
-        Ok(FLATMAP_HEADER_WORDS + keys + TUPLE_HEADER_WORDS + keys)
-    } else {
-        keys.checked_mul(HASHMAP_HALF_WORDS_PER_KEY)
-            .map(|halves| HASHMAP_ROOT_WORDS + halves.div_ceil(2))
-            .ok_or(Malformed)
+    /// A pid, a port or a reference (`tag`).
+    fn identifier(&mut self, tag: u8) -> Result<Item, Malformed> {
+        let mut item = Item::default();
+        match tag {
+            tag::REFERENCE => {
+                self.atom()?;
+                self.skip(4 + 1)?;
+                (item.words, item.keeps_alive) = (ref_words(1), true);
+            }
+            tag::NEW_REFERENCE | tag::NEWER_REFERENCE => {
+                let n = self.u16()?;
+                // The decoder reads a first number even when the length says none.
+                if n == 0 || n > REF_NUMBERS_MAX {
+                    return Err(Malformed);
+                }
+                self.atom()?;
+                let creation = if tag == tag::NEW_REFERENCE { 1 } else { 4 };
+                self.skip(creation + 4 * n)?;
+                (item.words, item.keeps_alive) = (ref_words(n), true);
+            }
+            _ => {
+                self.atom()?;
+                self.skip(match tag {
+                    tag::NEW_PID => 4 + 4 + 4,
+                    tag::PID => 4 + 4 + 1,
+                    tag::PORT => 4 + 1,
+                    tag::NEW_PORT => 4 + 4,
+                    _ => 8 + 4,
+                })?;
+                item.words = EXTERNAL_ID_WORDS;
+            }
+        }
+        Ok(item)
     }
-}
 
-/// A reference with `numbers` 32-bit numbers, as another node's; they are stored with
-/// their count, all in 32-bit halves of words.
-#[inline]
-fn ref_words(numbers: usize) -> usize {
-    EXTERNAL_REF_HEADER_WORDS + (numbers + 2) / 2
-}
-
-#[inline]
-fn fun_words(free: usize, creator: usize) -> Result<usize, Malformed> {
-    free.checked_add(FUN_WORDS + creator).ok_or(Malformed)
+    /// A fun: a local one (NEW_FUN_EXT, or the old FUN_EXT) or an export (`tag`).
+    fn fun(&mut self, tag: u8) -> Result<Item, Malformed> {
+        let mut item = Item::default();
+        match tag {
+            tag::NEW_FUN => {
+                // Size, arity, uniq, index, free variable count; the size counts itself
+                // and all that follows, free variables included.
+                let at = self.pos;
+                let fixed = self.array::<NEW_FUN_FIXED_BYTES>()?;
+                let [s0, s1, s2, s3, ..] = fixed;
+                let size =
+                    usize::try_from(u32::from_be_bytes([s0, s1, s2, s3])).map_err(|_| Malformed)?;
+                let [.., f0, f1, f2, f3] = fixed;
+                let free =
+                    usize::try_from(u32::from_be_bytes([f0, f1, f2, f3])).map_err(|_| Malformed)?;
+                self.atom()?;
+                self.fun_integer()?;
+                self.fun_integer()?;
+                let creator = self.creator()?;
+                item.fun_end = Some(at.checked_add(size).ok_or(Malformed)?);
+                (item.words, item.elements) = (fun_words(free, creator)?, free);
+                item.keeps_alive = true;
+            }
+            tag::FUN => {
+                // The old format, which this VM no longer decodes: free variable count,
+                // creator, module, index, uniq, then the free variables.
+                let free = self.u32()?;
+                let creator = self.creator()?;
+                self.atom()?;
+                self.fun_integer()?;
+                self.fun_integer()?;
+                (item.words, item.elements) = (fun_words(free, creator)?, free);
+                item.keeps_alive = true;
+            }
+            _ => {
+                self.atom()?;
+                self.atom()?;
+                self.fun_integer()?;
+                item.words = EXPORT_WORDS;
+            }
+        }
+        Ok(item)
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! The hand-over of batches to one lane's sender process, and the order rules built on it.
 //!
-//! Plain Rust with no rustler types: the glue (`lib.rs`) supplies how a batch is sent to a
-//! process and how it is kept while no process can take it. A [`Handoff`] holds, under one
-//! short lock:
+//! Plain Rust with no rustler types: the glue (`nif::lanes`) supplies how a batch is sent
+//! to a process and how it is kept while no process can take it. A [`Handoff`] holds,
+//! under one short lock:
 //!
 //! * the lane's sender (a pid; 0 before the first one) and whether it is *open*, that is,
 //!   takes batches straight from producers;
@@ -49,6 +49,9 @@ pub enum Handed {
     Sent,
     /// Kept until a sender pulls it.
     Parked,
+    /// Not sent: found done already (whoever marked it done accounts for it), with
+    /// the lane closed; nothing is left for the caller to do.
+    AlreadyDone,
     /// Sent to a sender that died before it could take it, or handed to a closed lane:
     /// now marked done, and the caller counts what it had not delivered as lost and gives
     /// its credit back.
@@ -139,18 +142,20 @@ where
         mut send: impl FnMut(Pid, &H) -> bool,
         park: impl FnOnce(&H) -> O,
     ) -> Handed {
-        // Declared before the guard, so dropped after it: dropping a handle may free the
-        // batch, and freeing one may come back here.
-        let replaced;
+        // The handles this call takes out of the state (the producer's batch it
+        // replaces, the records it removes) are declared before the guard, so dropped
+        // after it, when the call returns: dropping a handle may free the batch, and
+        // freeing one may come back here. `_replaced` is only held for that: a plain
+        // `_` pattern would drop it at once.
+        let _replaced;
         let mut removed = Vec::new();
         let mut state = lock(&self.state);
-        replaced = state.last.insert(batch.producer(), batch.clone());
-        let _ = &replaced;
+        _replaced = state.last.insert(batch.producer(), batch.clone());
         loop {
             if state.closed {
                 // Closed while this producer was on its way: nobody will take it.
                 if batch.done().swap(true, Ordering::AcqRel) {
-                    return Handed::Sent;
+                    return Handed::AlreadyDone;
                 }
                 removed.extend(forget(&mut state, &batch).map(|b| (0, b, Leg::Sent)));
                 return Handed::Lost;

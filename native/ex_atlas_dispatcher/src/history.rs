@@ -25,11 +25,15 @@
 //! than it was when it joined is cut too, to the end of the log: one slower than its
 //! topic's producers would otherwise never catch up. So nobody ever waits for a joiner.
 //!
-//! What a joiner delivers, it delivers from a chunk it has *taken*: the chunk's slots are
-//! pinned (retained, and counted, until it gives the chunk back), so that what is being
-//! sent is never freed underneath it and never uncounted; a cut meanwhile skips what
-//! follows the chunk, never the chunk itself.
+//! Here: the front, which records dispatches and evicts within the bounds. A topic's
+//! slots, joiners and departures are its `log`; how a joiner joins, takes its chunks and
+//! leaves is in `joiners`.
 
+mod joiners;
+mod log;
+
+use joiners::Joiner;
+use log::{Log, Slot};
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 use std::mem::size_of;
@@ -64,139 +68,6 @@ const fn heap_block(n: usize) -> usize {
     }
 }
 
-struct Slot<M> {
-    /// Position in the order of all dispatches recorded, over all topics.
-    global: u64,
-    /// Bytes charged to the topic's slots before this one, ever: the bytes of a run of
-    /// slots is the difference of two of these.
-    before: u64,
-    /// Bytes charged for this slot: its entry and the history's own share.
-    charge: usize,
-    entry: Arc<Entry<M>>,
-}
-
-/// A chunk a joiner took and is delivering: slots `start..end`, after a gap notice of
-/// `told` when above 0. `cut`: the joiner was cut while it delivered.
-#[derive(Clone, Copy)]
-struct Taken {
-    start: u64,
-    end: u64,
-    told: u64,
-    cut: bool,
-}
-
-struct Joiner<J> {
-    pid: Pid,
-    /// The slot it delivers next.
-    next: u64,
-    /// Dispatches skipped just before `next`, not yet told.
-    missed: u64,
-    /// Most slots it may have left to deliver: past it, it is cut to the end, and
-    /// `closing` from then on.
-    lag: u64,
-    /// It was cut for falling behind: from now on, whenever it takes, it skips to the
-    /// end first, so that it catches up as soon as it takes between two dispatches.
-    closing: bool,
-    taken: Option<Taken>,
-    data: J,
-}
-
-impl<J> Joiner<J> {
-    /// The first slot it may still deliver (retained for it until then).
-    fn needs(&self) -> u64 {
-        self.taken.map_or(self.next, |t| t.start)
-    }
-
-    /// Skips everything up to slot `to` that it has not taken, and `extra` dispatches
-    /// that were never kept.
-    fn cut(&mut self, to: u64, extra: u64) -> Cut {
-        let skipped = to.saturating_sub(self.next) + extra;
-        // A new gap, rather than a longer one it has not yet been told of: each such cut
-        // is one gap notice.
-        let fresh = skipped > 0 && self.missed == self.taken.map_or(0, |t| t.told);
-        self.next = self.next.max(to);
-        self.missed += skipped;
-        if let Some(taken) = &mut self.taken {
-            taken.cut = true;
-        }
-        Cut { skipped, fresh }
-    }
-}
-
-/// What one cut did: how many dispatches it skipped, and whether it opened a new gap.
-struct Cut {
-    skipped: u64,
-    fresh: bool,
-}
-
-struct Log<M, J> {
-    slots: VecDeque<Slot<M>>,
-    /// The number of `slots[0]`.
-    base: u64,
-    /// The first slot of the history; `base..live` are retained for joiners only.
-    live: u64,
-    /// Bytes charged to every slot ever pushed.
-    charged: u64,
-    joiners: Vec<Joiner<J>>,
-    /// Processes that unsubscribed, and the first slot they may be replayed: what was
-    /// dispatched before may still be on its way to them from their subscription.
-    departed: FxHashMap<Pid, u64>,
-    departures: VecDeque<(u64, Pid)>,
-}
-
-impl<M, J> Log<M, J> {
-    fn new() -> Self {
-        Log {
-            slots: VecDeque::new(),
-            base: 0,
-            live: 0,
-            charged: 0,
-            joiners: Vec::new(),
-            departed: FxHashMap::default(),
-            departures: VecDeque::new(),
-        }
-    }
-
-    /// The number the next slot gets.
-    fn end(&self) -> u64 {
-        self.base + self.slots.len() as u64
-    }
-
-    fn slot(&self, seq: u64) -> &Slot<M> {
-        &self.slots[(seq - self.base) as usize]
-    }
-
-    fn before(&self, seq: u64) -> u64 {
-        if seq == self.end() {
-            self.charged
-        } else {
-            self.slot(seq).before
-        }
-    }
-
-    /// Bytes charged to slots `from..to`.
-    fn bytes_between(&self, from: u64, to: u64) -> u64 {
-        self.before(to) - self.before(from)
-    }
-
-    fn live_len(&self) -> usize {
-        (self.end() - self.live) as usize
-    }
-
-    /// The first slot anybody needs: the history's first, or an earlier one a joiner
-    /// has yet to deliver.
-    fn needed(&self) -> u64 {
-        self.joiners
-            .iter()
-            .map(Joiner::needs)
-            .fold(self.live, u64::min)
-    }
-
-    fn is_idle(&self) -> bool {
-        self.slots.is_empty() && self.joiners.is_empty() && self.departed.is_empty()
-    }
-}
-
 /// Messages the caller drops once its lock is released (dropping a kept message frees
 /// its memory).
 pub type Evicted<M> = Vec<Arc<Entry<M>>>;
@@ -205,11 +76,16 @@ pub type Evicted<M> = Vec<Arc<Entry<M>>>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Closed;
 
+/// The process is not joining the topic (any more): removed (`remove`, `leave`), or the
+/// history was cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotJoining;
+
 /// Why `join` refused; the joiner's data comes back.
 #[derive(Debug)]
 pub enum JoinRefused<J> {
     /// The caller is already joining the topic.
-    Joining(J),
+    AlreadyJoining(J),
     Closed(J),
 }
 
@@ -403,9 +279,9 @@ impl<M, J> History<M, J> {
         if let Some(log) = self.topics.get_mut(topic) {
             let end = log.end();
             for joiner in &mut log.joiners {
-                let done = joiner.cut(end, 1);
-                self.missed += done.skipped;
-                self.cuts += u64::from(done.fresh);
+                let cut = joiner.cut(end, 1);
+                self.missed += cut.skipped;
+                self.cuts += u64::from(cut.fresh);
             }
             // What they skipped is needed no more.
             self.trim(topic, &mut out);
@@ -462,9 +338,9 @@ impl<M, J> History<M, J> {
             }
             let held = log.bytes_between(needs, live);
             if over_share || held > self.cap as u64 {
-                let done = log.joiners[at].cut(live, 0);
-                self.missed += done.skipped;
-                self.cuts += u64::from(done.fresh);
+                let cut = log.joiners[at].cut(live, 0);
+                self.missed += cut.skipped;
+                self.cuts += u64::from(cut.fresh);
             }
         }
         self.trim(name, out);
@@ -526,211 +402,6 @@ impl<M, J> History<M, J> {
                 .is_some_and(|log| log.slot(log.live).global <= *global)
         });
         self.stale = 0;
-    }
-
-    /// `pid` starts catching up on `topic`, from the topic's `n` most recent kept
-    /// messages (fewer if fewer are kept, or if some were dispatched while `pid` was
-    /// last subscribed: those may still be on their way to it). From now on, until
-    /// `take` answers `CaughtUp`, it delivers every dispatch to the topic itself.
-    pub fn join(
-        &mut self,
-        topic: &[u8],
-        pid: Pid,
-        n: usize,
-        data: J,
-    ) -> Result<Evicted<M>, JoinRefused<J>> {
-        if self.closed {
-            return Err(JoinRefused::Closed(data));
-        }
-        let name = self.name_of(topic);
-        let Some(log) = self.topics.get_mut(topic) else {
-            return Err(JoinRefused::Closed(data));
-        };
-        if log.joiners.iter().any(|j| j.pid == pid) {
-            return Err(JoinRefused::Joining(data));
-        }
-        let end = log.end();
-        let mut next = end.saturating_sub(n as u64).max(log.live);
-        if let Some(&departed) = log.departed.get(&pid) {
-            next = next.max(departed);
-        }
-        log.joiners.push(Joiner {
-            pid,
-            next,
-            missed: 0,
-            lag: end - next + JOIN_SLACK,
-            closing: false,
-            taken: None,
-            data,
-        });
-        self.overhead += Self::JOINER_BYTES;
-        self.joining.entry(pid).or_default().push(name);
-        let mut out = Vec::new();
-        self.enforce(&mut out);
-        Ok(out)
-    }
-
-    /// The next messages `pid` is to deliver to itself for `topic`: up to `max`
-    /// messages and, past the first, `max_bytes` bytes, after a gap notice if it missed
-    /// any. When there is nothing left, the joiner is done (see `Take`).
-    pub fn take(&mut self, topic: &[u8], pid: Pid, max: usize, max_bytes: usize) -> Take<M, J> {
-        let Some(log) = self.topics.get_mut(topic) else {
-            return Take::Removed;
-        };
-        let Some(at) = log.joiners.iter().position(|j| j.pid == pid) else {
-            return Take::Removed;
-        };
-        let end = log.end();
-        let joiner = &mut log.joiners[at];
-        if joiner.closing && joiner.taken.is_none() && joiner.next < end {
-            let done = joiner.cut(end, 0);
-            self.missed += done.skipped;
-            self.cuts += u64::from(done.fresh);
-            let mut freed = Vec::new();
-            self.trim(topic, &mut freed);
-            drop(freed);
-            return self.take(topic, pid, max, max_bytes);
-        }
-        if joiner.taken.is_none() && joiner.next >= end && joiner.missed == 0 {
-            let joiner = log.joiners.swap_remove(at);
-            self.overhead -= Self::JOINER_BYTES;
-            self.unlist(pid, topic);
-            let mut freed = Vec::new();
-            self.trim(topic, &mut freed);
-            return Take::CaughtUp {
-                data: joiner.data,
-                freed,
-            };
-        }
-        let start = joiner.next;
-        let mut entries = Vec::new();
-        let mut bytes = 0;
-        let mut seq = start;
-        while seq < end && entries.len() < max.max(1) {
-            let entry = &log.slot(seq).entry;
-            if !entries.is_empty() && bytes + entry.bytes > max_bytes {
-                break;
-            }
-            bytes += entry.bytes;
-            entries.push(entry.clone());
-            seq += 1;
-        }
-        let joiner = &mut log.joiners[at];
-        let missed = joiner.missed;
-        joiner.taken = Some(Taken {
-            start,
-            end: seq,
-            told: missed,
-            cut: false,
-        });
-        joiner.next = seq;
-        Take::Chunk { missed, entries }
-    }
-
-    /// `pid` delivered the first `sent` messages of the chunk it took for `topic`, and
-    /// its gap notice if `told`. What it did not deliver it delivers later, unless it was
-    /// cut meanwhile: then that is part of the gap it is told next. `Err` when it is no
-    /// longer joining.
-    pub fn give_back(
-        &mut self,
-        topic: &[u8],
-        pid: Pid,
-        sent: usize,
-        told: bool,
-    ) -> Result<Evicted<M>, Closed> {
-        let joiner = self
-            .topics
-            .get_mut(topic)
-            .and_then(|log| log.joiners.iter_mut().find(|j| j.pid == pid));
-        let Some(joiner) = joiner else {
-            return Err(Closed);
-        };
-        let Some(taken) = joiner.taken.take() else {
-            return Ok(Vec::new());
-        };
-        let delivered = (taken.start + sent as u64).min(taken.end);
-        if taken.cut {
-            let unsent = taken.end - delivered;
-            joiner.missed += unsent;
-            self.missed += unsent;
-        } else {
-            joiner.next = delivered;
-        }
-        if told {
-            joiner.missed -= taken.told;
-        }
-        let mut out = Vec::new();
-        self.trim(topic, &mut out);
-        Ok(out)
-    }
-
-    /// `pid` stops joining `topic` (its subscription is removed while it catches up):
-    /// its data, if it was joining.
-    pub fn remove(&mut self, topic: &[u8], pid: Pid) -> (Option<J>, Evicted<M>) {
-        let mut out = Vec::new();
-        let Some(log) = self.topics.get_mut(topic) else {
-            return (None, out);
-        };
-        let Some(at) = log.joiners.iter().position(|j| j.pid == pid) else {
-            return (None, out);
-        };
-        let joiner = log.joiners.swap_remove(at);
-        self.overhead -= Self::JOINER_BYTES;
-        self.unlist(pid, topic);
-        self.trim(topic, &mut out);
-        (Some(joiner.data), out)
-    }
-
-    /// `pid` unsubscribed from `topic`: a later replay to it starts after what was
-    /// dispatched to its subscription, some of which may still be on its way.
-    pub fn depart(&mut self, topic: &[u8], pid: Pid) {
-        let Some(log) = self.topics.get_mut(topic) else {
-            return;
-        };
-        let end = log.end();
-        if end <= log.live {
-            return;
-        }
-        log.departed.insert(pid, end);
-        log.departures.push_back((end, pid));
-        self.overhead += Self::DEPARTURE_BYTES;
-        let mut out = Vec::new();
-        self.enforce(&mut out);
-        // Nothing of `out` can be large enough to matter here, and departing runs
-        // rarely: dropped under the caller's lock.
-        drop(out);
-    }
-
-    /// `pid` is gone: it stops joining every topic. Returns its joiners' data and what
-    /// no one needs any more.
-    pub fn leave(&mut self, pid: Pid) -> (Vec<J>, Evicted<M>) {
-        let mut data = Vec::new();
-        let mut out = Vec::new();
-        let Some(names) = self.joining.remove(&pid) else {
-            return (data, out);
-        };
-        for name in names {
-            let Some(log) = self.topics.get_mut(&name) else {
-                continue;
-            };
-            while let Some(at) = log.joiners.iter().position(|j| j.pid == pid) {
-                data.push(log.joiners.swap_remove(at).data);
-                self.overhead -= Self::JOINER_BYTES;
-            }
-            self.trim(&name, &mut out);
-        }
-        (data, out)
-    }
-
-    fn unlist(&mut self, pid: Pid, topic: &[u8]) {
-        if let Some(names) = self.joining.get_mut(&pid) {
-            if let Some(at) = names.iter().position(|n| &**n == topic) {
-                names.swap_remove(at);
-            }
-            if names.is_empty() {
-                self.joining.remove(&pid);
-            }
-        }
     }
 
     /// Empties the history for good (the dispatcher closes): later records and joins
@@ -1181,7 +852,7 @@ mod tests {
         h.join(b"t", 1, 2, "a").unwrap();
         assert!(matches!(
             h.join(b"t", 1, 2, "b"),
-            Err(JoinRefused::Joining("b"))
+            Err(JoinRefused::AlreadyJoining("b"))
         ));
         h.join(b"u", 1, 2, "c").unwrap();
     }

@@ -1,6 +1,6 @@
 //! Which process sends which part of a dispatch: the rules that keep each producer's order
 //! for every subscriber, whatever OTP does to the order of messages from different
-//! processes. Plain Rust; the glue (`dispatch_to` in `lib.rs`) carries the plan out.
+//! processes. Plain Rust; the glue (`dispatch_to` in `nif::dispatch`) carries the plan out.
 //!
 //! * The direct partition (off-heap subscribers, whose signals OTP may buffer per sender)
 //!   is always sent by the producer itself: one process sends all of a producer's
