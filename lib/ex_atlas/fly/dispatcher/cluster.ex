@@ -44,6 +44,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
 
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
   alias ExAtlas.Fly.Dispatcher.Cluster.{Link, Relay}
+  alias ExAtlas.Fly.Dispatcher.ReplyAlias
 
   @scope ExAtlas.Fly.Dispatcher.PG
   @links ExAtlas.Fly.Dispatcher.Cluster.Links
@@ -193,27 +194,21 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   when some nodes did not answer within `timeout` ms. The replies come to a process
   alias that is gone when this returns: none reaches the caller later.
   """
-  @spec sync(timeout()) :: :ok | {:error, {:no_answer, [node()]}}
+  @spec sync(non_neg_integer()) :: :ok | {:error, {:no_answer, [node()]}}
   def sync(timeout) do
     :ok = RegistryBackend.sync(nil)
     connected = Node.list()
-    reply_to = :erlang.alias()
 
-    waits =
-      for {node, handle} <- links(), node in connected, into: %{} do
-        ref = make_ref()
-        :ok = Link.push_sync(handle, reply_to, ref)
-        {ref, node}
-      end
+    ReplyAlias.within(@synced, fn reply_to ->
+      waits =
+        for {node, handle} <- links(), node in connected, into: %{} do
+          ref = make_ref()
+          :ok = Link.push_sync(handle, reply_to, ref)
+          {ref, node}
+        end
 
-    deadline = System.monotonic_time(:millisecond) + timeout
-
-    try do
-      await_synced(waits, deadline)
-    after
-      :erlang.unalias(reply_to)
-      flush_synced(waits)
-    end
+      await_synced(waits, System.monotonic_time(:millisecond) + timeout)
+    end)
   end
 
   defp await_synced(waits, _deadline) when map_size(waits) == 0, do: :ok
@@ -226,15 +221,6 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
         await_synced(Map.delete(waits, ref), deadline)
     after
       left -> {:error, {:no_answer, waits |> Map.values() |> Enum.sort()}}
-    end
-  end
-
-  # Replies that reached the alias before it was deactivated.
-  defp flush_synced(waits) do
-    receive do
-      {@synced, ref, _node} when is_map_key(waits, ref) -> flush_synced(waits)
-    after
-      0 -> :ok
     end
   end
 
