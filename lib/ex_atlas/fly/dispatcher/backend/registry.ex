@@ -145,11 +145,8 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
       :forward ->
         true
 
-      {:full, pending} ->
-        :ok = make_room(pending, topic, message)
-        true
-
-      {:more, pending} ->
+      # A lane was full, or the timeslice ran out: the rest waits in `pending`.
+      {full_or_more, pending} when full_or_more in [:full, :more] ->
         :ok = make_room(pending, topic, message)
         true
 
