@@ -137,11 +137,13 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   defp forward([], _bound, _topic, _message), do: :ok
 
   defp forward([node | rest], bound, topic, message) do
-    case :ets.lookup(@links, node) do
-      [{^node, handle}] -> Link.push(handle, bound, topic, message)
-      # `:pg` shows the node's interest before its link runs: counted, never skipped.
-      [] -> :ets.update_counter(@unlinked, node, 1, {node, 0})
-    end
+    # `:dropped` at the node's bound: counted by the link (reported there).
+    _ =
+      case :ets.lookup(@links, node) do
+        [{^node, handle}] -> Link.push(handle, bound, topic, message)
+        # `:pg` shows the node's interest before its link runs: counted, never skipped.
+        [] -> :ets.update_counter(@unlinked, node, 1, {node, 0})
+      end
 
     forward(rest, bound, topic, message)
   end

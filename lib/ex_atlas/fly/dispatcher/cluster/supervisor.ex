@@ -33,9 +33,11 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Supervisor do
       Cluster.peers_table()
     ]
 
-    for table <- tables, do: :ets.new(table, [:named_table, :public, read_concurrency: true])
+    for table <- tables,
+        do: ^table = :ets.new(table, [:named_table, :public, read_concurrency: true])
 
-    :ets.new(Cluster.interest_table(), [:named_table, :public, :bag, read_concurrency: true])
+    interest = Cluster.interest_table()
+    ^interest = :ets.new(interest, [:named_table, :public, :bag, read_concurrency: true])
 
     children = [
       {Switch, opts},

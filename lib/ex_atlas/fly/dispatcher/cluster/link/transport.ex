@@ -151,8 +151,10 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Transport do
 
   @doc "The relay departed: nothing goes out until a relay welcomes the link again."
   @spec pause(t()) :: t()
+  def pause(%__MODULE__{retry: nil} = t), do: t
+
   def pause(%__MODULE__{retry: retry} = t) do
-    if retry, do: Process.cancel_timer(retry)
+    _ = Process.cancel_timer(retry)
     %{t | retry: nil}
   end
 
