@@ -99,10 +99,13 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDepartureTest do
       assert Presence.expired?(p)
     end
 
-    test "a leave of a member that is not the welcomed relay (one before it) is held" do
-      p = welcomed(["a"])
-      {p, [{:hold, _}]} = Presence.left(p, "a", old_relay(), true)
-      assert Presence.interest(p) == MapSet.new(["a"])
+    test "a leave of a member other than the welcomed relay, or from a node cut off, is held" do
+      # A relay from before the one that welcomed us; the welcomed one, node disconnected.
+      for {pid, connected?} <- [{old_relay(), true}, {relay(), false}] do
+        {p, [{:hold, _}]} = Presence.left(welcomed(["a"]), "a", pid, connected?)
+        assert Presence.interest(p) == MapSet.new(["a"])
+        assert {_p, []} = Presence.retry_ping(p)
+      end
     end
   end
 
@@ -173,11 +176,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDepartureTest do
     end
 
     test "is held when the relay departs before it answers; its late answer is ignored" do
-      p = welcomed(["a"])
-      {p, [:ping]} = Presence.left(p, "a", relay(), true)
-      ping = make_ref()
-      p = Presence.pinged(p, ping)
-
+      {p, ping} = pinged_after_leave(["a"], "a")
       {p, [:pause, {:hold, hold}, {:greet, _}]} = Presence.departed(p)
       assert {^p, []} = Presence.pong(p, ping)
       assert Presence.interest(p) == MapSet.new(["a"])
@@ -190,9 +189,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDepartureTest do
     end
 
     test "is let go by a welcome that no longer has it, after a departure" do
-      p = welcomed(["a"])
-      {p, [:ping]} = Presence.left(p, "a", relay(), true)
-      p = Presence.pinged(p, make_ref())
+      {p, _ping} = pinged_after_leave(["a"], "a")
       {p, _} = Presence.departed(p)
 
       {p, actions} = Presence.welcome(p, new_relay(), 0, [])
@@ -201,10 +198,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDepartureTest do
     end
 
     test "a pong covers the leaves before its ping only; the link pings again for later ones" do
-      p = welcomed(["a", "b"])
-      {p, [:ping]} = Presence.left(p, "a", relay(), true)
-      first = make_ref()
-      p = Presence.pinged(p, first)
+      {p, first} = pinged_after_leave(["a", "b"], "a")
       # The ping is out: a second leave waits for the next one.
       {p, []} = Presence.left(p, "b", relay(), true)
 
@@ -219,10 +213,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDepartureTest do
     end
 
     test "a rejoin before the pong keeps the group" do
-      p = welcomed(["a"])
-      {p, [:ping]} = Presence.left(p, "a", relay(), true)
-      ping = make_ref()
-      p = Presence.pinged(p, ping)
+      {p, ping} = pinged_after_leave(["a"], "a")
       {p, [{:add_interest, "a"}]} = Presence.joined(p, "a")
 
       assert {p, []} = Presence.pong(p, ping)
@@ -249,12 +240,6 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDepartureTest do
       {p, [:ping]} = Presence.left(welcomed(["a"]), "a", relay(), true)
       {p, _} = Presence.departed(p)
       assert {_p, []} = Presence.retry_ping(p)
-    end
-
-    test "from a node that is not connected, it is a departure: held, no ping" do
-      p = welcomed(["a"])
-      {p, [{:hold, _}]} = Presence.left(p, "a", relay(), false)
-      assert Presence.interest(p) == MapSet.new(["a"])
     end
 
     test "while no relay is there, every leave is held and nothing is pinged" do
@@ -305,5 +290,12 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDepartureTest do
     {p, _} = Presence.snapshot(p, groups)
     {p, _} = Presence.welcome(p, relay(), 0, groups)
     p
+  end
+
+  # The same, after its relay left `group` with the node connected: pinged, no answer yet.
+  defp pinged_after_leave(groups, group) do
+    {p, [:ping]} = Presence.left(welcomed(groups), group, relay(), true)
+    ping = make_ref()
+    {Presence.pinged(p, ping), ping}
   end
 end

@@ -18,13 +18,14 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Presence do
   # topic}`) that `Cluster.forward/2` reads. A row goes only when the node no longer has
   # the group and the link keeps it for no reason below:
   #
-  #   * held: the node left the group because it went away (its relay left it while not
-  #     the relay that welcomed us, or with the node disconnected), or the relay departed
-  #     while a leave of its was not told apart yet. What the node misses meanwhile is
-  #     queued by the link and then delivered or counted. Held groups stay until `:pg`
-  #     shows them again, until a welcome says the node no longer wants them, or until
-  #     the hold is over: one hold at a time (`{:hold, token}`, then `hold_over/3`), from
-  #     the first group held, ending early once the relay is there and nothing is held;
+  #   * held: the node left the group because it went away (a member other than the
+  #     relay that welcomed us left it, or the node was disconnected), or the relay
+  #     departed while a leave of its was not told apart yet. What the node misses
+  #     meanwhile is queued by the link and then delivered or counted. Held groups stay
+  #     until `:pg` shows them again, until a welcome (or a new snapshot of the scope)
+  #     says the node no longer has them, or until the hold is over: one hold at a time
+  #     (`{:hold, token}`, then `hold_over/3`), from the first group held, ending early
+  #     once the relay is there and nothing is held;
   #   * leaving: the relay that welcomed us left the group while its node is connected.
   #     Most likely its own leave (its last subscriber went), but it may have died with
   #     its monitor not fired yet. The link pings the relay (`:ping`, confirmed with
@@ -277,19 +278,16 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Presence do
   @spec done(acc()) :: {t(), [action()]}
   defp done({p, actions}), do: {p, Enum.reverse(actions)}
 
+  # Each timer gets a token of its own: the next of `tokens`.
   @spec greet(acc()) :: acc()
-  defp greet({%__MODULE__{relay: nil} = p, actions}) do
-    {token, p} = token(p)
-    {%{p | hello: token}, [{:greet, token} | actions]}
-  end
+  defp greet({%__MODULE__{relay: nil, tokens: n} = p, actions}),
+    do: {%{p | hello: n, tokens: n + 1}, [{:greet, n} | actions]}
 
   defp greet(acc), do: acc
 
   @spec start_hold(acc()) :: acc()
-  defp start_hold({%__MODULE__{hold: nil} = p, actions}) do
-    {token, p} = token(p)
-    {%{p | hold: token}, [{:hold, token} | actions]}
-  end
+  defp start_hold({%__MODULE__{hold: nil, tokens: n} = p, actions}),
+    do: {%{p | hold: n, tokens: n + 1}, [{:hold, n} | actions]}
 
   defp start_hold(acc), do: acc
 
@@ -320,7 +318,4 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Presence do
 
     stop_hold_if_done({p, actions})
   end
-
-  @spec token(t()) :: {token(), t()}
-  defp token(%__MODULE__{tokens: token} = p), do: {token, %{p | tokens: token + 1}}
 end

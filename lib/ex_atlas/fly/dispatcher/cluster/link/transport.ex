@@ -168,12 +168,9 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Transport do
 
   @doc "Counts `n` dispatches the link held as dropped."
   @spec lose(t(), non_neg_integer()) :: t()
-  def lose(%__MODULE__{} = t, 0), do: t
-
   def lose(%__MODULE__{} = t, n) do
     :atomics.sub(t.counters, @queued, n)
-    :atomics.add(t.counters, @dropped, n)
-    %{t | lost: t.lost + n}
+    lose_unlinked(t, n)
   end
 
   @doc "Counts `n` dispatches for the node dropped before the link ran (never queued)."
