@@ -30,10 +30,10 @@ defmodule ExAtlas.Application do
     names = [ExAtlas.Fly.Dispatcher.Supervisor, ExAtlas.Fly.Dispatcher.registry_name()]
 
     if Enum.all?(names, &await_ours(&1, deadline)) do
-      Server.close_orphan()
+      Server.close_published(:orphan)
     else
       # Still shutting down after the bound: it is about to be killed; close for it.
-      Server.close_published()
+      Server.close_published(:any)
     end
   end
 

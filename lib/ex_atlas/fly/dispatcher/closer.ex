@@ -33,5 +33,5 @@ defmodule ExAtlas.Fly.Dispatcher.Closer do
   def handle_info(_message, state), do: {:noreply, state}
 
   @impl true
-  def terminate(_reason, _state), do: Server.close_orphan()
+  def terminate(_reason, _state), do: Server.close_published(:orphan)
 end

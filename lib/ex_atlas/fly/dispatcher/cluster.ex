@@ -15,17 +15,9 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   # node's relay is a member of the group of every topic it has local subscribers to.
   # No membership protocol of our own.
   #
-  # This module is the supervisor of cluster mode and the functions callers use. Its
-  # children, `:rest_for_one`:
-  #
-  #   * `Switch` turns forwarding on for as long as the supervisor runs, and off (with
-  #     the NIF's relay) only when it stops: a restart of the relay or of the scope does
-  #     not stop forwarding, so nothing is skipped uncounted meanwhile;
-  #   * the links' supervisor: one `Link` per other node, which outlives restarts of
-  #     the scope and of the relay, so that what it holds is never lost uncounted;
-  #   * the `:pg` scope, and the relay (a new scope needs a relay that joins again).
-  #
-  # The ETS tables belong to this supervisor, so that a restarted child finds them:
+  # This module is what callers use: forward/2 (the dispatch path), sync/1, stats/0, and
+  # the names of cluster mode's scope and tables. `Cluster.Supervisor` runs cluster mode
+  # and owns the tables:
   #
   #   * @links, `{node, handle}`: the link of each node, written by the link itself;
   #   * @interest, a bag of `{topic, node}`: the topics each node's link forwards, that
@@ -50,10 +42,9 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   # per interested node (with replay on: a read of @peers, and one lookup per node of
   # it). It never calls or waits for a process.
 
-  use Supervisor
-
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
-  alias ExAtlas.Fly.Dispatcher.Cluster.{Link, Relay, Switch}
+  alias ExAtlas.Fly.Dispatcher.Cluster.{Link, Relay}
+  alias ExAtlas.Fly.Dispatcher.ReplyAlias
 
   @scope ExAtlas.Fly.Dispatcher.PG
   @links ExAtlas.Fly.Dispatcher.Cluster.Links
@@ -64,26 +55,6 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   @link_sup ExAtlas.Fly.Dispatcher.Cluster.LinkSupervisor
   @bound_key {__MODULE__, :bound}
   @synced :"$ex_atlas_cluster_synced"
-
-  @spec start_link(keyword()) :: Supervisor.on_start()
-  def start_link(opts), do: Supervisor.start_link(__MODULE__, opts, name: __MODULE__)
-
-  @impl true
-  def init(opts) do
-    for table <- [@links, @seen, @unlinked, @peers],
-        do: :ets.new(table, [:named_table, :public, read_concurrency: true])
-
-    :ets.new(@interest, [:named_table, :public, :bag, read_concurrency: true])
-
-    children = [
-      {Switch, opts},
-      {DynamicSupervisor, name: @link_sup, strategy: :one_for_one},
-      %{id: :pg, start: {:pg, :start_link, [@scope]}},
-      {Relay, opts}
-    ]
-
-    Supervisor.init(children, strategy: :rest_for_one)
-  end
 
   @doc "The `:pg` scope of cluster mode."
   @spec scope() :: atom()
@@ -166,11 +137,13 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   defp forward([], _bound, _topic, _message), do: :ok
 
   defp forward([node | rest], bound, topic, message) do
-    case :ets.lookup(@links, node) do
-      [{^node, handle}] -> Link.push(handle, bound, topic, message)
-      # `:pg` shows the node's interest before its link runs: counted, never skipped.
-      [] -> :ets.update_counter(@unlinked, node, 1, {node, 0})
-    end
+    # `:dropped` at the node's bound: counted by the link (reported there).
+    _ =
+      case :ets.lookup(@links, node) do
+        [{^node, handle}] -> Link.push(handle, bound, topic, message)
+        # `:pg` shows the node's interest before its link runs: counted, never skipped.
+        [] -> :ets.update_counter(@unlinked, node, 1, {node, 0})
+      end
 
     forward(rest, bound, topic, message)
   end
@@ -223,27 +196,21 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   when some nodes did not answer within `timeout` ms. The replies come to a process
   alias that is gone when this returns: none reaches the caller later.
   """
-  @spec sync(timeout()) :: :ok | {:error, {:no_answer, [node()]}}
+  @spec sync(non_neg_integer()) :: :ok | {:error, {:no_answer, [node()]}}
   def sync(timeout) do
     :ok = RegistryBackend.sync(nil)
     connected = Node.list()
-    reply_to = :erlang.alias()
 
-    waits =
-      for {node, handle} <- links(), node in connected, into: %{} do
-        ref = make_ref()
-        :ok = Link.push_sync(handle, reply_to, ref)
-        {ref, node}
-      end
+    ReplyAlias.within(@synced, fn reply_to ->
+      waits =
+        for {node, handle} <- links(), node in connected, into: %{} do
+          ref = make_ref()
+          :ok = Link.push_sync(handle, reply_to, ref)
+          {ref, node}
+        end
 
-    deadline = System.monotonic_time(:millisecond) + timeout
-
-    try do
-      await_synced(waits, deadline)
-    after
-      :erlang.unalias(reply_to)
-      flush_synced(waits)
-    end
+      await_synced(waits, System.monotonic_time(:millisecond) + timeout)
+    end)
   end
 
   defp await_synced(waits, _deadline) when map_size(waits) == 0, do: :ok
@@ -256,15 +223,6 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
         await_synced(Map.delete(waits, ref), deadline)
     after
       left -> {:error, {:no_answer, waits |> Map.values() |> Enum.sort()}}
-    end
-  end
-
-  # Replies that reached the alias before it was deactivated.
-  defp flush_synced(waits) do
-    receive do
-      {@synced, ref, _node} when is_map_key(waits, ref) -> flush_synced(waits)
-    after
-      0 -> :ok
     end
   end
 
@@ -298,33 +256,5 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
     :ets.tab2list(@unlinked)
   rescue
     ArgumentError -> []
-  end
-end
-
-defmodule ExAtlas.Fly.Dispatcher.Cluster.Switch do
-  @moduledoc false
-  # Forwarding is on while cluster mode's supervisor runs: the first child, so it stops
-  # last and turns forwarding (and the NIF's relay) off only when all of cluster mode
-  # stops, never while the relay or the scope restarts.
-
-  use GenServer
-
-  alias ExAtlas.Fly.Dispatcher.{Cluster, Native, Server}
-
-  @spec start_link(keyword()) :: GenServer.on_start()
-  def start_link(opts), do: GenServer.start_link(__MODULE__, opts)
-
-  @impl true
-  def init(opts) do
-    Process.flag(:trap_exit, true)
-    dispatcher = Server.lookup() || raise ArgumentError, "no registry runs"
-    Cluster.enable(Keyword.fetch!(opts, :cluster_queue), Keyword.get(opts, :replay, 0) > 0)
-    {:ok, dispatcher}
-  end
-
-  @impl true
-  def terminate(_reason, dispatcher) do
-    Cluster.disable()
-    if Server.lookup() == dispatcher, do: Native.set_relay(dispatcher, :undefined)
   end
 end

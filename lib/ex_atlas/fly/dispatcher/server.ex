@@ -76,27 +76,18 @@ defmodule ExAtlas.Fly.Dispatcher.Server do
   def closed_reason, do: @closed_reason
 
   @doc """
-  Closes a published dispatcher that no server owns any more (its supervisor gave up
-  restarting it); called when the `:ex_atlas` application stops.
+  Closes the published dispatcher, if any, for the `:ex_atlas` application's stop:
+  `:orphan` only when no server owns it any more (its supervisor gave up restarting it,
+  or was stopped); `:any` whoever owns it, when its own tree did not finish shutting down
+  (it is about to be killed).
   """
-  @spec close_orphan() :: :ok
-  def close_orphan do
-    case {lookup(), GenServer.whereis(ExAtlas.Fly.Dispatcher.registry_name())} do
-      {nil, _} -> :ok
-      {dispatcher, nil} -> close(dispatcher)
-      {_dispatcher, _server} -> :ok
-    end
-  end
-
-  @doc """
-  Closes the published dispatcher, whoever owns it; for the `:ex_atlas` application's
-  stop when its own tree did not finish shutting down (it is about to be killed).
-  """
-  @spec close_published() :: :ok
-  def close_published do
-    case lookup() do
-      nil -> :ok
-      dispatcher -> close(dispatcher)
+  @spec close_published(:orphan | :any) :: :ok
+  def close_published(owner) when owner in [:orphan, :any] do
+    with dispatcher when dispatcher != nil <- lookup(),
+         true <- owner == :any or GenServer.whereis(ExAtlas.Fly.Dispatcher.registry_name()) == nil do
+      close(dispatcher)
+    else
+      _ -> :ok
     end
   end
 

@@ -52,8 +52,8 @@ defmodule ExAtlas.Fly.Dispatcher.Supervisor do
         children ++
           [
             %{
-              id: Cluster,
-              start: {Cluster, :start_link, [[cluster_queue: queue, replay: replay]]},
+              id: Cluster.Supervisor,
+              start: {Cluster.Supervisor, :start_link, [[cluster_queue: queue, replay: replay]]},
               type: :supervisor
             }
           ]

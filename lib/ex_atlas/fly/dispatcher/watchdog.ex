@@ -49,7 +49,11 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   # is already far past any useful interval.
   @max_poll_ms 4_294_967_295
 
-  @typedoc "Validated options: threshold, poll_ms and cooldown_ms, in that order."
+  @typedoc """
+  Validated options, each present once and in this order: replay, threshold, poll_ms,
+  cooldown_ms. The watchdog matches the last three in that order, once `subscribe/2`
+  has taken replay out.
+  """
   @type options :: [
           replay: non_neg_integer(),
           threshold: pos_integer(),

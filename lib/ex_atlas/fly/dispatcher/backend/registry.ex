@@ -6,7 +6,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   require Logger
 
-  alias ExAtlas.Fly.Dispatcher.{Cluster, Native, Sender, Server, Telemetry}
+  alias ExAtlas.Fly.Dispatcher.{Cluster, Native, ReplyAlias, Sender, Server, Telemetry}
 
   @room :"$ex_atlas_room"
   @successor_poll_ms 5
@@ -145,11 +145,8 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
       :forward ->
         true
 
-      {:full, pending} ->
-        :ok = make_room(pending, topic, message)
-        true
-
-      {:more, pending} ->
+      # A lane was full, or the timeslice ran out: the rest waits in `pending`.
+      {full_or_more, pending} when full_or_more in [:full, :more] ->
         :ok = make_room(pending, topic, message)
         true
 
@@ -217,17 +214,13 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   @impl true
   def sync(_arg) do
     dispatcher = dispatcher!()
-    reply_to = :erlang.alias()
 
-    try do
+    ReplyAlias.within(Sender.synced_tag(), fn reply_to ->
       dispatcher
       |> Native.senders()
       |> Enum.with_index(fn sender, lane -> ask(sender, lane, reply_to) end)
       |> Enum.each(&await_sender(&1, dispatcher, reply_to))
-    after
-      :erlang.unalias(reply_to)
-      flush_synced(Sender.synced_tag())
-    end
+    end)
   end
 
   defp ask(sender, lane, reply_to) when is_pid(sender) do
@@ -271,15 +264,6 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
       true ->
         receive after: (@successor_poll_ms -> successor(lane, gone, dispatcher, reply_to))
-    end
-  end
-
-  # Answers that reached the alias before it was removed.
-  defp flush_synced(tag) do
-    receive do
-      {^tag, _ref} -> flush_synced(tag)
-    after
-      0 -> :ok
     end
   end
 

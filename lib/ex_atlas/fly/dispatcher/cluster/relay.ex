@@ -121,21 +121,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
   end
 
   def handle_info({:reap, node}, state) do
-    unless node in Node.list() do
-      case :ets.lookup(Cluster.links_table(), node) do
-        [{^node, {pid, _counts}}] ->
-          _ = DynamicSupervisor.terminate_child(Cluster.link_supervisor(), pid)
-
-        [] ->
-          :ok
-      end
-
-      # The counts of that node's links: they will not greet us again.
-      :ets.select_delete(Cluster.seen_table(), [
-        {{:"$1", :_}, [{:==, {:node, :"$1"}, node}], [true]}
-      ])
-    end
-
+    if node not in Node.list(), do: reap(node)
     {:noreply, state}
   end
 
@@ -152,6 +138,21 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
   end
 
   def handle_info(_other, state), do: {:noreply, state}
+
+  # Stops the link of `node`, which stayed away.
+  defp reap(node) do
+    with [{^node, {pid, _counts}}] <- :ets.lookup(Cluster.links_table(), node) do
+      _ = DynamicSupervisor.terminate_child(Cluster.link_supervisor(), pid)
+    end
+
+    # The counts of that node's links: they will not greet us again.
+    _ =
+      :ets.select_delete(Cluster.seen_table(), [
+        {{:"$1", :_}, [{:==, {:node, :"$1"}, node}], [true]}
+      ])
+
+    :ok
+  end
 
   defp schedule_reap(node), do: Process.send_after(self(), {:reap, node}, 2 * Link.hold_ms())
 

@@ -1,0 +1,51 @@
+defmodule ExAtlas.Fly.Dispatcher.Cluster.Supervisor do
+  @moduledoc false
+  # Runs cluster mode (see `Cluster`). Its children, `:rest_for_one`:
+  #
+  #   * `Switch` turns forwarding on for as long as this supervisor runs, and off (with
+  #     the NIF's relay) only when it stops: a restart of the relay or of the scope does
+  #     not stop forwarding, so nothing is skipped uncounted meanwhile;
+  #   * the links' supervisor: one `Link` per other node, which outlives restarts of
+  #     the scope and of the relay, so that what it holds is never lost uncounted;
+  #   * the `:pg` scope, and the relay (a new scope needs a relay that joins again).
+  #
+  # The ETS tables of cluster mode (described in `Cluster`) belong to this supervisor, so
+  # that a restarted child finds them.
+
+  use Supervisor
+
+  alias ExAtlas.Fly.Dispatcher.Cluster
+  alias ExAtlas.Fly.Dispatcher.Cluster.{Relay, Switch}
+
+  @doc """
+  Starts cluster mode; `opts`: `cluster_queue` (messages queued per node at most) and
+  `replay` (this node's `replay`).
+  """
+  @spec start_link(keyword()) :: Supervisor.on_start()
+  def start_link(opts), do: Supervisor.start_link(__MODULE__, opts, name: __MODULE__)
+
+  @impl true
+  def init(opts) do
+    tables = [
+      Cluster.links_table(),
+      Cluster.seen_table(),
+      Cluster.unlinked_table(),
+      Cluster.peers_table()
+    ]
+
+    for table <- tables,
+        do: ^table = :ets.new(table, [:named_table, :public, read_concurrency: true])
+
+    interest = Cluster.interest_table()
+    ^interest = :ets.new(interest, [:named_table, :public, :bag, read_concurrency: true])
+
+    children = [
+      {Switch, opts},
+      {DynamicSupervisor, name: Cluster.link_supervisor(), strategy: :one_for_one},
+      %{id: :pg, start: {:pg, :start_link, [Cluster.scope()]}},
+      {Relay, opts}
+    ]
+
+    Supervisor.init(children, strategy: :rest_for_one)
+  end
+end
