@@ -5,6 +5,9 @@
 # The PLT of OTP and Elixir takes minutes to build, so it is cached outside the checkout
 # (EX_ATLAS_CACHE, default ~/.cache/ex_atlas), one per OTP and Elixir version, and built
 # only when missing. A fresh machine builds it once.
+#
+# Phoenix.PubSub and :telemetry are optional dependencies, absent here: dialyzer lists
+# the calls to them under "Unknown functions", which is not a warning.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
