@@ -169,6 +169,8 @@ fn send_chunk(
 ) -> (usize, bool) {
     let raw = pid_to_raw(pid);
     let mut slice = Timeslice::new(env);
+    // Timed from the start: the first decode is charged too, whatever its size.
+    slice.start();
     let told = missed > 0;
     if told {
         let notice = (atoms::ex_atlas_fly_gap(), topic, missed).encode(env);
