@@ -1,23 +1,32 @@
-# Replay (issue 20): what keeping each topic's recent dispatches costs. In one run:
+# Replay (issue 24, "Cost"): what keeping each topic's recent dispatches costs. In one run:
 #
-#   1. dispatch/2 with `replay: 100` beside `replay: 0`, caller-blocked and end to end, at
+#   1. memory per kept message (our accounting, the VM's growth, resident memory's growth)
+#      against the message's own size; first, so that no memory freed by the other parts
+#      hides resident memory's growth;
+#   2. dispatch/2 with `replay: 100` beside `replay: 0`, caller-blocked and end to end, at
 #      each N of `--sizes` subscribers of one topic; the application restarts between the
 #      two settings, which take turns round by round (`--rounds`), the history full (100
-#      kept) before anything is timed, so every timed dispatch evicts one; and where the
-#      caller's time goes, on topics without subscribers, beside one send/2 of the batch;
-#   2. subscribe(topic, replay: 100) to a topic with 100 kept batches, from a fresh
+#      kept) before anything is timed, so every timed dispatch evicts one; and, in the same
+#      rounds, where the caller's time goes: dispatches to topics without subscribers
+#      beside one send/2 of the same message. Twice: for the 20-line batch decoded from its
+#      external format (no literals, as a batch decoded from JSON: the targets) and for
+#      the batch built in code (its literals shared by send/2: no target);
+#   3. subscribe(topic, replay: 100) to a topic with 100 kept batches, from a fresh
 #      process, on-heap and off-heap: how long the call blocks, and when the 100th message
-#      is in hand; beside subscribe/1 and a process that keeps the 100 batches itself;
-#   3. memory per kept message (our accounting, the VM's growth) against the message's
-#      own size.
+#      is in hand; beside subscribe/1 and a process that keeps the 100 batches itself.
+#
+# Targets (issue 24, for the decoded batch): the time replay adds to a dispatch's caller
+# at most 1.5x one send/2 of the message, with no subscriber and with 10; end to end at
+# 10 000 subscribers at most 1.05x without replay; the 100th replayed message in hand
+# within 1.2x the time a process holding the batches takes to send them.
 #
 #     MIX_ENV=prod mix run bench/replay.exs          # bench/results/replay.md
 #     MIX_ENV=prod mix run bench/replay.exs --quick  # seconds; temp dir (CI)
 #
 # Options: --sizes 10,10000  --rounds R  --reps N (timed dispatches per size, setting and
-#          round)  --joins J (subscribes per kind)  --topics T (part 3: T topics x 100)
+#          round)  --joins J (subscribes per kind)  --topics T (part 1: T topics x 100)
 #          --out DIR. Method, columns and targets: bench/README.md. With
-#          EX_ATLAS_ALLOC_STATS=1 part 3 also gives the NIF's own heap.
+#          EX_ATLAS_ALLOC_STATS=1 part 1 also gives the NIF's own heap.
 
 Code.require_file("support/bench.ex", __DIR__)
 
@@ -27,15 +36,20 @@ defmodule ReplayBench do
 
   @kept 100
   @built "the batch built in code (Bench.entries/0: its literals shared by send/2)"
-  @decoded "the same batch decoded from its external format (no literals, as from JSON)"
+  @decoded "the batch decoded from its external format (no literals, as from JSON)"
   @settings [0, @kept]
-  @joiners [:replay_on_heap, :replay_off_heap, :subscribe, :keeper]
+  @joiners [:replay_on_heap, :replay_off_heap, :subscribe, :keeper, :keeper_built]
   @join_labels %{
     replay_on_heap: "subscribe(topic, replay: #{@kept}), on-heap queue",
     replay_off_heap: "subscribe(topic, replay: #{@kept}), off-heap queue",
     subscribe: "subscribe(topic), no replay",
-    keeper: "a process keeping #{@kept} batches sends them (call)"
+    keeper: "a process keeping #{@kept} decoded batches sends them (call)",
+    keeper_built: "a process keeping #{@kept} batches built in code sends them (call)"
   }
+  # Issue 24's bounds.
+  @added_max 1.5
+  @e2e_max 1.05
+  @join_max 1.2
 
   def main(argv) do
     switches = [sizes: :ints, rounds: :integer, reps: :integer, joins: :integer, topics: :integer]
@@ -52,45 +66,56 @@ defmodule ReplayBench do
     command = Bench.command("replay.exs")
     title = "Replay: the cost of keeping #{@kept} dispatches per topic"
     IO.puts(Bench.header(title, command, machine))
+    started = System.monotonic_time(:millisecond)
 
     message = {:ex_atlas_fly_logs, "app1", Bench.entries()}
     # The same batch as a host gets it from a JSON decoder: no literals. A send/2 skips
-    # a message's literals (they stay shared), a kept copy cannot (the module holding
-    # them may be purged), so how many literals a message holds decides what keeping it
-    # costs beside a send.
-    decoded = :erlang.binary_to_term(:erlang.term_to_binary(message))
+    # a message's literals (they stay shared); a kept copy has none (it is encoded), so
+    # the targets are for this one, and the built batch is reported beside it.
+    decoded = decode(message)
+    memory = memory_cost(o, decoded)
+    {decoded_dispatch, decoded_alone} = dispatch_cost(o, decoded)
     {dispatch, alone} = dispatch_cost(o, message)
-    {decoded_dispatch, _} = dispatch_cost(o, decoded)
-    joins = join_cost(o, message)
-    memory = memory_cost(o, message)
+    joins = join_cost(o, decoded, message)
 
-    machine = machine ++ [load_average_at_end: Bench.load_average()]
+    seconds = div(System.monotonic_time(:millisecond) - started, 1_000)
+    machine = machine ++ [load_average_at_end: Bench.load_average(), duration: "#{seconds} s"]
+    decoded_cost = cost(decoded_dispatch, decoded_alone, o)
+    built_cost = cost(dispatch, alone, o)
 
     Bench.write(o.out, "replay.md", [
       Bench.header(title, command, machine),
       "The message: `{:ex_atlas_fly_logs, app, entries}` with 20 small maps " <>
-        "(#{Bench.bytes(own_bytes(message))} as `:erts_debug.flat_size/1` counts it); " <>
+        "(#{Bench.bytes(own_bytes(message))} as `:erts_debug.flat_size/1` counts it, " <>
+        "#{Bench.bytes(:erlang.external_size(message))} encoded); " <>
         "#{Dispatcher.stats().lanes} lanes; `replay_memory` at its default (64 MiB) in " <>
-        "parts 1 and 2. Method and columns: [bench/README.md](../README.md).\n",
+        "parts 2 and 3. Method and columns: [bench/README.md](../README.md).\n",
       "## Targets\n",
-      targets(dispatch, @built),
-      targets(decoded_dispatch, @decoded),
-      "## Dispatch with and without replay\n",
-      dispatch_table(dispatch, o, @built),
-      dispatch_table(decoded_dispatch, o, @decoded),
-      alone_table(alone),
-      "## Subscribe with replay\n",
-      join_table(joins, o),
+      targets(decoded_cost, joins),
+      beside(built_cost, decoded_cost, joins),
       "## Memory per kept message\n",
-      memory_table(memory)
+      memory_table(memory),
+      "## Dispatch with and without replay\n",
+      dispatch_table(decoded_dispatch, o, @decoded),
+      alone_table(decoded_alone, @decoded),
+      dispatch_table(dispatch, o, @built),
+      alone_table(alone, @built),
+      "## Subscribe with replay\n",
+      join_table(joins, o)
     ])
+
+    IO.puts("#{seconds} s")
   end
 
-  ## 1. Dispatch cost: `replay: 0` and `replay: 100` take turns, round by round.
+  defp decode(term), do: :erlang.binary_to_term(:erlang.term_to_binary(term))
+
+  ## 2. Dispatch cost: `replay: 0` and `replay: 100` take turns, round by round.
 
   defp reps_for(n) when n <= 100, do: 1_000
   defp reps_for(n), do: max(10, div(600_000, n))
 
+  # {%{{n, replay} => [{round, [{caller ns, e2e ns}]}]},
+  #  %{{name, mode} => [{round, [caller ns]}]}}, rounds in order.
   defp dispatch_cost(o, message) do
     counter = :atomics.new(1, signed: true)
     parent = self()
@@ -115,29 +140,31 @@ defmodule ReplayBench do
             end
 
           for {key, ns} <- unsubscribed(replay, round, message, o), reduce: acc do
-            acc -> Map.update(acc, key, ns, &(ns ++ &1))
+            acc -> Map.update(acc, key, [{round, ns}], &[{round, ns} | &1])
           end
       end
 
     IO.puts("dispatch cost: #{o.rounds} rounds done")
     Enum.each(pids, &Process.exit(&1, :kill))
-    {fanout, alone} = Enum.split_with(samples, &match?({{_, _}, _}, &1))
-    {Map.new(fanout, fn {key, rounds} -> {key, Enum.reverse(rounds)} end), Map.new(alone)}
+
+    {fanout, alone} = Enum.split_with(samples, &match?({{n, _}, _} when is_integer(n), &1))
+
+    in_order =
+      &Map.new(&1, fn {key, rounds} -> {key, Enum.sort_by(rounds, fn r -> elem(r, 0) end)} end)
+
+    {in_order.(fanout), in_order.(alone)}
   end
 
   # Where the caller's time goes: dispatches to topics without subscribers, the batch and
   # a small message, the kinds in turn. With replay, "full" topics keep 100 (each dispatch
   # evicts one), "filling" ones fewer (a new topic every 100 dispatches: none evicts).
+  # The reference, in every round of both settings: one send/2 of the same message to a
+  # process that drops what it gets (its queue off-heap: the send is one copy).
   defp unsubscribed(replay, round, message, o) do
     reps = if o.quick, do: 200, else: 2_000
-    messages = [batch: message, small: {:ex_atlas_fly_logs, "app1", []}]
-    modes = if replay > 0, do: [:full, :filling], else: [:off, :send]
-    # The reference: one copy of the message (as the NIF's copy, without literals) by a
-    # send/2 to a process that drops what it gets.
-    copies =
-      Map.new(messages, fn {name, msg} ->
-        {name, :erlang.binary_to_term(:erlang.term_to_binary(msg))}
-      end)
+    {tag, app, _} = message
+    messages = [batch: message, small: {tag, app, []}]
+    modes = if replay > 0, do: [:full, :filling, :send], else: [:off, :send]
 
     sink =
       spawn_link(fn ->
@@ -158,10 +185,10 @@ defmodule ReplayBench do
 
         {_, ns} =
           if mode == :send,
-            do: Bench.timed(fn -> send(sink, copies[name]) end),
+            do: Bench.timed(fn -> send(sink, msg) end),
             else: Bench.timed(fn -> :ok = Dispatcher.dispatch(topic, msg) end)
 
-        {{:alone, name, mode}, ns}
+        {{name, mode}, ns}
       end
 
     Process.unlink(sink) && Process.exit(sink, :kill)
@@ -239,9 +266,9 @@ defmodule ReplayBench do
     subscriber_loop(counter, waiter)
   end
 
-  ## 2. Subscribe with replay: a fresh process each time, the kinds taking turns.
+  ## 3. Subscribe with replay: a fresh process each time, the kinds taking turns.
 
-  defp join_cost(o, message) do
+  defp join_cost(o, message, built) do
     :ok = Bench.restart(replay: @kept)
     topic = "replay:join"
     for _ <- 1..@kept, do: :ok = Dispatcher.dispatch(topic, message)
@@ -249,20 +276,23 @@ defmodule ReplayBench do
     kept = Dispatcher.stats().replay_messages
     kept == @kept || raise "#{kept} messages kept for #{topic}, expected #{@kept}"
 
-    # The comparison: a process that keeps the last 100 batches itself (copies without
-    # literals, as the NIF's are) and sends them on request, as a GenServer would.
-    history = for _ <- 1..@kept, do: :erlang.binary_to_term(:erlang.term_to_binary(message))
-    keeper = spawn_link(fn -> keeper(history) end)
+    # The comparison: a process that keeps the last 100 batches itself and sends them on
+    # request, as a GenServer would. Decoded copies (no literals, as a replayed message
+    # is, the target's reference), or batches built in code (literals shared: no target).
+    keepers = %{
+      keeper: spawn_link(fn -> keeper(for _ <- 1..@kept, do: decode(message)) end),
+      keeper_built: spawn_link(fn -> keeper(for _ <- 1..@kept, do: rebuild(built)) end)
+    }
 
     run = fn reps ->
       for rep <- 0..(reps - 1)//1,
           kind <- rotate(@joiners, rep),
-          do: {kind, join(kind, topic, keeper)}
+          do: {kind, join(kind, topic, keepers[kind])}
     end
 
     _ = run.(max(2, div(o.joins, 10)))
     samples = run.(o.joins)
-    Process.unlink(keeper) && Process.exit(keeper, :kill)
+    for {_, pid} <- keepers, do: Process.unlink(pid) && Process.exit(pid, :kill)
     IO.puts("subscribe with replay: #{o.joins} per kind done")
 
     Map.new(@joiners, fn kind ->
@@ -277,6 +307,9 @@ defmodule ReplayBench do
        }}
     end)
   end
+
+  # A new batch like `built`: the entries built again (their literals shared with it).
+  defp rebuild({tag, app, _}), do: {tag, app, Bench.entries()}
 
   defp rotate(list, rep),
     do: Enum.drop(list, rem(rep, length(list))) ++ Enum.take(list, rem(rep, length(list)))
@@ -293,7 +326,7 @@ defmodule ReplayBench do
 
         case kind do
           :subscribe -> :ok = Dispatcher.subscribe(topic)
-          :keeper -> :ok = from_keeper(keeper)
+          k when k in [:keeper, :keeper_built] -> :ok = from_keeper(keeper)
           _ -> :ok = Dispatcher.subscribe(topic, replay: @kept)
         end
 
@@ -344,13 +377,15 @@ defmodule ReplayBench do
     end
   end
 
-  ## 3. Memory: T topics x 100 kept messages, measured around their dispatches.
+  ## 1. Memory: T topics x 100 kept messages, measured around their dispatches.
 
   defp memory_cost(o, message) do
     own = own_bytes(message)
     count = o.topics * @kept
-    # Room for every message even if the accounting were twice the message's size.
+    # Room for every message even if the accounting were twice the message's size; the
+    # setting is put back afterwards (the other parts run at the default).
     limit = max(64 * 1_048_576, 2 * count * own)
+    env = Application.get_env(:ex_atlas, :fly, [])
     :ok = Bench.restart(replay: @kept, replay_memory: limit)
     m0 = settled_memory()
     for t <- 1..o.topics, _ <- 1..@kept, do: :ok = Dispatcher.dispatch("memory:#{t}", message)
@@ -362,6 +397,8 @@ defmodule ReplayBench do
       raise "#{stats.replay_messages} messages kept, expected #{count}"
 
     IO.puts("memory: #{count} messages kept")
+    :ok = Application.stop(:ex_atlas)
+    Application.put_env(:ex_atlas, :fly, env)
 
     %{
       count: count,
@@ -369,6 +406,7 @@ defmodule ReplayBench do
       topics: o.topics,
       accounted: stats.replay_bytes / count,
       vm: (m1.vm - m0.vm) / count,
+      rss: m1.rss && m0.rss && (m1.rss - m0.rss) / count,
       nif: m1.nif && m0.nif && (m1.nif - m0.nif) / count,
       own: own,
       external: :erlang.external_size(message)
@@ -376,7 +414,8 @@ defmodule ReplayBench do
   end
 
   # Every process collected (a closed dispatcher's kept messages go when the last
-  # reference to it does), then :erlang.memory(:total) read until it stops changing.
+  # reference to it does), then :erlang.memory(:total) read until it stops changing, and
+  # resident memory read then.
   defp settled_memory do
     Enum.each(Process.list(), &:erlang.garbage_collect/1)
 
@@ -387,7 +426,15 @@ defmodule ReplayBench do
         if abs(now - bytes) < 4_096, do: {:halt, now}, else: {:cont, now}
       end)
 
-    %{vm: vm, nif: Map.get(Dispatcher.stats(), :allocated_bytes)}
+    %{vm: vm, rss: resident(), nif: Map.get(Dispatcher.stats(), :allocated_bytes)}
+  end
+
+  # VmRSS of this OS process in bytes, nil without /proc.
+  defp resident do
+    with {:ok, status} <- File.read("/proc/self/status"),
+         [_, kib] <- Regex.run(~r/^VmRSS:\s*(\d+) kB$/m, status),
+         do: String.to_integer(kib) * 1_024,
+         else: (_ -> nil)
   end
 
   # The message's own size: its heap words (`:erts_debug.flat_size/1`, shared subterms
@@ -413,15 +460,175 @@ defmodule ReplayBench do
     }
   end
 
-  # replay/no-replay ratio of the medians of each round, as `min-max`.
+  # %{round => median} at n subscribers and setting replay; part 0: caller, 1: end to end.
+  defp round_medians(dispatch, n, replay, part) do
+    Map.new(dispatch[{n, replay}], fn {round, rows} ->
+      {round, Bench.median(for row <- rows, do: elem(row, part))}
+    end)
+  end
+
+  # replay/no-replay ratios of the medians of each round.
   defp round_ratios(dispatch, n, part) do
-    pick = fn rows -> Bench.median(for row <- rows, do: elem(row, part)) end
+    with_ = round_medians(dispatch, n, @kept, part)
+    without = round_medians(dispatch, n, 0, part)
+    for {round, w} <- with_, do: w / without[round]
+  end
 
-    ratios =
-      for {{round, with}, {round, without}} <- Enum.zip(dispatch[{n, @kept}], dispatch[{n, 0}]),
-          do: pick.(with) / pick.(without)
+  # A list of ratios as `min-max x`.
+  defp range(ratios), do: "#{Bench.sig(Enum.min(ratios))}-#{Bench.sig(Enum.max(ratios))}x"
 
-    "#{Bench.sig(Enum.min(ratios))}-#{Bench.sig(Enum.max(ratios))}x"
+  # Every sample of a kind without subscribers ({name, mode}), over all rounds; and the
+  # median of each round (the send/2 reference is timed in both settings of a round).
+  defp all(alone, key), do: for({_round, ns} <- alone[key], x <- ns, do: x)
+
+  defp alone_rounds(alone, key) do
+    alone[key]
+    |> Enum.group_by(&elem(&1, 0), &elem(&1, 1))
+    |> Map.new(fn {round, lists} -> {round, Bench.median(Enum.concat(lists))} end)
+  end
+
+  # What issue 24's targets measure, from one dispatch_cost/2 (so in the same rounds):
+  # one send/2 of the batch; the time replay adds for the caller without subscribers (100
+  # kept, each dispatch evicting one, minus replay: 0) and at 10 subscribers (medians of
+  # replay: 100 minus replay: 0), each against that send/2, over all rounds and per
+  # round; end to end at 10 000 against replay: 0. nil for a size not run.
+  defp cost(dispatch, alone, o) do
+    med = &Bench.median(all(alone, {:batch, &1}))
+    send = alone_rounds(alone, {:batch, :send})
+    full = alone_rounds(alone, {:batch, :full})
+    off = alone_rounds(alone, {:batch, :off})
+
+    at10 =
+      if 10 in o.sizes do
+        with_ = round_medians(dispatch, 10, @kept, 0)
+        without = round_medians(dispatch, 10, 0, 0)
+
+        %{
+          added: stats(dispatch, 10, @kept).caller.median - stats(dispatch, 10, 0).caller.median,
+          rounds: for({r, w} <- with_, do: (w - without[r]) / send[r])
+        }
+      end
+
+    e2e =
+      if 10_000 in o.sizes do
+        %{
+          with: stats(dispatch, 10_000, @kept).e2e.median,
+          without: stats(dispatch, 10_000, 0).e2e.median,
+          rounds: round_ratios(dispatch, 10_000, 1)
+        }
+      end
+
+    %{
+      send: med.(:send),
+      alone: %{
+        added: med.(:full) - med.(:off),
+        rounds: for({r, f} <- full, do: (f - off[r]) / send[r])
+      },
+      at10: at10,
+      e2e: e2e
+    }
+  end
+
+  defp added_row(text, nil, _send), do: {text, "(size not run)", nil}
+
+  defp added_row(text, added, send) do
+    ratio = added.added / send
+
+    {text,
+     "#{Bench.sig(ratio)}x: +#{Bench.dur(added.added)} / #{Bench.dur(send)} " <>
+       "(rounds #{range(added.rounds)})", ratio <= @added_max}
+  end
+
+  defp e2e_row(text, nil), do: {text, "(size not run)", nil}
+
+  defp e2e_row(text, e) do
+    ratio = e.with / e.without
+
+    {text,
+     "#{Bench.sig(ratio)}x: #{Bench.dur(e.with)} / #{Bench.dur(e.without)} " <>
+       "(rounds #{range(e.rounds)})", ratio <= @e2e_max}
+  end
+
+  defp join_row(text, joins, kind, keeper) do
+    ratio = joins[kind].last.median / joins[keeper].last.median
+
+    {text,
+     "#{Bench.sig(ratio)}x: #{Bench.dur(joins[kind].last.median)} / " <>
+       "#{Bench.dur(joins[keeper].last.median)}", ratio <= @join_max}
+  end
+
+  defp targets(c, joins) do
+    send = "<= #{@added_max}x one send/2 of it"
+
+    rows = [
+      added_row(
+        "caller's added time, no subscribers (100 kept, one evicted) #{send}",
+        c.alone,
+        c.send
+      ),
+      added_row(
+        "caller's added time, 10 subscribers (replay: #{@kept} - 0) #{send}",
+        c.at10,
+        c.send
+      ),
+      e2e_row("end to end, 10000 subscribers: replay: #{@kept} <= #{@e2e_max}x replay: 0", c.e2e),
+      join_row(
+        "#{@kept}th replayed message in hand, on-heap queue (the default; the target) " <>
+          "<= #{@join_max}x keeper",
+        joins,
+        :replay_on_heap,
+        :keeper
+      ),
+      join_row(
+        "the same, off-heap queue (for information) <= #{@join_max}x keeper",
+        joins,
+        :replay_off_heap,
+        :keeper
+      )
+    ]
+
+    Bench.targets("Targets (issue 24): #{@decoded}", rows,
+      note:
+        "medians from this run: added time = median with replay minus median without, " <>
+          "against the median of a send/2 of the same message timed in the same rounds " <>
+          "(rounds: the range of each round's own figure); keeper: a process holding " <>
+          "#{@kept} decoded batches sends them to the new one"
+    )
+  end
+
+  # The built batch's figures beside the decoded one's: no target.
+  defp beside(b, d, joins) do
+    added = fn
+      nil, _ -> "-"
+      a, send -> "+#{Bench.dur(a.added)} = #{Bench.ratio(a.added, send)} send/2"
+    end
+
+    e2e = fn
+      nil -> "-"
+      e -> Bench.ratio(e.with, e.without)
+    end
+
+    last = fn kind, keeper -> Bench.ratio(joins[kind].last.median, joins[keeper].last.median) end
+
+    Bench.table(
+      "The same measures for #{@built}: no target",
+      "measure|built in code|decoded (the targets)",
+      [
+        ["one send/2 of the batch (median)", Bench.dur(b.send), Bench.dur(d.send)],
+        ["caller's added time, no subscribers", added.(b.alone, b.send), added.(d.alone, d.send)],
+        ["caller's added time, 10 subscribers", added.(b.at10, b.send), added.(d.at10, d.send)],
+        ["end to end, 10000 subscribers, vs replay: 0", e2e.(b.e2e), e2e.(d.e2e)],
+        [
+          "#{@kept}th replayed message (on-heap / off-heap) vs a keeper of such batches",
+          "#{last.(:replay_on_heap, :keeper_built)} / #{last.(:replay_off_heap, :keeper_built)}",
+          "#{last.(:replay_on_heap, :keeper)} / #{last.(:replay_off_heap, :keeper)}"
+        ]
+      ],
+      note:
+        "a send/2 leaves a message's literals shared: the built batch's is cheaper, while " <>
+          "what replay keeps is the same encoding for both; a replayed message is always " <>
+          "decoded (no literals)"
+    )
   end
 
   defp dispatch_table(dispatch, o, label) do
@@ -440,8 +647,8 @@ defmodule ReplayBench do
             else: [
               Bench.ratio(s.caller.median, base.caller.median),
               Bench.ratio(s.e2e.median, base.e2e.median),
-              round_ratios(dispatch, n, 0),
-              round_ratios(dispatch, n, 1)
+              range(round_ratios(dispatch, n, 0)),
+              range(round_ratios(dispatch, n, 1))
             ]
       end,
       left: 0,
@@ -452,32 +659,18 @@ defmodule ReplayBench do
     )
   end
 
-  defp targets(dispatch, label) do
-    ns = for {n, _} <- Map.keys(dispatch), uniq: true, do: n
-
-    rows =
-      for n <- [10, 10_000], {part, name} <- [{:caller, "caller"}, {:e2e, "end to end"}] do
-        text = "#{name} at #{n}: replay: #{@kept} <= 1.10x replay: 0"
-
-        if n in ns do
-          ratio = stats(dispatch, n, @kept)[part].median / stats(dispatch, n, 0)[part].median
-          {text, Bench.sig(ratio) <> "x", ratio <= 1.10}
-        else
-          {text, "(size not run)", nil}
-        end
-      end
-
-    Bench.targets("Targets (issue 20): #{label}", rows, note: "ratios of medians from this run")
-  end
-
-  defp alone_table(alone) do
-    base = fn name -> Bench.median(alone[{:alone, name, :off}]) end
+  defp alone_table(alone, label) do
+    base = fn name -> Bench.median(all(alone, {name, :off})) end
+    send = fn name -> Bench.median(all(alone, {name, :send})) end
 
     Bench.table(
-      "Where the caller's time goes: dispatch/2 to a topic without subscribers",
-      "message|replay|kept for the topic|dispatches|caller median|caller p99|vs replay: 0|added",
+      "Where the caller's time goes: dispatch/2 to a topic without subscribers; #{label}",
+      "message|replay|kept for the topic|dispatches|caller median|caller p99|vs replay: 0|" <>
+        "added|added vs send/2",
       for name <- [:batch, :small], mode <- [:off, :filling, :full, :send] do
-        s = Bench.summary(alone[{:alone, name, mode}])
+        samples = all(alone, {name, mode})
+        s = Bench.summary(samples)
+        added = s.median - base.(name)
 
         [
           if(name == :batch, do: "the 20-line batch", else: "{:ex_atlas_fly_logs, app, []}"),
@@ -488,65 +681,71 @@ defmodule ReplayBench do
             full: "#{@kept}: one evicted",
             send: "(reference: send/2, one copy)"
           }[mode],
-          length(alone[{:alone, name, mode}]),
+          length(samples),
           Bench.dur(s.median),
           Bench.dur(s.p99),
-          Bench.ratio(s.median, base.(name)),
-          if(mode in [:off, :send], do: "", else: Bench.dur(s.median - base.(name)))
-        ]
+          Bench.ratio(s.median, base.(name))
+        ] ++
+          if mode in [:off, :send],
+            do: ["", ""],
+            else: [Bench.dur(added), Bench.ratio(added, send.(name))]
       end,
       left: 1,
       note:
-        "the kinds in turn within each round's setting; the added time is the copy of " <>
-          "the message, its measure and the eviction (full topics), under the history " <>
-          "lock; send/2: the message without literals (as the NIF's copy) to a process " <>
-          "that drops it, timed in the replay: 0 rounds"
+        "the kinds in turn within each round's setting; the added time is the encoding " <>
+          "of the message, its scan and recording it under the history lock (and the " <>
+          "eviction, full topics); send/2: the same message to a process that drops it " <>
+          "(its queue off-heap), timed in the rounds of both settings"
     )
   end
 
   defp join_table(joins, o) do
-    base = joins.keeper.last.median
-
     Bench.table(
       "A fresh process subscribes to a topic with #{@kept} batches kept",
-      "call|reps|caller blocked median|p99|#{@kept}th message median|p99|#{@kept}th vs keeper",
+      "call|reps|caller blocked median|p99|#{@kept}th message median|p99|" <>
+        "#{@kept}th vs keeper (decoded)|vs keeper (built)",
       for kind <- @joiners, j = joins[kind] do
         [@join_labels[kind], j.reps, Bench.dur(j.caller.median), Bench.dur(j.caller.p99)] ++
           if j.last,
             do: [
               Bench.dur(j.last.median),
               Bench.dur(j.last.p99),
-              Bench.ratio(j.last.median, base)
+              Bench.ratio(j.last.median, joins.keeper.last.median),
+              Bench.ratio(j.last.median, joins.keeper_built.last.median)
             ],
-            else: ["-", "-", "-"]
+            else: ["-", "-", "-", "-"]
       end,
       note:
         "#{o.joins} of each kind, in turn; times from the call's start in the new process; " <>
-          "keeper: a process holding #{@kept} copies of the batch (without literals, as " <>
-          "the NIF's copies are) sends them to the new one, then answers its call"
+          "the #{@kept} batches kept were dispatched decoded (replayed ones are always " <>
+          "decoded); keepers: a process holding #{@kept} batches, decoded (no literals) or " <>
+          "built in code (literals shared by send/2), sends them to the new one, then " <>
+          "answers its call"
     )
   end
 
   defp memory_table(m) do
     row = fn name, bytes ->
       if bytes,
-        do: [name, Bench.bytes(bytes), Bench.ratio(bytes, m.own)],
-        else: [name, "-", "-"]
+        do: [name, Bench.bytes(bytes), Bench.ratio(bytes, m.own), Bench.ratio(bytes, m.accounted)],
+        else: [name, "-", "-", "-"]
     end
 
     Bench.table(
       "#{m.count} kept messages (#{m.topics} topics x #{@kept}), per message",
-      "measure|bytes per message|vs the message's own size",
+      "measure|bytes per message|vs the message's own size|vs our accounting",
       [
         row.("our accounting (replay_bytes / replay_messages)", m.accounted),
         row.("VM memory growth (:erlang.memory(:total))", m.vm),
+        row.("resident memory growth (VmRSS, /proc/self/status)", m.rss),
         row.("NIF heap growth (allocated_bytes, EX_ATLAS_ALLOC_STATS=1)", m.nif),
         row.("the message: :erts_debug.flat_size/1 words + refc binaries", m.own),
         row.("the message: :erlang.external_size/1", m.external)
       ],
       note:
-        "replay_memory #{Bench.bytes(m.limit)} for this part (room for all); growth " <>
-          "measured after collecting every process, around the dispatches"
+        "the decoded batch; replay_memory #{Bench.bytes(m.limit)} for this part (room " <>
+          "for all); growth measured after collecting every process, around the " <>
+          "dispatches, before the other parts run"
     )
   end
 end
