@@ -257,7 +257,11 @@ where
         for (to, batch, leg) in state.in_flight.drain(..) {
             if to != pid {
                 kept.push_back((to, batch, leg));
-            } else if leg == Leg::Sending && !is_done(&batch) {
+            } else if leg == Leg::Sending
+                && !is_done(&batch)
+                // Seed of the loom model `a_producers_order_holds_across_a_sender_...`.
+                && !cfg!(loom_seed = "reclaim_takes_sending")
+            {
                 kept.push_back((to, batch, Leg::Orphaned));
             } else if !batch.done().swap(true, Ordering::AcqRel) {
                 taken.push(batch);
