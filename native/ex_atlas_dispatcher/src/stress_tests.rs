@@ -1,7 +1,8 @@
 //! Concurrency stress tests of the plain-Rust core, the way the NIF uses it: one sharded
-//! registry shared by many threads that subscribe, unsubscribe, remove whole subscribers
-//! and take snapshots, and bounded `Lanes` fed by several producers and
-//! drained by one sender per lane that delivers batches in slices.
+//! registry shared by many threads that subscribe, unsubscribe, remove whole subscribers,
+//! take snapshots and close it, with no lock of the tests' own around it; and bounded
+//! `Lanes` fed by several producers and drained by one sender per lane that delivers
+//! batches in slices.
 //!
 //! Sizes scale with `EX_ATLAS_STRESS_PERCENT` (default 100), so the same tests run under
 //! valgrind (`scripts/valgrind.sh` uses 10).
@@ -11,8 +12,9 @@ use crate::registry::{partition_of, Part, Pid, Sharded, Snapshot};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Barrier, Mutex, MutexGuard};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard, RwLock};
 use std::thread;
+use std::time::Duration;
 
 const PARTITIONS: usize = 3;
 const TOPICS: u64 = 5;
@@ -56,90 +58,198 @@ fn monitor_of(pid: Pid) -> u64 {
     pid * 10 + 7
 }
 
+const MUTATORS: usize = 4;
+/// Each mutator's pids are `MUTATOR_PIDS * m + 0..PIDS_PER_MUTATOR`.
+const MUTATOR_PIDS: Pid = 1_000_000;
+const PIDS_PER_MUTATOR: u64 = 300;
+
+/// Where a subscription lives: its lane (`partition_of`), or the direct partition, whose
+/// index is `PARTITIONS` (`Sharded::direct`).
+fn partition(pid: Pid, direct: bool) -> usize {
+    if direct {
+        PARTITIONS
+    } else {
+        partition_of(pid, PARTITIONS)
+    }
+}
+
+/// A multiset of pids in one partition of one topic, as a sum of pseudo-random weights and
+/// a count: two different multisets of a few hundred pids practically never agree.
+type Digest = (u64, u32);
+
+/// One mutator's pids in every topic and partition.
+type Digests = [[Digest; PARTITIONS + 1]; TOPICS as usize];
+
+fn weight(pid: Pid) -> u64 {
+    // splitmix64's finaliser.
+    let mut x = pid.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn count_in(digest: &mut Digest, pid: Pid, times: usize) {
+    digest.0 = digest
+        .0
+        .wrapping_add(weight(pid).wrapping_mul(times as u64));
+    digest.1 += times as u32;
+}
+
+fn count_out(digest: &mut Digest, pid: Pid, times: usize) {
+    digest.0 = digest
+        .0
+        .wrapping_sub(weight(pid).wrapping_mul(times as u64));
+    digest.1 -= times as u32;
+}
+
+/// A snapshot as a snapshot thread saw it: its topic, each mutator's progress (calls
+/// finished) just before and just after it was taken, and each mutator's pids in it.
+struct Observation {
+    topic: usize,
+    before: [usize; MUTATORS],
+    after: [usize; MUTATORS],
+    seen: [[Digest; PARTITIONS + 1]; MUTATORS],
+}
+
 /// Mutators each own a disjoint range of pids and keep an exact model of them, so their
-/// checks hold whatever the other threads do; snapshot threads keep snapshots across later
-/// mutations and check they never change; a checker verifies every internal invariant.
+/// checks hold whatever the other threads do. Nothing of the test's own stands between
+/// them and the registry: they race each other for the shards' and the watch tables'
+/// locks, and the snapshot threads race them all. Checked:
+///
+/// * every call's answer (counts, monitors made and handed back, topics) is exact;
+/// * every snapshot, partition by partition (it takes the lanes one after the other),
+///   holds what that partition held at some moment while it was taken: each mutator's
+///   pids in it are those of a state between the calls it had finished before and the
+///   call it was making after. A subscription half-made, lost, or seen twice fails;
+/// * a snapshot never changes afterwards (copy-on-write), and puts every pid in its own
+///   partition;
+/// * every internal invariant, at rest: the cross-shard ones (a subscriber's watch counts
+///   the stripes that hold it) are not atomic, so a checker now and then takes a gate
+///   that every mutator call holds shared, waits for the calls in progress, and checks;
+/// * at the end, the registry holds exactly the union of the models, and `close` hands
+///   back one monitor per live subscriber.
 #[test]
 fn concurrent_mutation_and_snapshots_keep_the_registry_exact() {
-    const MUTATORS: u64 = 4;
-    const PIDS_PER_MUTATOR: u64 = 300;
     let ops = scaled(20_000);
-    // The outer lock makes a snapshot and a count one atomic read, so the snapshot loop
-    // can check one against the other; the shards' routing and invariants are the NIF's.
-    let registry = Arc::new(Mutex::new(Sharded::<u64>::new(PARTITIONS)));
+    let registry = Arc::new(Sharded::<u64>::new(PARTITIONS));
+    let progress: Arc<[AtomicUsize; MUTATORS]> = Arc::new(Default::default());
+    let gate = Arc::new(RwLock::new(()));
     let running = Arc::new(AtomicBool::new(true));
-    let start = Arc::new(Barrier::new(MUTATORS as usize + 3));
+    let start = Arc::new(Barrier::new(MUTATORS + 3));
 
     let mutators: Vec<_> = (0..MUTATORS)
         .map(|m| {
-            let registry = registry.clone();
-            let start = start.clone();
+            let (registry, progress, gate, start) = (
+                registry.clone(),
+                progress.clone(),
+                gate.clone(),
+                start.clone(),
+            );
             thread::spawn(move || {
                 start.wait();
-                mutate(&registry, m, m * 1_000_000, PIDS_PER_MUTATOR, ops)
+                mutate(&registry, &gate, &progress[m], m, ops)
             })
         })
         .collect();
 
     let snapshotters: Vec<_> = (0..2u64)
         .map(|s| {
-            let registry = registry.clone();
-            let running = running.clone();
-            let start = start.clone();
+            let (registry, progress, running, start) = (
+                registry.clone(),
+                progress.clone(),
+                running.clone(),
+                start.clone(),
+            );
             thread::spawn(move || {
                 start.wait();
-                snapshot_loop(&registry, &running, s)
+                snapshot_loop(&registry, &progress, &running, s)
             })
         })
         .collect();
 
     let checker = {
-        let registry = registry.clone();
-        let running = running.clone();
-        let start = start.clone();
+        let (registry, gate, running, start) = (
+            registry.clone(),
+            gate.clone(),
+            running.clone(),
+            start.clone(),
+        );
         thread::spawn(move || {
             start.wait();
             let mut checks = 0usize;
             while running.load(Ordering::Acquire) {
-                lock(&registry)
-                    .check_invariants()
-                    .unwrap_or_else(|error| panic!("invariant broken: {error}"));
+                {
+                    let _alone = gate.write().unwrap_or_else(|p| p.into_inner());
+                    registry
+                        .check_invariants()
+                        .unwrap_or_else(|error| panic!("invariant broken: {error}"));
+                }
                 checks += 1;
-                thread::yield_now();
+                thread::sleep(Duration::from_millis(1));
             }
             checks
         })
     };
 
     let mut models = Vec::new();
+    let mut histories = Vec::new();
     for mutator in mutators {
-        models.push(mutator.join().expect("mutator panicked"));
+        let (model, history) = mutator.join().expect("mutator panicked");
+        models.push(model);
+        histories.push(history);
     }
     running.store(false, Ordering::Release);
-    let snapshots: usize = snapshotters
+    let observations: Vec<Observation> = snapshotters
         .into_iter()
-        .map(|s| s.join().expect("snapshotter panicked"))
-        .sum();
+        .flat_map(|s| s.join().expect("snapshotter panicked"))
+        .collect();
     let checks = checker.join().expect("checker panicked");
-    assert!(snapshots > 0 && checks > 0);
+    assert!(checks > 0, "the checker never ran");
+    let raced = observations.iter().filter(|o| o.before != o.after).count();
+    eprintln!(
+        "{} snapshots checked, {raced} of them taken while a mutator made calls; {checks} \
+         invariant checks",
+        observations.len()
+    );
+    assert!(raced > 0, "no snapshot overlapped a mutation");
+
+    for (n, observation) in observations.iter().enumerate() {
+        for (m, history) in histories.iter().enumerate() {
+            let from = observation.before[m];
+            let to = (observation.after[m] + 1).min(history.len() - 1);
+            for (p, &seen) in observation.seen[m].iter().enumerate() {
+                let held = (from..=to).any(|v| history[v][observation.topic][p] == seen);
+                assert!(
+                    held,
+                    "snapshot {n} of topic {} holds in partition {p} mutator {m}'s pids as \
+                     {seen:?}, a state it never had between its calls {from} and {to}: {:?}",
+                    observation.topic,
+                    (from..=to)
+                        .map(|v| history[v][observation.topic][p])
+                        .collect::<Vec<_>>()
+                );
+            }
+        }
+    }
 
     // The registry holds exactly the union of the models.
-    let registry = lock(&registry);
     registry.check_invariants().unwrap();
     for t in 0..TOPICS {
         let name = topic(t);
-        let mut want: Vec<Pid> = models
+        let mut want: Vec<(usize, Pid)> = models
             .iter()
             .flat_map(|model| model.iter())
-            .filter(|((_, topic), _)| *topic == t)
-            .flat_map(|((pid, _), n)| std::iter::repeat_n(*pid, *n))
+            .filter(|((_, topic, _), _)| *topic == t)
+            .flat_map(|((pid, _, direct), n)| {
+                std::iter::repeat_n((partition(*pid, *direct), *pid), *n)
+            })
             .collect();
         want.sort_unstable();
-        let mut got: Vec<Pid> = registry
+        let mut got: Vec<(usize, Pid)> = registry
             .snapshot(&name)
             .expect("registry closed")
             .iter()
-            .flat_map(|(_, part)| part.pids())
+            .flat_map(|(partition, part)| part.pids().map(move |pid| (*partition, pid)))
             .collect();
         got.sort_unstable();
         assert_eq!(got, want, "topic {t}");
@@ -149,7 +259,7 @@ fn concurrent_mutation_and_snapshots_keep_the_registry_exact() {
     // Draining hands back exactly one monitor per live subscriber.
     let mut live: Vec<u64> = models
         .iter()
-        .flat_map(|model| model.keys().map(|(pid, _)| monitor_of(*pid)))
+        .flat_map(|model| model.keys().map(|(pid, _, _)| monitor_of(*pid)))
         .collect();
     live.sort_unstable();
     live.dedup();
@@ -159,36 +269,64 @@ fn concurrent_mutation_and_snapshots_keep_the_registry_exact() {
     assert_eq!(registry.stats(), Default::default());
 }
 
-type Model = HashMap<(Pid, u64), usize>;
+/// Subscriptions of each (pid, topic, direct partition or not).
+type Model = HashMap<(Pid, u64, bool), usize>;
 
-fn mutate(registry: &Mutex<Sharded<u64>>, seed: u64, base: Pid, pids: u64, ops: usize) -> Model {
-    let mut rng = Rng::new(seed + 1);
+/// Mutator `m`'s calls on its own pids, each checked against its model. Returns the model
+/// and the history of its pids in the registry: entry `v` is what they were once `v`
+/// calls were finished (`progress` says how many are).
+fn mutate(
+    registry: &Sharded<u64>,
+    gate: &RwLock<()>,
+    progress: &AtomicUsize,
+    m: usize,
+    ops: usize,
+) -> (Model, Vec<Digests>) {
+    let mut rng = Rng::new(m as u64 + 1);
+    let base = MUTATOR_PIDS * m as u64;
     let mut model: Model = HashMap::new();
-    // Subscriptions per pid, all topics together.
+    // Subscriptions per pid, all topics and partitions together.
     let mut held_by: HashMap<Pid, usize> = HashMap::new();
-    for _ in 0..ops {
-        let pid = base + rng.below(pids);
+    let mut digests: Digests = Default::default();
+    let mut history = Vec::with_capacity(ops + 1);
+    history.push(digests);
+    for done in 1..=ops {
+        let pid = base + rng.below(PIDS_PER_MUTATOR);
         let t = rng.below(TOPICS);
         let name = topic(t);
         let held = held_by.get(&pid).copied().unwrap_or(0);
+        let _open = gate.read().unwrap_or_else(|p| p.into_inner());
         match rng.below(10) {
-            0..=4 => {
+            choice @ 0..=4 => {
+                // One in five in the direct partition, as an off-heap subscriber.
+                let direct = choice == 4;
                 let monitored = AtomicBool::new(false);
-                lock(registry)
-                    .subscribe(&name, pid, || {
-                        monitored.store(true, Ordering::Relaxed);
-                        Some(monitor_of(pid))
-                    })
+                let monitor = || {
+                    monitored.store(true, Ordering::Relaxed);
+                    Some(monitor_of(pid))
+                };
+                let subscribed = if direct {
+                    registry.subscribe_direct(&name, pid, monitor)
+                } else {
+                    registry.subscribe(&name, pid, monitor)
+                };
+                subscribed
                     .expect("registry closed")
                     .expect("subscribe refused");
                 // A monitor is made only for a subscriber with no subscription yet.
                 assert_eq!(monitored.load(Ordering::Relaxed), held == 0, "pid {pid}");
-                *model.entry((pid, t)).or_default() += 1;
+                *model.entry((pid, t, direct)).or_default() += 1;
                 *held_by.entry(pid).or_default() += 1;
+                count_in(&mut digests[t as usize][partition(pid, direct)], pid, 1);
             }
             5..=7 => {
-                let removed = lock(registry).unsubscribe(&name, pid);
-                let expected = model.remove(&(pid, t)).unwrap_or(0);
+                let removed = registry.unsubscribe(&name, pid);
+                let mut expected = 0;
+                for direct in [false, true] {
+                    let n = model.remove(&(pid, t, direct)).unwrap_or(0);
+                    count_out(&mut digests[t as usize][partition(pid, direct)], pid, n);
+                    expected += n;
+                }
                 assert_eq!(removed.count, expected, "unsubscribe pid {pid} topic {t}");
                 let last = expected > 0 && expected == held;
                 assert_eq!(removed.released, last.then(|| monitor_of(pid)));
@@ -196,15 +334,20 @@ fn mutate(registry: &Mutex<Sharded<u64>>, seed: u64, base: Pid, pids: u64, ops: 
             }
             8 => {
                 // The process went down.
-                let removed = lock(registry).remove_subscriber(pid);
-                model.retain(|(p, _), _| *p != pid);
+                let removed = registry.remove_subscriber(pid);
+                model.retain(|&(p, t, direct), n| {
+                    if p == pid {
+                        count_out(&mut digests[t as usize][partition(pid, direct)], pid, *n);
+                    }
+                    p != pid
+                });
                 held_by.remove(&pid);
                 assert_eq!(removed.count, held);
                 let want: Vec<u64> = (held > 0).then(|| monitor_of(pid)).into_iter().collect();
                 assert_eq!(removed.released, want);
             }
             _ => {
-                let mut topics: Vec<Vec<u8>> = lock(registry)
+                let mut topics: Vec<Vec<u8>> = registry
                     .topics_of(pid)
                     .iter()
                     .map(|name| name.to_vec())
@@ -212,40 +355,61 @@ fn mutate(registry: &Mutex<Sharded<u64>>, seed: u64, base: Pid, pids: u64, ops: 
                 topics.sort_unstable();
                 let mut want: Vec<Vec<u8>> = model
                     .keys()
-                    .filter(|(p, _)| *p == pid)
-                    .map(|(_, t)| topic(*t))
+                    .filter(|(p, _, _)| *p == pid)
+                    .map(|(_, t, _)| topic(*t))
                     .collect();
                 want.sort_unstable();
+                want.dedup();
                 assert_eq!(topics, want, "topics_of pid {pid}");
             }
         }
+        history.push(digests);
+        progress.store(done, Ordering::Release);
     }
-    model
+    (model, history)
 }
 
-/// Takes snapshots, keeps up to 16 of them while the mutators go on, and re-reads each
-/// before dropping it: a snapshot must read the same forever, hold `count` pids in total,
-/// and put every pid in its own partition. Dropping happens here, on another thread than
-/// the one that made the registry change (shared chunks are reference counted).
-fn snapshot_loop(registry: &Mutex<Sharded<u64>>, running: &AtomicBool, seed: u64) -> usize {
+/// Most observations a snapshot thread keeps for the final check (about 300 bytes each).
+const OBSERVATIONS: usize = 50_000;
+
+/// Takes snapshots, each between two reads of the mutators' progress, keeps up to 16 of
+/// them while the mutators go on, and re-reads each before dropping it: a snapshot must
+/// read the same forever and put every pid in its own partition. Dropping happens here,
+/// on another thread than the one that made the registry change (shared chunks are
+/// reference counted).
+fn snapshot_loop(
+    registry: &Sharded<u64>,
+    progress: &[AtomicUsize; MUTATORS],
+    running: &AtomicBool,
+    seed: u64,
+) -> Vec<Observation> {
     let mut rng = Rng::new(seed + 100);
     let mut kept: Vec<(Snapshot, SnapshotRead)> = Vec::new();
-    let mut taken = 0;
+    let mut observations = Vec::new();
+    let finished = || progress.each_ref().map(|p| p.load(Ordering::Acquire));
     while running.load(Ordering::Acquire) {
-        let name = topic(rng.below(TOPICS));
-        let (snapshot, count) = {
-            let registry = lock(registry);
-            let snapshot = registry.snapshot(&name).expect("registry closed");
-            (snapshot, registry.count(&name))
-        };
-        taken += 1;
+        let t = rng.below(TOPICS);
+        let before = finished();
+        let snapshot = registry.snapshot(&topic(t)).expect("registry closed");
+        let after = finished();
         let read = read_snapshot(&snapshot);
-        let total: usize = read.iter().map(|(_, pids)| pids.len()).sum();
-        assert_eq!(total, count, "snapshot total vs count");
+        let mut seen = [[Digest::default(); PARTITIONS + 1]; MUTATORS];
         for (partition, pids) in &read {
-            assert!(pids
-                .iter()
-                .all(|pid| partition_of(*pid, PARTITIONS) == *partition));
+            for &pid in pids {
+                assert!(
+                    *partition == PARTITIONS || partition_of(pid, PARTITIONS) == *partition,
+                    "pid {pid} in partition {partition}"
+                );
+                count_in(&mut seen[(pid / MUTATOR_PIDS) as usize][*partition], pid, 1);
+            }
+        }
+        if observations.len() < OBSERVATIONS {
+            observations.push(Observation {
+                topic: t as usize,
+                before,
+                after,
+                seen,
+            });
         }
         kept.push((snapshot, read));
         if kept.len() > 16 {
@@ -256,7 +420,7 @@ fn snapshot_loop(registry: &Mutex<Sharded<u64>>, running: &AtomicBool, seed: u64
     for (old, first_read) in kept {
         assert_eq!(read_snapshot(&old), first_read, "a kept snapshot changed");
     }
-    taken
+    observations
 }
 
 /// A snapshot's pids, partition by partition.
@@ -665,4 +829,99 @@ fn one_monitor_per_subscriber_across_stripes_under_contention() {
         released.len()
     );
     assert!(watched <= PIDS as usize);
+}
+
+/// Subscribers come and go while the registry closes under them: every monitor made is
+/// handed back exactly once, by the call that removed the subscriber's last subscription
+/// or by `close`, and nothing subscribes once `close` returned. `close` closes the shards
+/// one by one, then empties the watch tables; a subscription made meanwhile, in a shard
+/// not yet closed, must still reach `close`'s answer.
+#[test]
+fn close_under_concurrent_subscriptions_hands_back_every_monitor_once() {
+    const WORKERS: u64 = 3;
+    const PIDS: u64 = 24;
+    let rounds = scaled(300);
+    let topics: Vec<Vec<u8>> = (0..16)
+        .map(|t| format!("closing:{t}").into_bytes())
+        .collect();
+    let (mut made_total, mut closed_with) = (0, 0);
+    for round in 0..rounds {
+        let registry = Arc::new(Sharded::<u64>::new(2));
+        let next_monitor = Arc::new(AtomicU64::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                let (registry, next_monitor, calls) =
+                    (registry.clone(), next_monitor.clone(), calls.clone());
+                let topics = topics.clone();
+                thread::spawn(move || {
+                    let mut rng = Rng::new(round as u64 * WORKERS + w + 7);
+                    let (mut made, mut released) = (Vec::new(), Vec::new());
+                    loop {
+                        let pid = rng.below(PIDS) * 16 + 3;
+                        let topic = &topics[rng.below(topics.len() as u64) as usize];
+                        calls.fetch_add(1, Ordering::Relaxed);
+                        match rng.below(10) {
+                            choice @ 0..=5 => {
+                                let monitor = || {
+                                    let monitor = next_monitor.fetch_add(1, Ordering::Relaxed);
+                                    made.push(monitor);
+                                    Some(monitor)
+                                };
+                                let subscribed = if choice == 5 {
+                                    registry.subscribe_direct(topic, pid, monitor)
+                                } else {
+                                    registry.subscribe(topic, pid, monitor)
+                                };
+                                match subscribed {
+                                    Ok(result) => result.expect("subscribe refused"),
+                                    // Closed: from now on nothing subscribes.
+                                    Err(_) => break,
+                                }
+                            }
+                            6..=8 => released.extend(registry.unsubscribe(topic, pid).released),
+                            _ => released.extend(registry.remove_subscriber(pid).released),
+                        }
+                    }
+                    (made, released)
+                })
+            })
+            .collect();
+        // Close at a different moment each round, once the workers are under way.
+        let wait = 50 + (round * 37) % 400;
+        while calls.load(Ordering::Relaxed) < wait {
+            thread::yield_now();
+        }
+        let drained = registry.close();
+        let (mut made, mut released) = (Vec::new(), Vec::new());
+        for worker in workers {
+            let (m, r) = worker.join().expect("worker panicked");
+            made.extend(m);
+            released.extend(r);
+        }
+        closed_with += drained.len();
+        released.extend(drained.into_iter().map(|(_, monitor)| monitor));
+        made.sort_unstable();
+        released.sort_unstable();
+        let (kept, twice) = (
+            made.iter()
+                .filter(|m| !released.contains(m))
+                .collect::<Vec<_>>(),
+            released.windows(2).filter(|w| w[0] == w[1]).count(),
+        );
+        assert!(
+            released == made,
+            "round {round}: {} monitors made, {} handed back; never handed back: {kept:?}, \
+             handed back twice: {twice}",
+            made.len(),
+            released.len()
+        );
+        made_total += made.len();
+        assert_eq!(registry.stats(), Default::default());
+        assert!(registry.subscribe(&topics[0], 3, || Some(0)).is_err());
+    }
+    assert!(
+        closed_with > 0,
+        "close never found a live subscriber ({made_total} monitors made)"
+    );
 }
