@@ -1,16 +1,19 @@
 //! Concurrency stress tests of the plain-Rust core, the way the NIF uses it: one sharded
 //! registry shared by many threads that subscribe, unsubscribe, remove whole subscribers,
-//! take snapshots and close it, with no lock of the tests' own around it; and bounded
-//! `Lanes` fed by several producers and drained by one sender per lane that delivers
-//! batches in slices.
+//! take snapshots and close it, with no lock of the tests' own around it; and dispatches
+//! split by `route`, handed over through `Lanes` and `Handoff` or sent by their producer,
+//! delivered by one sender per lane in slices.
 //!
 //! Sizes scale with `EX_ATLAS_STRESS_PERCENT` (default 100), so the same tests run under
 //! valgrind (`scripts/valgrind.sh` uses 10).
 
 use crate::fanout::{Lanes, Refused, Reservation};
+use crate::handoff::{self, Handed, Handoff, Tracked};
 use crate::registry::{partition_of, Part, Pid, Sharded, Snapshot};
+use crate::route;
+use crate::sync::AtomicBool;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier, Mutex, MutexGuard, RwLock};
 use std::thread;
@@ -437,66 +440,157 @@ fn read_snapshot(snapshot: &Snapshot) -> SnapshotRead {
         .collect()
 }
 
-/// One lane's batch: who dispatched it, its sequence number, and the subscribers.
+/// One lane's share of one dispatch on its way, as the NIF's `nif::lanes::Batch`: who
+/// dispatched it, its number among that producer's dispatches, its subscribers, how far
+/// its sender got, whether it is finished.
 struct Batch {
     producer: usize,
     seq: usize,
     part: Part,
+    cursor: AtomicUsize,
+    done: AtomicBool,
 }
 
-/// Several producers dispatch (snapshot under the lock, one credit per lane, hand the
-/// batch to the lane's sender) while churners subscribe and unsubscribe; one sender per
-/// lane delivers each batch in slices from a cursor, as the NIF's sender processes do,
-/// and gives the credit back. Every subscriber must see each producer's messages in
-/// order, stable subscribers every one of them exactly once, and no lane may ever hold
-/// more than its capacity.
+impl Tracked for Batch {
+    fn producer(&self) -> handoff::Pid {
+        // As the NIF's: the producer's pid (0 is "nobody" to the hand-over).
+        self.producer as handoff::Pid + 1
+    }
+
+    fn done(&self) -> &AtomicBool {
+        &self.done
+    }
+}
+
+/// The messages each subscriber received, in arrival order, as (producer, seq): a queue
+/// per pid, filled by whichever thread sends, as an on-heap message queue takes each
+/// message at the moment it is sent.
+struct Inboxes(HashMap<Pid, Mutex<Vec<(usize, usize)>>>);
+
+impl Inboxes {
+    fn send(&self, pid: Pid, producer: usize, seq: usize) {
+        let inbox = self.0.get(&pid).expect("a pid of the test");
+        lock(inbox).push((producer, seq));
+    }
+}
+
+/// Producers dispatch to a big topic and a small one the way `dispatch_to` does: the
+/// snapshot is split by `route::route`, the parts for the lanes are handed over
+/// (`Lanes` credit, then `Handoff::hand` to the lane's sender), and the rest the producer
+/// sends itself: the direct partition always, and a small dispatch's lane parts where it
+/// is clear of the lane (`lanes.is_idle(lane) || handoff.clear_for(producer)`, as
+/// `Dispatcher::clear_for`). One sender thread per lane delivers each batch in slices
+/// from its cursor and finishes it as `advance` does (`finish`, then `release`), while
+/// churners subscribe and unsubscribe. The small topic's subscribers are also the big
+/// one's, so a producer's small dispatch often finds its big one still on its way.
+///
+/// Every subscriber must get each producer's messages in dispatch order (stable
+/// subscribers exactly the dispatches to their topics, whoever sent them), no lane may
+/// hold more than its capacity, and at the end no credit, parked batch or record is left.
+/// The senders' mailboxes are `mpsc` channels, as Erlang orders messages from one
+/// process to another; what is tested is which thread sends what, and when.
 #[test]
-fn fanout_with_several_producers_keeps_order_bound_and_credits() {
-    const PRODUCERS: usize = 4;
+fn producers_order_holds_through_route_handoff_and_lanes() {
+    const PRODUCERS: usize = 3;
     const CAPACITY: usize = 3;
-    const STABLE: u64 = 600;
-    let dispatches = scaled(3_000);
-    let name = topic(0);
+    const STABLE: u64 = 300;
+    /// Stable subscribers of the small topic too (it stays within `INLINE` on the lanes
+    /// but for the churners' few).
+    const SMALL: u64 = 10;
+    const INLINE: usize = 16;
+    /// An off-heap subscriber, in the direct partition, of both topics.
+    const DIRECT: Pid = 10_000;
+    let dispatches = scaled(2_000);
+    let (big, small) = (b"fanout:big".to_vec(), b"fanout:small".to_vec());
     let registry = Arc::new(Sharded::<u64>::new(PARTITIONS));
-    let lanes = Arc::new(Lanes::new(PARTITIONS, CAPACITY));
+    let lanes: Arc<Lanes<Wake>> = Arc::new(Lanes::new(PARTITIONS, CAPACITY));
+    let handoffs: Arc<Vec<Handoff<Arc<Batch>, ()>>> =
+        Arc::new((0..PARTITIONS).map(|_| Handoff::new()).collect());
     let over_bound = Arc::new(AtomicUsize::new(0));
 
-    // Stable subscribers, there from the start to the end; one of them twice.
+    let churned = |c: u64, k: u64| MUTATOR_PIDS * (c + 1) + k;
+    let mut inboxes = HashMap::new();
+    for pid in (0..STABLE)
+        .chain([DIRECT])
+        .chain((0..2).flat_map(|c| (0..200).map(move |k| churned(c, k))))
+    {
+        inboxes.insert(pid, Mutex::new(Vec::new()));
+    }
+    let inboxes = Arc::new(Inboxes(inboxes));
     for pid in 0..STABLE {
         registry
-            .subscribe(&name, pid, || Some(pid))
+            .subscribe(&big, pid, || Some(pid))
+            .unwrap()
+            .unwrap();
+        if pid < SMALL {
+            registry
+                .subscribe(&small, pid, || Some(pid))
+                .unwrap()
+                .unwrap();
+        }
+    }
+    for name in [&big, &small] {
+        registry
+            .subscribe_direct(name, DIRECT, || Some(DIRECT))
             .unwrap()
             .unwrap();
     }
-    registry.subscribe(&name, 0, || Some(0)).unwrap().unwrap();
 
+    let mut mailboxes = Vec::new();
     let mut senders = Vec::new();
-    let mut inboxes = Vec::new();
     for lane in 0..PARTITIONS {
-        let (tx, rx) = mpsc::channel::<Batch>();
-        inboxes.push(tx);
-        let lanes = lanes.clone();
-        let over_bound = over_bound.clone();
+        let (tx, rx) = mpsc::channel::<Arc<Batch>>();
+        mailboxes.push(tx);
+        // Sender pids: lane + 1.
+        handoffs[lane].install(lane as handoff::Pid + 1);
+        let (lanes, handoffs, inboxes, over_bound) = (
+            lanes.clone(),
+            handoffs.clone(),
+            inboxes.clone(),
+            over_bound.clone(),
+        );
         senders.push(thread::spawn(move || {
-            deliver_loop(lane, rx, &lanes, CAPACITY, &over_bound)
+            let mut rng = Rng::new(lane as u64 + 900);
+            for batch in rx {
+                if lanes.stats().max_in_flight > CAPACITY {
+                    over_bound.fetch_add(1, Ordering::Relaxed);
+                }
+                // One `deliver/2` call per slice, then `advance`.
+                loop {
+                    let start = batch.cursor.load(Ordering::Acquire);
+                    let slice = 1 + rng.below(150) as usize;
+                    let mut sent = 0;
+                    for pid in batch.part.pids_from(start).take(slice) {
+                        assert_eq!(partition_of(pid, PARTITIONS), lane, "pid in the wrong lane");
+                        inboxes.send(pid, batch.producer, batch.seq);
+                        sent += 1;
+                    }
+                    let next = start + sent;
+                    batch.cursor.store(next, Ordering::Release);
+                    if next >= batch.part.len() {
+                        if !batch.done.swap(true, Ordering::AcqRel) {
+                            handoffs[lane].finish(&batch);
+                            lanes.release(lane, wake);
+                        }
+                        break;
+                    }
+                }
+            }
         }));
     }
 
-    // Churners change the topic once per dispatch taken, so that they run for the whole
+    // Churners change the topics once per dispatch taken, so that they run for the whole
     // test without starving the producers: a change to a part a batch still holds copies
     // it, and under valgrind, which runs one thread at a time, two churners spinning
-    // freely left the producers almost no turns.
+    // freely left the producers almost no turns. The small topic gets two pids of each.
     let running = Arc::new(AtomicBool::new(true));
     let taken = Arc::new(AtomicUsize::new(0));
     let churners: Vec<_> = (0..2u64)
         .map(|c| {
-            let registry = registry.clone();
-            let running = running.clone();
-            let taken = taken.clone();
-            let name = name.clone();
+            let (registry, running, taken) = (registry.clone(), running.clone(), taken.clone());
+            let (big, small) = (big.clone(), small.clone());
             thread::spawn(move || {
                 let mut rng = Rng::new(c + 500);
-                let base = 1_000_000 * (c + 1);
                 let (mut last, mut changes) = (0, 0_usize);
                 while running.load(Ordering::Acquire) {
                     let now = taken.load(Ordering::Acquire);
@@ -505,10 +599,13 @@ fn fanout_with_several_producers_keeps_order_bound_and_credits() {
                         continue;
                     }
                     last = now;
-                    let pid = base + rng.below(200);
+                    let (name, pid) = match rng.below(4) {
+                        0 => (&small, churned(c, rng.below(2))),
+                        _ => (&big, churned(c, rng.below(200))),
+                    };
                     if rng.below(2) == 0 {
                         registry
-                            .subscribe(&name, pid, || Some(pid))
+                            .subscribe(name, pid, || Some(pid))
                             .unwrap()
                             .unwrap();
                     } else {
@@ -523,55 +620,92 @@ fn fanout_with_several_producers_keeps_order_bound_and_credits() {
 
     let producers: Vec<_> = (0..PRODUCERS)
         .map(|producer| {
-            let registry = registry.clone();
-            let lanes = lanes.clone();
-            let inboxes = inboxes.clone();
-            let taken = taken.clone();
-            let name = name.clone();
+            let (registry, lanes, handoffs, inboxes, taken) = (
+                registry.clone(),
+                lanes.clone(),
+                handoffs.clone(),
+                inboxes.clone(),
+                taken.clone(),
+            );
+            let mailboxes = mailboxes.clone();
+            let (big, small) = (big.clone(), small.clone());
             thread::spawn(move || {
+                let mut rng = Rng::new(producer as u64 + 700);
+                let me = producer as handoff::Pid + 1;
+                let mut to_big = Vec::with_capacity(dispatches);
+                let (mut inline_parts, mut handed) = (0_usize, 0_usize);
                 for seq in 0..dispatches {
-                    let snapshot = registry.snapshot(&name).expect("registry closed");
+                    let is_big = rng.below(3) == 0;
+                    to_big.push(is_big);
+                    let name = if is_big { &big } else { &small };
+                    let snapshot = registry.snapshot(name).expect("registry closed");
                     taken.fetch_add(1, Ordering::Release);
-                    for (lane, part) in snapshot {
-                        // As the NIF: try without waiting, then queue and wait to be woken.
+                    let work = route::route(snapshot, registry.direct(), INLINE, |lane| {
+                        lanes.is_idle(lane) || handoffs[lane].clear_for(me)
+                    });
+                    // Hand-overs first, as `proceed`.
+                    for (lane, part, start) in work.hand_over {
                         match lanes.try_reserve(lane) {
                             Ok(()) => {}
                             Err(Refused::Full) => reserve_waiting(&lanes, lane).expect("closed"),
                             Err(Refused::Closed) => panic!("lanes closed"),
                         }
-                        let batch = Batch {
+                        let batch = Arc::new(Batch {
                             producer,
                             seq,
                             part,
-                        };
-                        inboxes[lane].send(batch).expect("sender gone");
+                            cursor: AtomicUsize::new(start),
+                            done: AtomicBool::new(false),
+                        });
+                        let handed_to = handoffs[lane].hand(
+                            batch,
+                            |pid, batch| mailboxes[pid as usize - 1].send(batch.clone()).is_ok(),
+                            |_| (),
+                        );
+                        assert_eq!(handed_to, Handed::Sent, "no sender dies here");
+                        handed += 1;
+                    }
+                    for (part, start) in work.inline {
+                        for pid in part.pids_from(start) {
+                            inboxes.send(pid, producer, seq);
+                        }
+                        inline_parts += 1;
                     }
                 }
+                (to_big, inline_parts, handed)
             })
         })
         .collect();
 
+    let mut to_big = Vec::new();
+    let (mut inline_parts, mut handed) = (0, 0);
     for producer in producers {
-        producer.join().expect("producer panicked");
+        let (topics, inline, batches) = producer.join().expect("producer panicked");
+        to_big.push(topics);
+        inline_parts += inline;
+        handed += batches;
     }
     running.store(false, Ordering::Release);
     let changes: Vec<usize> = churners
         .into_iter()
         .map(|churner| churner.join().expect("churner panicked"))
         .collect();
+    drop(mailboxes);
+    for sender in senders {
+        sender.join().expect("sender panicked");
+    }
     eprintln!(
-        "churn: {changes:?} changes during {} dispatches",
+        "churn: {changes:?} changes; {handed} batches handed over, {inline_parts} parts sent \
+         by their producer, in {} dispatches",
         PRODUCERS * dispatches
     );
     assert!(
         changes.iter().all(|&n| n > 0),
         "a churner never ran beside the producers: {changes:?}"
     );
-    drop(inboxes);
-    let mut seen: HashMap<Pid, Vec<(usize, usize)>> = HashMap::new();
-    for sender in senders {
-        seen.extend(sender.join().expect("sender panicked"));
-    }
+    // Both routes were taken, for lanes too (the direct part alone is one inline part
+    // per dispatch).
+    assert!(handed > 0 && inline_parts > PRODUCERS * dispatches);
 
     assert_eq!(
         over_bound.load(Ordering::Relaxed),
@@ -582,23 +716,41 @@ fn fanout_with_several_producers_keeps_order_bound_and_credits() {
     assert_eq!(stats.in_flight, 0, "credits not all given back");
     assert!(stats.peak <= CAPACITY);
     assert_eq!(stats.waiting, 0);
+    assert_eq!(stats.delivered, handed as u64);
+    for handoff in handoffs.iter() {
+        assert_eq!(handoff.parked(), 0);
+        assert_eq!(handoff.producers(), 0, "a finished batch stayed recorded");
+    }
 
-    for (pid, messages) in &seen {
-        for producer in 0..PRODUCERS {
+    for (pid, inbox) in &inboxes.0 {
+        let messages = lock(inbox);
+        for (producer, to_big) in to_big.iter().enumerate() {
             let seqs: Vec<usize> = messages
                 .iter()
                 .filter(|(p, _)| *p == producer)
                 .map(|(_, s)| *s)
                 .collect();
-            if *pid == 0 {
-                // Subscribed twice: every message twice, back to back.
-                let want: Vec<usize> = (0..dispatches).flat_map(|s| [s, s]).collect();
-                assert_eq!(seqs, want, "pid 0, producer {producer}");
-            } else if *pid < STABLE {
-                assert_eq!(seqs, (0..dispatches).collect::<Vec<_>>(), "pid {pid}");
+            let subscribed_to_small = *pid == DIRECT || *pid < SMALL;
+            if *pid == DIRECT || *pid < STABLE {
+                let want: Vec<usize> = (0..dispatches)
+                    .filter(|&s| to_big[s] || subscribed_to_small)
+                    .collect();
+                if seqs != want {
+                    let at = seqs.iter().zip(&want).take_while(|(a, b)| a == b).count();
+                    let around =
+                        |v: &[usize]| v[at.saturating_sub(3)..(at + 5).min(v.len())].to_vec();
+                    panic!(
+                        "pid {pid} got producer {producer}'s dispatches {:?} from position {at} \
+                         on, where it was sent {:?} (of {} and {})",
+                        around(&seqs),
+                        around(&want),
+                        seqs.len(),
+                        want.len()
+                    );
+                }
             } else {
-                // Churned: any subset, in order; a pid the churner subscribed more than once
-                // gets a message once per subscription, back to back.
+                // Churned: any subset, in order; a pid the churner subscribed more than
+                // once gets a message once per subscription, back to back.
                 assert!(
                     seqs.windows(2).all(|w| w[0] <= w[1]),
                     "pid {pid} producer {producer} out of order: {seqs:?}"
@@ -606,48 +758,6 @@ fn fanout_with_several_producers_keeps_order_bound_and_credits() {
             }
         }
     }
-    for pid in 0..STABLE {
-        assert!(seen.contains_key(&pid), "stable pid {pid} got nothing");
-    }
-}
-
-/// A lane's sender: delivers each batch in slices of varying size from a cursor, the way
-/// the NIF resumes a batch across calls, then gives the lane its credit back.
-fn deliver_loop(
-    lane: usize,
-    inbox: mpsc::Receiver<Batch>,
-    lanes: &Lanes<Wake>,
-    capacity: usize,
-    over_bound: &AtomicUsize,
-) -> HashMap<Pid, Vec<(usize, usize)>> {
-    let mut rng = Rng::new(lane as u64 + 900);
-    let mut seen: HashMap<Pid, Vec<(usize, usize)>> = HashMap::new();
-    for batch in inbox {
-        if lanes.stats().max_in_flight > capacity {
-            over_bound.fetch_add(1, Ordering::Relaxed);
-        }
-        let mut cursor = 0;
-        let mut delivered = Vec::with_capacity(batch.part.len());
-        while cursor < batch.part.len() {
-            let slice = 1 + rng.below(700) as usize;
-            let before = delivered.len();
-            delivered.extend(batch.part.pids_from(cursor).take(slice));
-            cursor += delivered.len() - before;
-        }
-        assert_eq!(
-            delivered,
-            batch.part.pids().collect::<Vec<_>>(),
-            "slices differ"
-        );
-        for pid in delivered {
-            assert_eq!(partition_of(pid, PARTITIONS), lane, "pid in the wrong lane");
-            seen.entry(pid)
-                .or_default()
-                .push((batch.producer, batch.seq));
-        }
-        lanes.release(lane, wake);
-    }
-    seen
 }
 
 /// A waiting producer thread: woken by a message on its channel, as a producer process is
