@@ -31,6 +31,8 @@ declare -A model=(
   [shared_producer_key]=two_producers_last_batches_are_never_mixed_up
   [credit_back_on_park]=a_producers_order_holds_across_a_sender_replacement
   [reclaim_takes_sending]=a_producers_order_holds_across_a_sender_replacement
+  [take_parked_opens_early]=a_producers_order_holds_across_a_sender_replacement
+  [hand_finds_any_record]=two_producers_hand_over_across_a_sender_kill
   [release_at_first_slice]=a_batch_in_two_slices_keeps_order_and_counts_exactly
   [lost_ignores_cursor]=a_batch_in_two_slices_keeps_order_and_counts_exactly
   [dirty_counts_failed_sends]=a_reclaim_part_way_through_a_dirty_delivery
@@ -38,8 +40,8 @@ declare -A model=(
 seeds=("$@")
 if [ ${#seeds[@]} -eq 0 ]; then
   seeds=(put_back_checks_queue_early try_reserve_ignores_queue shared_producer_key
-    credit_back_on_park reclaim_takes_sending release_at_first_slice lost_ignores_cursor
-    dirty_counts_failed_sends)
+    hand_finds_any_record credit_back_on_park reclaim_takes_sending take_parked_opens_early
+    release_at_first_slice lost_ignores_cursor dirty_counts_failed_sends)
 fi
 
 # `cargo rustc` passes the seed's --cfg to our crate alone, so each seed rebuilds one

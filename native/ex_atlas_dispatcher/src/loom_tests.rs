@@ -210,6 +210,10 @@ struct Tally {
     /// deliveries they had not made: the only losses allowed.
     died: StdCount,
     died_positions: StdCount,
+    /// Batches a producer sent to a new sender before it had pulled what was parked:
+    /// its mailbox would mix them with the parked ones, whose order against a
+    /// producer's own OTP does not keep (docs/design.md, "Who sends to whom").
+    mixed: StdCount,
 }
 
 fn add(counter: &StdCount, n: usize) {
@@ -238,6 +242,8 @@ struct World {
     /// False once the process is killed: written under its mailbox lock, read under
     /// the loom lock of the step that depends on it (a send to it, or a send of its).
     alive: [StdBool; 3],
+    /// True once the sender has pulled every batch parked for it (`replace`).
+    drained: [StdBool; 3],
     /// One lock for all subscribers: each send is one step, as the VM makes it.
     queues: Mutex<[Vec<(u64, usize)>; 2]>,
     tally: Tally,
@@ -254,6 +260,8 @@ impl World {
                 Mutex::new(VecDeque::new()),
             ],
             alive: [StdBool::new(false), StdBool::new(true), StdBool::new(true)],
+            // The first sender is installed before anything is parked.
+            drained: [StdBool::new(false), StdBool::new(true), StdBool::new(false)],
             queues: Mutex::new([Vec::new(), Vec::new()]),
             tally: Tally::default(),
         }
@@ -311,6 +319,9 @@ impl World {
         let mut mailbox = lock(&self.mailboxes[pid as usize]);
         if !self.alive(pid) {
             return false;
+        }
+        if !self.drained[pid as usize].load(Ordering::SeqCst) {
+            add(&self.tally.mixed, 1);
         }
         mailbox.push_back(batch.clone());
         true
@@ -456,6 +467,9 @@ impl World {
                 while !self.deliver_slice(&batch) {}
             }
         }
+        // Set before this thread's next loom step, so before any other thread can see
+        // the lane open.
+        self.drained[pid as usize].store(true, Ordering::SeqCst);
     }
 
     /// Every subscriber's messages, each producer's in the order it dispatched them.
@@ -510,6 +524,11 @@ impl World {
     }
 
     fn assert_settled(&self) {
+        assert_eq!(
+            load(&self.tally.mixed),
+            0,
+            "a producer sent to a new sender before it had pulled what was parked"
+        );
         assert_eq!(self.lanes.stats().in_flight, 0, "a credit leaked");
         assert_eq!(self.lane.parked(), 0, "a batch stayed parked");
         assert_eq!(self.lane.producers(), 0, "a finished batch stayed recorded");
@@ -552,6 +571,41 @@ fn two_producers_last_batches_are_never_mixed_up() {
     });
 }
 
+/// Two producers each hand a batch to the lane's sender, and then dispatch a small
+/// message, while that sender is killed before it took anything, its monitor reclaims
+/// what it held and a new sender takes over. Each producer's send happens outside the
+/// hand-over's lock and must find its own record again afterwards, whatever the other
+/// producer recorded meanwhile: every batch that died in the mailbox is counted lost
+/// once and gives its credit back, the others reach the new sender, in order.
+///
+/// Seed `hand_finds_any_record`: after its send, a producer looks up its record by the
+/// sender's pid alone, and marks the other producer's batch as sent instead of its own.
+#[test]
+fn two_producers_hand_over_across_a_sender_kill() {
+    model(3, || {
+        let world = Arc::new(World::new(4));
+        world.lane.install(FIRST);
+        let producers: Vec<_> = [1, 2]
+            .into_iter()
+            .map(|producer| {
+                let world = world.clone();
+                thread::spawn(move || {
+                    world.dispatch(producer, 1, &[0], false);
+                    world.dispatch(producer, 2, &[0], true);
+                })
+            })
+            .collect();
+        world.kill(FIRST);
+        world.reclaim(FIRST);
+        world.replace(SECOND);
+        for producer in producers {
+            producer.join().expect("producer");
+        }
+        while world.serve(SECOND) {}
+        world.assert_exact();
+    });
+}
+
 /// A producer hands a batch and then dispatches twice more (small: sent itself when
 /// clear of the lane) while the lane's sender is killed, its monitor reclaims its
 /// batches, and a new sender is installed and pulls what was parked. Whatever the
@@ -559,9 +613,10 @@ fn two_producers_last_batches_are_never_mixed_up() {
 /// only batches that died with the killed sender are lost (a send that failed parks).
 ///
 /// Seeds: `credit_back_on_park` (a parked batch holds no credit, so the lane looks idle
-/// and a small dispatch overtakes it), and `reclaim_takes_sending` (a reclaim takes the
+/// and a small dispatch overtakes it), `reclaim_takes_sending` (a reclaim takes the
 /// batch a producer is still sending, which then parks and is delivered as well as
-/// counted lost).
+/// counted lost), and `take_parked_opens_early` (the lane opens to producers when the
+/// new sender has pulled one parked batch, not all).
 #[test]
 fn a_producers_order_holds_across_a_sender_replacement() {
     model(4, || {
