@@ -123,7 +123,10 @@ impl<W> Lanes<W> {
             return Err(Refused::Closed);
         }
         let lane = self.lane(lane);
-        if lane.queued.load(Ordering::SeqCst) > 0 || !self.take_credit(lane) {
+        // Seed of the loom model `waiters_are_served_first_come_first_served`.
+        let waiting = lane.queued.load(Ordering::SeqCst) > 0
+            && !cfg!(loom_seed = "try_reserve_ignores_queue");
+        if waiting || !self.take_credit(lane) {
             return Err(Refused::Full);
         }
         Ok(())
@@ -244,7 +247,13 @@ impl<W> Lanes<W> {
         // without the lock would rest on sequentially consistent atomics alone, which
         // loom (our model checker) cannot confirm. A batch gives back one credit, so
         // this is one short, rarely contended lock per batch.
+        // Seed of the loom model `credits_are_neither_lost_nor_doubled_...`: the queue
+        // looked at before its lock is taken.
+        #[cfg(loom_seed = "put_back_checks_queue_early")]
+        let nobody_waited = lock(&lane.waiters).is_empty();
         let mut waiters = lock(&lane.waiters);
+        #[cfg(not(loom_seed = "put_back_checks_queue_early"))]
+        let nobody_waited = waiters.is_empty();
         let previous = lane.in_flight.fetch_sub(1, Ordering::SeqCst);
         debug_assert!(previous > 0, "credit given back without a reservation");
         if previous == 0 {
@@ -252,7 +261,7 @@ impl<W> Lanes<W> {
             lane.in_flight.fetch_add(1, Ordering::SeqCst);
             return;
         }
-        let served = if waiters.is_empty() {
+        let served = if nobody_waited {
             Vec::new()
         } else {
             self.pump(lane, &mut waiters, grant)

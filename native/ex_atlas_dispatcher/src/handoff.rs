@@ -174,10 +174,10 @@ where
             drop(state);
             let sent = send(pid, &batch);
             state = lock(&self.state);
-            let at = state
-                .in_flight
-                .iter()
-                .rposition(|(to, b, _)| *to == pid && same(b, &batch));
+            let at = state.in_flight.iter().rposition(|(to, b, _)| {
+                // Seed of the loom model `two_producers_hand_over_across_a_sender_kill`.
+                *to == pid && (same(b, &batch) || cfg!(loom_seed = "hand_finds_any_record"))
+            });
             let leg = at.map(|at| state.in_flight[at].2);
             if sent {
                 match (at, leg) {
@@ -233,6 +233,11 @@ where
         match state.parked.pop_front() {
             Some((batch, out)) => {
                 state.in_flight.push_back((pid, batch.clone(), Leg::Sent));
+                // Seed of the loom model `a_producers_order_holds_across_a_sender_...`.
+                #[cfg(loom_seed = "take_parked_opens_early")]
+                {
+                    state.open = true;
+                }
                 Some((batch, out))
             }
             None => {
@@ -257,7 +262,11 @@ where
         for (to, batch, leg) in state.in_flight.drain(..) {
             if to != pid {
                 kept.push_back((to, batch, leg));
-            } else if leg == Leg::Sending && !is_done(&batch) {
+            } else if leg == Leg::Sending
+                && !is_done(&batch)
+                // Seed of the loom model `a_producers_order_holds_across_a_sender_...`.
+                && !cfg!(loom_seed = "reclaim_takes_sending")
+            {
                 kept.push_back((to, batch, Leg::Orphaned));
             } else if !batch.done().swap(true, Ordering::AcqRel) {
                 taken.push(batch);
