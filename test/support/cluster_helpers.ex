@@ -346,13 +346,76 @@ defmodule ExAtlas.Test.Cluster do
     :ok
   end
 
+  @doc """
+  Kills what `suspend/1` suspended, still suspended (nothing in its mailbox is handled
+  first), and returns once it is dead.
+  """
+  @spec kill_suspended(pid()) :: :ok
+  def kill_suspended(holder) do
+    ref = make_ref()
+    send(holder, {:kill, self(), ref})
+
+    receive do
+      {^ref, :killed} -> :ok
+    after
+      10_000 -> raise "could not kill the process #{inspect(holder)} holds"
+    end
+  end
+
   @doc false
   def hold_suspended(parent, pid) do
     true = :erlang.suspend_process(pid)
     send(parent, {:suspended, self()})
 
     receive do
-      :resume -> :erlang.resume_process(pid)
+      :resume ->
+        :erlang.resume_process(pid)
+
+      {:kill, from, ref} ->
+        monitor = Process.monitor(pid)
+        Process.exit(pid, :kill)
+        receive do: ({:DOWN, ^monitor, :process, ^pid, _} -> send(from, {ref, :killed}))
+    end
+  end
+
+  @doc """
+  Spawns, on `node`, a producer for `topic` that waits for `drive/2`'s commands, so that
+  one process dispatches every phase of a test (order is per dispatching process).
+  """
+  @spec driven_producer(node(), binary(), term()) :: pid()
+  def driven_producer(node, topic, id), do: Node.spawn(node, __MODULE__, :driven, [topic, id])
+
+  @doc """
+  Has the producer `pid` of `driven_producer/3` run `command` and returns its answer:
+  `{:dispatch, range}` dispatches `{:p, id, seq}` for each seq (`:ok`), `:sync` calls
+  `sync(:cluster)`, `:stop` ends it.
+  """
+  @spec drive(pid(), {:dispatch, Range.t()} | :sync | :stop) :: term()
+  def drive(pid, command) do
+    ref = make_ref()
+    send(pid, {:drive, command, self(), ref})
+
+    receive do
+      {^ref, answer} -> answer
+    after
+      60_000 -> raise "the producer #{inspect(pid)} did not carry out #{inspect(command)}"
+    end
+  end
+
+  @doc false
+  def driven(topic, id) do
+    receive do
+      {:drive, {:dispatch, range}, from, ref} ->
+        for seq <- range, do: :ok = Dispatcher.dispatch(topic, {:p, id, seq})
+        send(from, {ref, :ok})
+        driven(topic, id)
+
+      {:drive, :sync, from, ref} ->
+        send(from, {ref, Dispatcher.sync(:cluster)})
+        driven(topic, id)
+
+      {:drive, :stop, from, ref} ->
+        send(from, {ref, :ok})
     end
   end
 
