@@ -263,6 +263,48 @@ defmodule ExAtlas.Test.Cluster do
     send(parent, {:produced, id, slowest})
   end
 
+  @doc """
+  Spawns, on `node`, a producer that dispatches `{:p, id, seq}` to `topic` for seq 1, 2,
+  ... until it gets `:stop`, sleeping 1 ms every `every` dispatches, and then sends
+  `{:produced, id, dispatched, slowest_dispatch_us}` to the caller. `progress/1` asks it
+  how many it dispatched so far.
+  """
+  @spec endless_producer(node(), binary(), term(), pos_integer()) :: pid()
+  def endless_producer(node, topic, id, every) do
+    Node.spawn(node, __MODULE__, :produce_until_stopped, [self(), {topic, id, every}, 0, 0])
+  end
+
+  @doc false
+  def produce_until_stopped(parent, {topic, id, every} = how, seq, slowest) do
+    receive do
+      {:progress, from, ref} ->
+        send(from, {ref, seq})
+        produce_until_stopped(parent, how, seq, slowest)
+
+      :stop ->
+        send(parent, {:produced, id, seq, slowest})
+    after
+      0 ->
+        seq = seq + 1
+        {us, :ok} = :timer.tc(Dispatcher, :dispatch, [topic, {:p, id, seq}])
+        if rem(seq, every) == 0, do: Process.sleep(1)
+        produce_until_stopped(parent, how, seq, max(us, slowest))
+    end
+  end
+
+  @doc "How many dispatches the `endless_producer/4` `pid` made so far."
+  @spec progress(pid()) :: non_neg_integer()
+  def progress(pid) do
+    ref = make_ref()
+    send(pid, {:progress, self(), ref})
+
+    receive do
+      {^ref, seq} -> seq
+    after
+      10_000 -> raise "no progress report from #{inspect(pid)}"
+    end
+  end
+
   @doc "Connects this node to `node`, trying again until it is connected."
   @spec connect(node(), non_neg_integer()) :: :ok
   def connect(node, tries \\ 500) do
