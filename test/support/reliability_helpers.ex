@@ -109,4 +109,103 @@ defmodule ExAtlas.Test.Reliability do
 
     :ok
   end
+
+  @doc """
+  Runs `fun` with `pids` traced (`:running`) and returns `{result, slices}`: how long (us)
+  they ran each time they were scheduled in meanwhile.
+  """
+  @spec running_slices([pid()], (() -> result)) :: {result, [non_neg_integer()]}
+        when result: var
+  def running_slices(pids, fun) do
+    for pid <- pids, do: 1 = :erlang.trace(pid, true, [:running, :monotonic_timestamp])
+
+    result =
+      try do
+        fun.()
+      after
+        for pid <- pids, do: :erlang.trace(pid, false, [:running])
+      end
+
+    # Every trace message of theirs sent so far is in the mailbox once this arrives.
+    for pid <- pids do
+      ref = :erlang.trace_delivered(pid)
+      receive do: ({:trace_delivered, ^pid, ^ref} -> :ok)
+    end
+
+    events = take_running(pids, [])
+
+    slices =
+      Enum.flat_map(pids, fn pid ->
+        events
+        |> Enum.filter(&(elem(&1, 0) == pid))
+        |> Enum.chunk_every(2, 1, :discard)
+        |> Enum.flat_map(fn
+          [{_, :in, t_in}, {_, :out, t_out}] -> [div(t_out - t_in, 1_000)]
+          _ -> []
+        end)
+      end)
+
+    {result, slices}
+  end
+
+  defp take_running(pids, acc) do
+    receive do
+      {:trace_ts, pid, in_out, _mfa, ts} when in_out in [:in, :out] ->
+        if pid in pids,
+          do: take_running(pids, [{pid, in_out, ts} | acc]),
+          else: take_running(pids, acc)
+    after
+      0 -> Enum.reverse(acc)
+    end
+  end
+
+  @doc """
+  The slices (us) of a plain send loop that sends `message` to each of `pids`, `times`
+  times over: what any process doing that work gets from the VM and the OS in this run.
+  """
+  @spec send_loop_slices([pid()], term(), pos_integer()) :: [non_neg_integer()]
+  def send_loop_slices(pids, message, times) do
+    parent = self()
+
+    loop =
+      spawn_link(fn ->
+        receive do: (:go -> :ok)
+        for _ <- 1..times, pid <- pids, do: send(pid, message)
+        send(parent, {:looped, self()})
+        receive do: (:stop -> :ok)
+      end)
+
+    {:ok, slices} =
+      running_slices([loop], fn ->
+        send(loop, :go)
+
+        receive do
+          {:looped, ^loop} -> :ok
+        after
+          300_000 -> ExUnit.Assertions.flunk("the send loop did not finish")
+        end
+      end)
+
+    send(loop, :stop)
+    slices
+  end
+
+  @doc """
+  The time-weighted median of `slices`: half of the running time was spent in slices at
+  least this long. A few long slices of OS noise do not move it; calls that are all
+  too long do.
+  """
+  @spec weighted_median([non_neg_integer()]) :: non_neg_integer()
+  def weighted_median([]), do: 0
+
+  def weighted_median(slices) do
+    half = Enum.sum(slices) / 2
+
+    slices
+    |> Enum.sort()
+    |> Enum.reduce_while(0, fn slice, sum ->
+      if sum + slice >= half, do: {:halt, {:median, slice}}, else: {:cont, sum + slice}
+    end)
+    |> then(fn {:median, slice} -> slice end)
+  end
 end
