@@ -111,19 +111,26 @@ defmodule ExAtlas.Test.Reliability do
   end
 
   @doc """
-  Runs `fun` with `pids` traced (`:running`) and returns `{result, slices}`: how long (us)
-  they ran each time they were scheduled in meanwhile.
+  Runs `fun` with `pids` traced (`:running`) and returns `{result, slices}`: how long (us
+  of CPU time) they ran each time they were scheduled in meanwhile.
+
+  The time stamps are the scheduler thread's CPU time (`cpu_timestamp`, a VM-wide trace
+  flag, on only meanwhile): a slice is the time the process held its scheduler, not the
+  wall-clock time during which the OS may also have run other programs on that core
+  (on a shared machine, most of a wall-clock slice can be that).
   """
   @spec running_slices([pid()], (() -> result)) :: {result, [non_neg_integer()]}
         when result: var
   def running_slices(pids, fun) do
-    for pid <- pids, do: 1 = :erlang.trace(pid, true, [:running, :monotonic_timestamp])
+    _ = :erlang.trace(:all, true, [:cpu_timestamp])
+    for pid <- pids, do: 1 = :erlang.trace(pid, true, [:running, :timestamp])
 
     result =
       try do
         fun.()
       after
-        for pid <- pids, do: :erlang.trace(pid, false, [:running])
+        for pid <- pids, do: :erlang.trace(pid, false, [:running, :timestamp])
+        _ = :erlang.trace(:all, false, [:cpu_timestamp])
       end
 
     # Every trace message of theirs sent so far is in the mailbox once this arrives.
@@ -140,13 +147,15 @@ defmodule ExAtlas.Test.Reliability do
         |> Enum.filter(&(elem(&1, 0) == pid))
         |> Enum.chunk_every(2, 1, :discard)
         |> Enum.flat_map(fn
-          [{_, :in, t_in}, {_, :out, t_out}] -> [div(t_out - t_in, 1_000)]
+          [{_, :in, t_in}, {_, :out, t_out}] -> [micros(t_out) - micros(t_in)]
           _ -> []
         end)
       end)
 
     {result, slices}
   end
+
+  defp micros({mega, seconds, micro}), do: (mega * 1_000_000 + seconds) * 1_000_000 + micro
 
   defp take_running(pids, acc) do
     receive do
@@ -160,33 +169,42 @@ defmodule ExAtlas.Test.Reliability do
   end
 
   @doc """
-  The slices (us) of a plain send loop that sends `message` to each of `pids`, `times`
-  times over: what any process doing that work gets from the VM and the OS in this run.
+  The slices (us) of `loops` plain send loops running side by side, which send `message`
+  to `pids` (each loop to its share of them), `times` times over: what processes doing
+  that work get from the VM and the OS in this run. Compared with as many senders
+  (`loops`: the lanes), the loops compete for the schedulers as the senders do.
   """
-  @spec send_loop_slices([pid()], term(), pos_integer()) :: [non_neg_integer()]
-  def send_loop_slices(pids, message, times) do
+  @spec send_loop_slices([pid()], term(), pos_integer(), pos_integer()) :: [non_neg_integer()]
+  def send_loop_slices(pids, message, times, loops \\ 1) do
     parent = self()
+    shares = Enum.chunk_every(pids, div(length(pids) + loops - 1, loops))
 
-    loop =
-      spawn_link(fn ->
-        receive do: (:go -> :ok)
-        for _ <- 1..times, pid <- pids, do: send(pid, message)
-        send(parent, {:looped, self()})
-        receive do: (:stop -> :ok)
-      end)
+    spawned =
+      for share <- shares do
+        spawn_link(fn ->
+          receive do: (:go -> :ok)
+          for _ <- 1..times, pid <- share, do: send(pid, message)
+          send(parent, {:looped, self()})
+          receive do: (:stop -> :ok)
+        end)
+      end
 
     {:ok, slices} =
-      running_slices([loop], fn ->
-        send(loop, :go)
+      running_slices(spawned, fn ->
+        for loop <- spawned, do: send(loop, :go)
 
-        receive do
-          {:looped, ^loop} -> :ok
-        after
-          300_000 -> ExUnit.Assertions.flunk("the send loop did not finish")
+        for loop <- spawned do
+          receive do
+            {:looped, ^loop} -> :ok
+          after
+            300_000 -> ExUnit.Assertions.flunk("a send loop did not finish")
+          end
         end
+
+        :ok
       end)
 
-    send(loop, :stop)
+    for loop <- spawned, do: send(loop, :stop)
     slices
   end
 

@@ -193,13 +193,15 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.SchedulerTest do
     message = {:ex_atlas_fly_logs, "scheduler-app", log_entries(20)}
     :ok = Dispatcher.sync()
 
+    senders = Server.senders()
+
     {:ok, by_senders} =
-      running_slices(Server.senders(), fn ->
+      running_slices(senders, fn ->
         for _ <- 1..@deliveries, do: :ok = Dispatcher.dispatch(@topic, message)
         Dispatcher.sync()
       end)
 
-    by_loop = send_loop_slices(subscribers, message, @deliveries)
+    by_loop = send_loop_slices(subscribers, message, @deliveries, length(senders))
     %{senders: weighted_median(by_senders), loop: weighted_median(by_loop)}
   end
 
