@@ -226,4 +226,68 @@ defmodule ExAtlas.Test.Reliability do
     end)
     |> then(fn {:median, slice} -> slice end)
   end
+
+  @doc """
+  The senders deliver `count` dispatches of `message` to `topic`, whose subscribers are
+  `subscribers`; then as many plain send loops as there are senders send it to the same
+  subscribers as often. Returns the time-weighted median slice (us of CPU time) of each,
+  `%{senders: _, loop: _}`.
+  """
+  @spec senders_and_loops(binary(), [pid()], term(), pos_integer()) :: %{
+          senders: non_neg_integer(),
+          loop: non_neg_integer()
+        }
+  def senders_and_loops(topic, subscribers, message, count) do
+    :ok = ExAtlas.Fly.Dispatcher.sync()
+    senders = ExAtlas.Fly.Dispatcher.Server.senders()
+
+    {:ok, by_senders} =
+      running_slices(senders, fn ->
+        for _ <- 1..count, do: :ok = ExAtlas.Fly.Dispatcher.dispatch(topic, message)
+        ExAtlas.Fly.Dispatcher.sync()
+      end)
+
+    by_loop = send_loop_slices(subscribers, message, count, length(senders))
+    %{senders: weighted_median(by_senders), loop: weighted_median(by_loop)}
+  end
+
+  @doc """
+  Calls `measure` (a `senders_and_loops/4`) until the senders' median is at most `factor`
+  times the loops'; flunks, with every attempt's figures, after `attempts` attempts over
+  it. Returns `{attempt, medians}`.
+  """
+  @spec within_loops((() -> map()), pos_integer(), pos_integer()) :: {pos_integer(), map()}
+  def within_loops(measure, factor, attempts, failures \\ []) do
+    medians = measure.()
+    attempt = length(failures) + 1
+
+    cond do
+      medians.senders <= factor * medians.loop ->
+        {attempt, medians}
+
+      attempt < attempts ->
+        within_loops(measure, factor, attempts, [medians | failures])
+
+      true ->
+        ExUnit.Assertions.flunk(
+          "the senders' slices were longer than #{factor} x plain send loops' doing the " <>
+            "same work (time-weighted medians, us) in every attempt: " <>
+            inspect(Enum.reverse([medians | failures]))
+        )
+    end
+  end
+
+  @doc "`count` Fly log entries, about 400 bytes each."
+  @spec log_entries(pos_integer()) :: [map()]
+  def log_entries(count) do
+    for i <- 1..count do
+      %{
+        "timestamp" => "2026-11-30T07:00:#{rem(i, 60)}Z",
+        "level" => "info",
+        "message" => "GET /api/items/#{i} 200 in #{rem(i * 7, 900)}ms",
+        "instance" => "9080e6f3a5d287",
+        "region" => "ams"
+      }
+    end
+  end
 end

@@ -19,7 +19,6 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.BigMessageTest do
   import ExAtlas.Test.Reliability
 
   alias ExAtlas.Fly.Dispatcher
-  alias ExAtlas.Fly.Dispatcher.Server
 
   @moduletag timeout: :infinity
 
@@ -48,7 +47,12 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.BigMessageTest do
         message = {:ex_atlas_fly_logs, "big-app", log_entries(entries)}
         kib = div(:erts_debug.flat_size(message) * :erlang.system_info(:wordsize), 1024)
 
-        {attempt, medians} = attempt(fn -> medians(topic, subscribers, message, dispatches) end)
+        {attempt, medians} =
+          within_loops(
+            fn -> senders_and_loops(topic, subscribers, message, dispatches) end,
+            @loop_factor,
+            @attempts
+          )
 
         IO.puts(
           "\nbig messages, #{n} subscribers, #{kib} KiB x #{dispatches}: time-weighted " <>
@@ -58,54 +62,6 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.BigMessageTest do
       end
     after
       kill_all(subscribers)
-    end
-  end
-
-  # Runs `fun` until the senders' median is within @loop_factor times the loop's; flunks
-  # after @attempts.
-  defp attempt(fun, attempt \\ 1, failures \\ []) do
-    medians = fun.()
-
-    cond do
-      medians.senders <= @loop_factor * medians.loop ->
-        {attempt, medians}
-
-      attempt < @attempts ->
-        attempt(fun, attempt + 1, [medians | failures])
-
-      true ->
-        flunk(
-          "the senders' slices were longer than #{@loop_factor} x a plain send loop's " <>
-            "doing the same work (time-weighted medians, us) in every attempt: " <>
-            inspect(Enum.reverse([medians | failures]))
-        )
-    end
-  end
-
-  # The senders deliver `count` dispatches of `message`, then a plain loop sends it to
-  # the same subscribers as many times: the time-weighted median slice (us) of each.
-  defp medians(topic, subscribers, message, count) do
-    senders = Server.senders()
-
-    {:ok, by_senders} =
-      running_slices(senders, fn ->
-        for _ <- 1..count, do: :ok = Dispatcher.dispatch(topic, message)
-        Dispatcher.sync()
-      end)
-
-    by_loop = send_loop_slices(subscribers, message, count, length(senders))
-    %{senders: weighted_median(by_senders), loop: weighted_median(by_loop)}
-  end
-
-  defp log_entries(count) do
-    for i <- 1..count do
-      %{
-        "timestamp" => "2026-11-30T07:00:#{rem(i, 60)}Z",
-        "level" => "info",
-        "message" => "GET /api/items/#{i} 200 in #{rem(i * 7, 900)}ms",
-        "instance" => "9080e6f3a5d287",
-        "region" => "ams"
-      }
     end
   end
 

@@ -34,7 +34,6 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.SchedulerTest do
 
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
-  alias ExAtlas.Fly.Dispatcher.Server
 
   @moduletag timeout: :infinity
 
@@ -76,7 +75,14 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.SchedulerTest do
           {[probe], []}
         end)
 
-      {delivery_attempts, delivery} = attempt_delivery(fn -> delivery_medians(subscribers) end)
+      message = {:ex_atlas_fly_logs, "scheduler-app", log_entries(20)}
+
+      {delivery_attempts, delivery} =
+        within_loops(
+          fn -> senders_and_loops(@topic, subscribers, message, @deliveries) end,
+          @loop_factor,
+          @attempts
+        )
 
       baseline = baseline_kill_events(n)
 
@@ -162,58 +168,6 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.SchedulerTest do
 
         report_retries(what, failures, limit)
         {number, other}
-    end
-  end
-
-  # Runs `fun` until the senders' time-weighted median slice is within @loop_factor times
-  # the send loop's; flunks after @attempts attempts over it.
-  defp attempt_delivery(fun, number \\ 1, failures \\ []) do
-    medians = fun.()
-
-    cond do
-      medians.senders <= @loop_factor * medians.loop ->
-        {number, medians}
-
-      number < @attempts ->
-        attempt_delivery(fun, number + 1, [medians | failures])
-
-      true ->
-        flunk(
-          "the senders' slices were longer than #{@loop_factor} x a plain send loop's " <>
-            "doing the same work (time-weighted medians, us) in every attempt: " <>
-            inspect(Enum.reverse([medians | failures]))
-        )
-    end
-  end
-
-  # The senders deliver @deliveries log batches to every subscriber of the topic; then a
-  # plain loop sends the same message to the same processes as many times. Returns the
-  # time-weighted median slice (us) of each.
-  defp delivery_medians(subscribers) do
-    message = {:ex_atlas_fly_logs, "scheduler-app", log_entries(20)}
-    :ok = Dispatcher.sync()
-
-    senders = Server.senders()
-
-    {:ok, by_senders} =
-      running_slices(senders, fn ->
-        for _ <- 1..@deliveries, do: :ok = Dispatcher.dispatch(@topic, message)
-        Dispatcher.sync()
-      end)
-
-    by_loop = send_loop_slices(subscribers, message, @deliveries, length(senders))
-    %{senders: weighted_median(by_senders), loop: weighted_median(by_loop)}
-  end
-
-  defp log_entries(count) do
-    for i <- 1..count do
-      %{
-        "timestamp" => "2026-11-30T07:00:#{rem(i, 60)}Z",
-        "level" => "info",
-        "message" => "GET /api/items/#{i} 200 in #{rem(i * 7, 900)}ms",
-        "instance" => "9080e6f3a5d287",
-        "region" => "ams"
-      }
     end
   end
 
