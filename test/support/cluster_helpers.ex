@@ -263,6 +263,48 @@ defmodule ExAtlas.Test.Cluster do
     send(parent, {:produced, id, slowest})
   end
 
+  @doc """
+  Spawns, on `node`, a producer that dispatches `{:p, id, seq}` to `topic` for seq 1, 2,
+  ... until it gets `:stop`, sleeping 1 ms every `every` dispatches, and then sends
+  `{:produced, id, dispatched, slowest_dispatch_us}` to the caller. `progress/1` asks it
+  how many it dispatched so far.
+  """
+  @spec endless_producer(node(), binary(), term(), pos_integer()) :: pid()
+  def endless_producer(node, topic, id, every) do
+    Node.spawn(node, __MODULE__, :produce_until_stopped, [self(), {topic, id, every}, 0, 0])
+  end
+
+  @doc false
+  def produce_until_stopped(parent, {topic, id, every} = how, seq, slowest) do
+    receive do
+      {:progress, from, ref} ->
+        send(from, {ref, seq})
+        produce_until_stopped(parent, how, seq, slowest)
+
+      :stop ->
+        send(parent, {:produced, id, seq, slowest})
+    after
+      0 ->
+        seq = seq + 1
+        {us, :ok} = :timer.tc(Dispatcher, :dispatch, [topic, {:p, id, seq}])
+        if rem(seq, every) == 0, do: Process.sleep(1)
+        produce_until_stopped(parent, how, seq, max(us, slowest))
+    end
+  end
+
+  @doc "How many dispatches the `endless_producer/4` `pid` made so far."
+  @spec progress(pid()) :: non_neg_integer()
+  def progress(pid) do
+    ref = make_ref()
+    send(pid, {:progress, self(), ref})
+
+    receive do
+      {^ref, seq} -> seq
+    after
+      10_000 -> raise "no progress report from #{inspect(pid)}"
+    end
+  end
+
   @doc "Connects this node to `node`, trying again until it is connected."
   @spec connect(node(), non_neg_integer()) :: :ok
   def connect(node, tries \\ 500) do
@@ -346,13 +388,76 @@ defmodule ExAtlas.Test.Cluster do
     :ok
   end
 
+  @doc """
+  Kills what `suspend/1` suspended, still suspended (nothing in its mailbox is handled
+  first), and returns once it is dead.
+  """
+  @spec kill_suspended(pid()) :: :ok
+  def kill_suspended(holder) do
+    ref = make_ref()
+    send(holder, {:kill, self(), ref})
+
+    receive do
+      {^ref, :killed} -> :ok
+    after
+      10_000 -> raise "could not kill the process #{inspect(holder)} holds"
+    end
+  end
+
   @doc false
   def hold_suspended(parent, pid) do
     true = :erlang.suspend_process(pid)
     send(parent, {:suspended, self()})
 
     receive do
-      :resume -> :erlang.resume_process(pid)
+      :resume ->
+        :erlang.resume_process(pid)
+
+      {:kill, from, ref} ->
+        monitor = Process.monitor(pid)
+        Process.exit(pid, :kill)
+        receive do: ({:DOWN, ^monitor, :process, ^pid, _} -> send(from, {ref, :killed}))
+    end
+  end
+
+  @doc """
+  Spawns, on `node`, a producer for `topic` that waits for `drive/2`'s commands, so that
+  one process dispatches every phase of a test (order is per dispatching process).
+  """
+  @spec driven_producer(node(), binary(), term()) :: pid()
+  def driven_producer(node, topic, id), do: Node.spawn(node, __MODULE__, :driven, [topic, id])
+
+  @doc """
+  Has the producer `pid` of `driven_producer/3` run `command` and returns its answer:
+  `{:dispatch, range}` dispatches `{:p, id, seq}` for each seq (`:ok`), `:sync` calls
+  `sync(:cluster)`, `:stop` ends it.
+  """
+  @spec drive(pid(), {:dispatch, Range.t()} | :sync | :stop) :: term()
+  def drive(pid, command) do
+    ref = make_ref()
+    send(pid, {:drive, command, self(), ref})
+
+    receive do
+      {^ref, answer} -> answer
+    after
+      60_000 -> raise "the producer #{inspect(pid)} did not carry out #{inspect(command)}"
+    end
+  end
+
+  @doc false
+  def driven(topic, id) do
+    receive do
+      {:drive, {:dispatch, range}, from, ref} ->
+        for seq <- range, do: :ok = Dispatcher.dispatch(topic, {:p, id, seq})
+        send(from, {ref, :ok})
+        driven(topic, id)
+
+      {:drive, :sync, from, ref} ->
+        send(from, {ref, Dispatcher.sync(:cluster)})
+        driven(topic, id)
+
+      {:drive, :stop, from, ref} ->
+        send(from, {ref, :ok})
     end
   end
 

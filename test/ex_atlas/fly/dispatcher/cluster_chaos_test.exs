@@ -2,6 +2,11 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterChaosTest do
   # Soak (`mix test --include soak`): producers on every node while nodes are cut off and
   # connected again, relays are suspended and a node is stopped, at random moments. Per
   # producer and node: delivered + counted as dropped = dispatched, in dispatch order.
+  #
+  # The producers run from before the first fault until after the last: they dispatch
+  # until told to stop, once the chaos is over. Each fault reads how far they got when it
+  # started and when it was undone; the test asserts that faults hit traffic (dispatches
+  # went on while they lasted), not idle nodes.
   use ExUnit.Case, async: false
 
   import ExAtlas.Test.FlyEnv, only: [restart_app: 1, unique_topic: 1, eventually: 2]
@@ -14,7 +19,9 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterChaosTest do
   @moduletag :soak
   @moduletag timeout: 600_000
 
-  @count 5_000
+  # Each producer sleeps 1 ms every @pace dispatches: a few thousand a second each,
+  # so the subscribers' records stay small over a chaos of several seconds.
+  @pace 5
 
   test "chaos: cuts, suspended relays and a stopped node; every dispatch delivered or counted" do
     :ok = Peers.ensure_distribution()
@@ -36,61 +43,107 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterChaosTest do
     for node <- checked ++ [e], do: Peers.await_visible(node, topic, checked ++ [e])
     before = Map.new(checked, fn node -> {node, dropped_on(node)} end)
 
-    capture_log(fn ->
-      for node <- checked, do: Peers.timed_producer(node, topic, node, @count, 20)
-      chaos(Enum.random(30..50), [b, c, d], peer_e)
+    {{faults, counts}, _log} =
+      with_log(fn ->
+        producers = for node <- checked, do: Peers.endless_producer(node, topic, node, @pace)
+        # Running before the first fault.
+        ExAtlas.Test.FlyEnv.eventually(
+          fn -> Enum.all?(producers, &(Peers.progress(&1) > 0)) end,
+          10_000
+        )
 
-      slowest =
+        faults = chaos(Enum.random(30..50), [b, c, d], peer_e, producers, [])
+        ended = dispatched(producers)
+        # Still running after the last fault: then stopped.
+        ExAtlas.Test.FlyEnv.eventually(fn -> dispatched(producers) > ended end, 10_000)
+        for pid <- producers, do: send(pid, :stop)
+
+        produced =
+          for node <- checked do
+            assert_receive {:produced, ^node, count, us}, 300_000
+            {node, count, us}
+          end
+
+        # Everyone connected again, then every queue drained.
+        for x <- [b, c, d], y <- [b, c, d], x < y, do: :erpc.call(x, Peers, :connect, [y])
+
         for node <- checked do
-          assert_receive {:produced, ^node, us}, 300_000
-          us
+          eventually(fn -> Enum.all?(Map.values(stats_on(node)), &(&1.queued == 0)) end, 60_000)
         end
 
-      # Everyone connected again, then every queue drained.
-      for x <- [b, c, d], y <- [b, c, d], x < y, do: :erpc.call(x, Peers, :connect, [y])
+        IO.puts(
+          "\nchaos: dispatched and slowest dispatch (us) per node: " <>
+            inspect(for {node, count, us} <- produced, do: {node, count, us})
+        )
 
-      for node <- checked do
-        eventually(fn -> Enum.all?(Map.values(stats_on(node)), &(&1.queued == 0)) end, 60_000)
-      end
+        {faults, Map.new(produced, fn {node, count, _} -> {node, count} end)}
+      end)
 
-      IO.puts("\nchaos: slowest dispatch per node (us): #{inspect(Enum.zip(checked, slowest))}")
-    end)
+    # The faults hit traffic: dispatches went on while each kind of fault lasted, and
+    # while most of the faults did (a fault undone at once may see none).
+    overlapped = Enum.filter(faults, fn {_kind, during} -> during > 0 end)
+    kinds = faults |> Enum.map(&elem(&1, 0)) |> Enum.uniq()
+
+    for kind <- kinds,
+        do: assert(Enum.any?(overlapped, &(elem(&1, 0) == kind)), "no #{kind} overlapped traffic")
+
+    assert length(overlapped) * 2 >= length(faults),
+           "only #{length(overlapped)} of #{length(faults)} faults overlapped traffic"
+
+    IO.puts(
+      "chaos: #{length(faults)} faults (#{inspect(Enum.frequencies_by(faults, &elem(&1, 0)))}), " <>
+        "#{length(overlapped)} with dispatches while they lasted"
+    )
 
     for from <- checked, to <- checked, from != to do
       seqs = for {:p, ^from, seq} <- Peers.report(subs[to]), do: seq
       dropped = dropped_on(from)[to] - Map.get(before[from], to, 0)
       assert seqs == Enum.sort(seqs) and seqs == Enum.uniq(seqs), "#{from} -> #{to}: order"
 
-      assert length(seqs) + dropped == @count,
+      assert length(seqs) + dropped == counts[from],
              "#{from} -> #{to}: #{length(seqs)} delivered + #{dropped} dropped"
 
       IO.puts("#{from} -> #{to}: delivered #{length(seqs)}, dropped #{dropped}")
     end
   end
 
-  defp chaos(0, _nodes, _peer_e), do: :ok
+  defp dispatched(producers), do: producers |> Enum.map(&Peers.progress/1) |> Enum.sum()
 
-  defp chaos(rounds, nodes, peer_e) do
+  # Returns each fault as {kind, dispatches made while it lasted}.
+  defp chaos(0, _nodes, _peer_e, _producers, faults), do: Enum.reverse(faults)
+
+  defp chaos(rounds, nodes, peer_e, producers, faults) do
     Process.sleep(Enum.random(10..150))
 
-    case Enum.random([:cut, :cut, :suspend, :suspend, :stop]) do
-      :cut ->
-        [x, y] = Enum.take_random(nodes, 2)
-        :erpc.call(x, :erlang, :disconnect_node, [y])
-        Process.sleep(Enum.random(0..300))
-        :erpc.call(x, Peers, :connect, [y])
+    fault =
+      case Enum.random([:cut, :cut, :suspend, :suspend, :stop]) do
+        :cut ->
+          [x, y] = Enum.take_random(nodes, 2)
+          :erpc.call(x, :erlang, :disconnect_node, [y])
+          during = during(producers, fn -> Process.sleep(Enum.random(0..300)) end)
+          :erpc.call(x, Peers, :connect, [y])
+          {:cut, during}
 
-      :suspend ->
-        relay = :erpc.call(Enum.random(nodes), Process, :whereis, [Cluster.Relay])
-        holder = Peers.suspend(relay)
-        Process.sleep(Enum.random(0..500))
-        Peers.resume(holder)
+        :suspend ->
+          relay = :erpc.call(Enum.random(nodes), Process, :whereis, [Cluster.Relay])
+          holder = Peers.suspend(relay)
+          during = during(producers, fn -> Process.sleep(Enum.random(0..500)) end)
+          Peers.resume(holder)
+          {:suspend, during}
 
-      :stop ->
-        stop_peer(peer_e)
-    end
+        :stop ->
+          # Once only: e stays stopped.
+          if Process.alive?(peer_e), do: {:stop, during(producers, fn -> stop_peer(peer_e) end)}
+      end
 
-    chaos(rounds - 1, nodes, peer_e)
+    chaos(rounds - 1, nodes, peer_e, producers, if(fault, do: [fault | faults], else: faults))
+  end
+
+  # Dispatches made by all producers while `fun` ran.
+  defp during(producers, fun) do
+    started = dispatched(producers)
+    fun.()
+    dispatched(producers) - started
   end
 
   # Stopped already, or not: either way it is gone afterwards.

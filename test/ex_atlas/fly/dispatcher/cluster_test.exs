@@ -119,37 +119,62 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterTest do
   test "a node stopped mid-stream does not break or block the others; what it missed is dropped",
        %{b: b} do
     put_hold(500)
+    define_telemetry()
+    ExAtlas.Test.TelemetryStandIn.capture([@drop])
     topic = unique_topic("cluster:stop")
 
     {peer_d, d} =
       Peers.start_peer("ex_atlas_d_#{System.unique_integer([:positive])}", cluster: true)
 
     sub_b = Peers.subscriber(b, topic)
-    _sub_d = Peers.subscriber(d, topic)
+    sub_d = Peers.subscriber(d, topic)
     Peers.await_visible(node(), topic, [b, d])
 
-    producer = Peers.producer(node(), topic, :a, 2_000, 1)
-    Process.sleep(20)
-    :peer.stop(peer_d)
-
-    # The producer finishes; sync(:cluster) answers for the nodes still there.
-    assert_receive {:produced, :a, sync}, 30_000
-    assert sync == :ok or match?({:error, {:no_answer, _}}, sync)
-    refute Process.alive?(producer)
+    # The first half reaches both nodes, and d acknowledged all of it: nothing of it can
+    # be counted as dropped later.
+    for seq <- 1..1_000, do: :ok = Dispatcher.dispatch(topic, {:p, :a, seq})
     assert :ok = Dispatcher.sync(:cluster)
-    assert Peers.report(sub_b) == for(seq <- 1..2_000, do: {:p, :a, seq})
+    assert length(Peers.report(sub_d)) == 1_000
+    eventually(fn -> Cluster.stats()[d].queued == 0 end, 10_000)
 
-    # d's interest was kept for the hold time: what it did not receive is counted as
-    # dropped for it, and then its link goes (twice the hold time after its nodedown).
+    # This node's relay reaps a departed node's link (twice the hold after it left):
+    # suspended meanwhile, so that d's link and its counts are there to read. d's link
+    # is suspended while d stops and the second half is dispatched: it learns that d's
+    # relay is gone, and starts the hold, only after every dispatch for d is in its
+    # mailbox, however long they take.
+    relay = Process.whereis(Cluster.Relay)
+    [{^d, {link, _counters}}] = :ets.lookup(Cluster.links_table(), d)
+    true = :erlang.suspend_process(relay)
+    true = :erlang.suspend_process(link)
+
     log =
       capture_log(fn ->
-        eventually(fn -> Cluster.stats()[d][:queued] in [0, nil] end, 10_000)
-        assert %{dropped: dropped} = Cluster.stats()[d] || %{dropped: :reaped}
-        assert dropped == :reaped or dropped > 0
+        try do
+          true = :erlang.monitor_node(d, true)
+          :peer.stop(peer_d)
+          assert_receive {:nodedown, ^d}, 10_000
+
+          # The second half, with d gone: b gets it, and d's interest is held, so what d
+          # misses is queued for it, then counted as dropped when the hold is over.
+          for seq <- 1_001..2_000, do: :ok = Dispatcher.dispatch(topic, {:p, :a, seq})
+          true = :erlang.resume_process(link)
+          eventually(fn -> Cluster.stats()[d].queued == 0 end, 10_000)
+          assert Cluster.stats()[d].dropped == 1_000
+          assert Dispatcher.sync(:cluster) in [:ok, {:error, {:no_answer, [d]}}]
+          assert Peers.report(sub_b) == for(seq <- 1..2_000, do: {:p, :a, seq})
+        after
+          for pid <- [link, relay],
+              Process.info(pid, :status) == {:status, :suspended},
+              do: :erlang.resume_process(pid)
+        end
+
+        # Then its link goes, and its last report says every drop: whether or not the
+        # link was still there, log and telemetry add up to what it counted.
         eventually(fn -> not Map.has_key?(Cluster.stats(), d) end, 10_000)
       end)
 
     assert log =~ "dropped"
+    assert telemetry_drops(d, 0) == 1_000
   end
 
   test "a suspended relay: dispatch goes on, the node's queue stays bounded, drops are counted",

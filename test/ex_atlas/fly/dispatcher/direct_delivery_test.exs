@@ -13,6 +13,7 @@ defmodule ExAtlas.Fly.Dispatcher.DirectDeliveryTest do
 
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
+  alias ExAtlas.Fly.Dispatcher.Server
 
   # Subscribers that report each message they get to the test, tagged with their pid.
   defp subscribers(topic, n, queue) do
@@ -78,17 +79,46 @@ defmodule ExAtlas.Fly.Dispatcher.DirectDeliveryTest do
   test "off-heap subscribers get every message from the caller, in bounded NIF calls" do
     topic = unique_topic("direct")
     pids = subscribers(topic, 3_000, :off_heap)
+    :ok = Dispatcher.sync()
     before = stats().delivered_batches
     message = {:ex_atlas_fly_logs, "app", Enum.map(1..20, &%{"line" => &1})}
+    senders = Server.senders()
 
-    calls = resume_calls(fn -> :ok = Dispatcher.dispatch(topic, message) end)
+    # No sender runs during the dispatch: what a subscriber has when it answers a probe
+    # the caller sent it once the dispatch returned (behind the message, from the same
+    # process), the caller sent itself.
+    for sender <- senders, do: true = :erlang.suspend_process(sender)
+
+    {calls, in_flight} =
+      try do
+        ref = make_ref()
+
+        calls =
+          resume_calls(fn ->
+            :ok = Dispatcher.dispatch(topic, message)
+            for pid <- pids, do: send(pid, {:probe, ref})
+          end)
+
+        for pid <- pids, do: assert_receive({:got, ^pid, {:probe, ^ref}}, 5_000)
+        {calls, stats().in_flight}
+      after
+        for sender <- senders, do: :erlang.resume_process(sender)
+      end
 
     # 3 000 copies of a 20-map batch take far longer than one 0.5 ms slice: the caller
-    # came back for more, and no sender delivered anything.
+    # came back for more. Every subscriber had the message while the senders were
+    # suspended, and no batch was handed to them.
     assert calls > 0
-    assert stats().delivered_batches == before
+    for pid <- pids, do: assert_received({:got, ^pid, ^message})
+    assert in_flight == 0
 
-    for pid <- pids, do: assert_receive({:got, ^pid, ^message}, 5_000)
+    # Once the senders ran and answered sync/0, none had delivered anything, and no
+    # subscriber got the message twice.
+    :ok = Dispatcher.sync()
+    assert stats().delivered_batches == before
+    ref = make_ref()
+    for pid <- pids, do: send(pid, {:probe, ref})
+    for pid <- pids, do: assert_receive({:got, ^pid, {:probe, ^ref}}, 5_000)
     refute_received {:got, _, _}
   end
 

@@ -76,19 +76,57 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
       for topic <- topics, _ <- 1..3, do: :ok = Dispatcher.dispatch(topic, :counted)
       :ok = Dispatcher.sync()
 
-      stats = Dispatcher.stats()
-      assert %{subscriptions: 4, topics: 2, subscribers: 2} = stats
-      assert %{in_flight: 0, waiting: 0, lost_batches: 0, lost_deliveries: 0} = stats
-      # Small dispatches to idle lanes are sent inline, without a batch: the batch
-      # figures are tested with the NIF's (registry_backend_test.exs, reliability/).
-      assert stats.peak_in_flight <= 16
-      assert stats.cluster == %{}
-      assert Enum.all?(Map.delete(stats, :cluster), fn {_, v} -> is_integer(v) and v >= 0 end)
+      # Every figure is known: small dispatches to idle lanes are sent inline, without a
+      # batch, so no lane ever had one in flight.
+      assert Dispatcher.stats() == %{
+               @zero
+               | subscriptions: 4,
+                 topics: 2,
+                 subscribers: 2,
+                 lanes: 2,
+                 queue_capacity: 16
+             }
 
+      # Batches: a topic past 16 subscriptions goes to the senders. One process holds all
+      # 17, so one lane has them: with every sender suspended, each dispatch holds one
+      # batch in flight there until the senders run again.
+      big = unique_topic("stats:big")
+      fan = spawn_subscriptions(big, 17)
+      senders = ExAtlas.Fly.Dispatcher.Server.senders()
+      for sender <- senders, do: true = :erlang.suspend_process(sender)
+
+      held =
+        try do
+          for seq <- 1..3, do: :ok = Dispatcher.dispatch(big, {:counted, seq})
+          Dispatcher.stats()
+        after
+          for sender <- senders, do: :erlang.resume_process(sender)
+        end
+
+      assert %{in_flight: 3, peak_in_flight: 3, delivered_batches: 0, waiting: 0} = held
+      :ok = Dispatcher.sync()
+      assert %{in_flight: 0, peak_in_flight: 3, delivered_batches: 3} = Dispatcher.stats()
+
+      Process.exit(fan, :kill)
       Process.exit(other, :kill)
       :ok = Dispatcher.unsubscribe(a)
       :ok = Dispatcher.unsubscribe(b)
       eventually(fn -> match?(%{subscriptions: 0, topics: 0}, Dispatcher.stats()) end)
+    end
+
+    # A process subscribed `n` times to `topic`, which never reads its mailbox.
+    defp spawn_subscriptions(topic, n) do
+      parent = self()
+
+      pid =
+        spawn(fn ->
+          for _ <- 1..n, do: :ok = Dispatcher.subscribe(topic)
+          send(parent, {:subscribed, self()})
+          Process.sleep(:infinity)
+        end)
+
+      assert_receive {:subscribed, ^pid}, 5_000
+      pid
     end
 
     test "raises ArgumentError when no registry runs" do

@@ -309,8 +309,11 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
       ebin = Path.join(:code.lib_dir(:ex_atlas), "ebin")
 
       # kill_then_init_stop: each sender, the server, the watchdog and the supervisor are
-      # killed under that load first (issue 9 §3); the time from :init.stop/0 to the exit
-      # is printed (the issue's figure: within 5 s; the guard below is generous).
+      # killed under that load first (issue 9 §3). Promptly means that the stop waits out
+      # no timeout of ours: no supervisor had to kill one of our processes because its
+      # shutdown time ran out (a supervisor report the VM's script watches for, whatever
+      # the machine's speed). The time from :init.stop/0 to the exit is printed (the
+      # issue's figure: within 5 s), not asserted.
       runs =
         for mode <- ["init_stop", "halt", "kill_then_init_stop"] do
           Task.async(fn -> {mode, run_vm(ebin, mode, 120_000)} end)
@@ -325,6 +328,10 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
           # counts the subscribers that got the closing exit signal by then.
           assert [_, told, of] = Regex.run(~r/TOLD (\d+) OF (\d+)/, output), output
           assert told == of, "#{mode}: only #{told} of #{of} subscribers were told"
+
+          refute output =~ "SHUTDOWN_ERROR",
+                 "#{mode}: a process was killed when its shutdown time ran out:\n" <>
+                   first_line(output, "SHUTDOWN_ERROR")
         end
 
         assert status == 0, "#{mode}: exit status #{status}:\n#{output}"
@@ -538,6 +545,18 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
 
   defp vm_script(mode) do
     """
+    # Prints SHUTDOWN_ERROR for each child a supervisor killed because its shutdown time
+    # ran out (a supervisor report, whether or not the console logs those).
+    defmodule ShutdownWatch do
+      def log(%{msg: {:report, %{label: {:supervisor, :shutdown_error}, report: report}}}, _) do
+        IO.puts("SHUTDOWN_ERROR \#{inspect(report[:offender][:id])} \#{inspect(report[:reason])}")
+      end
+
+      def log(_event, _config), do: :ok
+    end
+
+    :ok = :logger.add_handler(:shutdown_watch, ShutdownWatch, %{level: :all})
+
     # Started before :ex_atlas, so stopped after it: its prep_stop/1 reports how many of
     # the subscribers got the registry's closing exit signal by then.
     defmodule ToldProbe do
