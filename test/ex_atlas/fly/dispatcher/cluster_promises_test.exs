@@ -90,26 +90,37 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterPromisesTest do
 
     # A drop for each node every 10 ms for 2.5 s: about 250 each, over at least three
     # of the links' report rounds.
-    capture_log(fn -> drop_for(handles, System.monotonic_time(:millisecond) + 2_500, 0) end)
-    pushed = Link.counts(elem(hd(handles), 2)).dropped
-    assert pushed > 50
+    log =
+      capture_log(fn ->
+        drop_for(handles, System.monotonic_time(:millisecond) + 2_500, 0)
+        pushed = Link.counts(elem(hd(handles), 2)).dropped
+        assert pushed > 50
 
-    for {node, link, handle} <- handles do
-      assert Link.counts(handle).dropped == pushed
-      # Every drop is reported, in events from the node's link, each with the new ones.
-      events = await_reported(link, node, pushed, [])
-      assert length(events) >= 2
-      assert length(events) < pushed / 10
+        for {node, link, handle} <- handles do
+          assert Link.counts(handle).dropped == pushed
+          # Every drop is reported, in events from the node's link, each with the new ones.
+          events = await_reported(link, node, pushed, [])
+          assert length(events) >= 2
+          assert length(events) < pushed / 10
+          send(self(), {:events, node, length(events)})
 
-      # Consecutive events are a report round apart. The link's report timer is 1 s and
-      # an Erlang timer never fires early: this is a bound the code guarantees, not a
-      # measured speed (the 50 ms are the time a report takes before it emits).
-      times = events |> Enum.map(&elem(&1, 1)) |> Enum.sort()
+          # Consecutive events are a report round apart. The link's report timer is 1 s
+          # and an Erlang timer never fires early: this is a bound the code guarantees,
+          # not a measured speed (the 50 ms are the time a report takes before it emits).
+          times = events |> Enum.map(&elem(&1, 1)) |> Enum.sort()
 
-      for [earlier, later] <- Enum.chunk_every(times, 2, 1, :discard) do
-        assert later - earlier >= 950,
-               "#{node}: two drop events #{later - earlier} ms apart"
-      end
+          for [earlier, later] <- Enum.chunk_every(times, 2, 1, :discard) do
+            assert later - earlier >= 950,
+                   "#{node}: two drop events #{later - earlier} ms apart"
+          end
+        end
+      end)
+
+    # The warning log comes with each event, not more often.
+    for node <- nodes do
+      assert_received {:events, ^node, events}
+      lines = Regex.scan(~r/dropped \d+ dispatches for node #{Regex.escape(inspect(node))}/, log)
+      assert length(lines) == events
     end
   end
 
@@ -150,13 +161,25 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterPromisesTest do
 
       # So does every dispatch, which only hands its message to the link.
       for seq <- 61..70, do: :ok = Dispatcher.dispatch(topic, {:p, seq, payload})
+
+      # And this node's relay, asked for a sync answer to a process on c (as a link of
+      # c's would): the answer waits in its outbox, and the relay goes on answering.
+      relay = Process.whereis(Cluster.Relay)
+      send(relay, {:"$ex_atlas_sync", sub_c, make_ref()})
+      eventually(fn -> not :queue.is_empty(:sys.get_state(relay).outbox) end, 10_000)
+      assert {:status, status} = Process.info(relay, :status)
+      assert status != :suspended
+      assert %{received: _} = Cluster.relay_counts()
     after
       System.cmd("kill", ["-CONT", os_pid])
     end
 
     # Resumed: everything arrives, in order, and nothing was dropped.
     assert :ok = Dispatcher.sync(:cluster, 30_000)
-    assert Enum.map(Peers.report(sub_c), &elem(&1, 1)) == Enum.to_list(1..70)
+    got = Peers.report(sub_c)
+    assert for({:p, seq, _} <- got, do: seq) == Enum.to_list(1..70)
+    # The relay's answer went out once c could take it.
+    assert Enum.any?(got, &match?({_tag, _ref, node} when node == node(), &1))
     assert Cluster.stats()[c].dropped == 0
   end
 
