@@ -512,6 +512,16 @@ mod tests {
         Gap(u64),
     }
 
+    #[test]
+    fn a_heap_block_is_its_size_and_a_header_rounded_up_to_16_at_least_32() {
+        assert_eq!(heap_block(0), 32);
+        assert_eq!(heap_block(24), 32, "24 + 8 is exactly 32");
+        assert_eq!(heap_block(25), 48);
+        assert_eq!(heap_block(40), 48);
+        assert_eq!(heap_block(41), 64);
+        assert_eq!(heap_block(1_000), 1_008);
+    }
+
     /// Takes and delivers everything until caught up (or removed).
     fn drain(h: &mut H, topic: &[u8], pid: Pid) -> (Vec<Got>, Option<&'static str>) {
         let mut got = Vec::new();
