@@ -417,6 +417,18 @@ mod tests {
     }
 
     #[test]
+    fn a_registry_has_at_least_one_lane_and_tells_when_it_is_closed() {
+        let reg: Sharded<u64> = Sharded::new(3);
+        assert_eq!((reg.lanes(), reg.direct()), (3, 3));
+        assert!(!reg.is_closed());
+        reg.subscribe(b"t", 1, ok_monitor(1)).unwrap().unwrap();
+        assert_eq!(reg.close().len(), 1);
+        assert!(reg.is_closed());
+        let reg: Sharded<u64> = Sharded::with_stripes(0, 0);
+        assert_eq!((reg.lanes(), reg.direct()), (1, 1));
+    }
+
+    #[test]
     fn shards_hold_only_their_pids() {
         let reg = Sharded::new(4);
         for pid in 0..1_000 {
