@@ -18,8 +18,8 @@
 # file). Plain `cargo test`, never loom (scripts/loom.sh model-checks the lane state
 # machines). The mutants are built in a copy of the tree (the work tree is never touched),
 # with a target directory of their own (target/mutants/build, reused between runs), and
-# the results go to target/mutants/mutants.out (caught.txt, missed.txt, timeout.txt,
-# unviable.txt).
+# the results go to target/mutants/full/mutants.out (target/mutants/quick/... for
+# --quick): caught.txt, missed.txt, timeout.txt, unviable.txt.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,11 +48,13 @@ for arg in "$@"; do
   esac
 done
 
-out="$root/target/mutants"
+mode=full
+$quick && mode=quick
+out="$root/target/mutants/$mode"
 mkdir -p "$out"
 # Builds without debug info link faster; a target directory of their own leaves the
 # usual one's builds alone.
-export CARGO_TARGET_DIR="$out/build"
+export CARGO_TARGET_DIR="$root/target/mutants/build"
 export CARGO_PROFILE_TEST_DEBUG=0 CARGO_PROFILE_DEV_DEBUG=0
 
 if $quick; then
