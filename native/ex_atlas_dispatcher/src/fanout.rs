@@ -446,6 +446,27 @@ mod tests {
     }
 
     #[test]
+    fn there_is_at_least_one_lane_of_at_least_one_credit() {
+        let lanes: Lanes<Probe> = Lanes::new(3, 2);
+        assert_eq!((lanes.len(), lanes.is_empty()), (3, false));
+        assert_eq!(lanes.stats().capacity, 2);
+        let lanes: Lanes<Probe> = Lanes::new(0, 0);
+        assert_eq!((lanes.len(), lanes.is_empty()), (1, false));
+        assert_eq!(lanes.try_reserve(7), Ok(()), "lane 7 of 1 is lane 0");
+        assert_eq!(lanes.try_reserve(0), Err(Refused::Full), "one credit");
+    }
+
+    #[test]
+    fn a_credit_given_back_unused_counts_no_loss() {
+        let lanes: Lanes<Probe> = Lanes::new(1, 1);
+        lanes.try_reserve(0).unwrap();
+        lanes.give_back(0, 0, grant);
+        let stats = lanes.stats();
+        assert_eq!((stats.lost_batches, stats.lost_deliveries), (0, 0));
+        assert_eq!((stats.in_flight, stats.delivered), (0, 0));
+    }
+
+    #[test]
     fn a_lost_batch_is_counted_and_returns_its_credit() {
         let lanes: Lanes<Probe> = Lanes::new(2, 1);
         lanes.try_reserve(1).unwrap();
@@ -467,6 +488,7 @@ mod tests {
             let queued = lanes.reserve_or_queue(id % 2, probe(id, true, &granted), grant);
             assert_eq!(queued, Ok(Reservation::Queued));
         }
+        assert!(!lanes.is_closed());
         let mut waiters: Vec<usize> = lanes.close().into_iter().map(|p| p.id).collect();
         waiters.sort_unstable();
         assert_eq!(waiters, vec![0, 1, 2, 3]);

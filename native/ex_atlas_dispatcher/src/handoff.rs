@@ -440,4 +440,153 @@ mod tests {
         );
         assert_eq!(lane.parked(), 1);
     }
+
+    #[test]
+    fn the_lane_reports_its_sender_parked_batches_and_producers() {
+        let lane = Lane::new();
+        assert_eq!((lane.sender(), lane.parked(), lane.producers()), (0, 0, 0));
+        lane.hand(batch(1, 0), |_, _| true, |b| b.id);
+        lane.hand(batch(2, 1), |_, _| true, |b| b.id);
+        lane.hand(batch(2, 2), |_, _| true, |b| b.id);
+        assert_eq!(
+            (lane.sender(), lane.parked(), lane.producers()),
+            (0, 3, 2),
+            "no sender yet: all parked, two producers recorded"
+        );
+        assert_eq!(lane.install(7), Installed::MustDrain);
+        assert_eq!(lane.sender(), 7);
+        while lane.take_parked(7).is_some() {}
+        assert_eq!((lane.parked(), lane.producers()), (0, 2));
+    }
+
+    /// `finish` answers for what is done, and so does a batch's own flag: a batch marked
+    /// done (delivered, or reclaimed) clears its producer and is let go even before (or
+    /// without) its `finish`.
+    #[test]
+    fn a_batch_marked_done_holds_nobody_and_is_let_go() {
+        let lane = Lane::new();
+        lane.install(7);
+        let (a, b) = (batch(1, 0), batch(1, 1));
+        lane.hand(a.clone(), |_, _| true, |b| b.id);
+        lane.hand(b.clone(), |_, _| true, |b| b.id);
+        b.done.store(true, Ordering::Release);
+        assert!(lane.clear_for(1), "its last batch is done");
+        // `a` finishes: it leaves the in-flight list, and `b` behind it, done, goes too.
+        finish(&lane, &a);
+        assert_eq!(Arc::strong_count(&a), 1, "the lane holds no finished batch");
+        assert_eq!(Arc::strong_count(&b), 2, "b is still its producer's last");
+        lane.finish(&b);
+        assert_eq!(Arc::strong_count(&b), 1);
+        assert!(
+            lane.reclaim(7).is_empty(),
+            "nothing of 7's is left to reclaim"
+        );
+    }
+
+    /// The lock is not held while a batch is sent: another producer may hand a batch to
+    /// the same sender meanwhile (here: from inside `send`). Each send then settles its
+    /// own batch's record, not the newest one to that sender.
+    #[test]
+    fn a_send_settles_its_own_batch_when_another_one_was_handed_meanwhile() {
+        let lane = Lane::new();
+        lane.install(7);
+        let (a, b) = (batch(1, 0), batch(2, 1));
+        let handed = lane.hand(
+            a.clone(),
+            |_, _| {
+                assert_eq!(lane.hand(b.clone(), |_, _| true, |b| b.id), Handed::Sent);
+                true
+            },
+            |b| b.id,
+        );
+        assert_eq!(handed, Handed::Sent);
+        // Both are in 7's hands: its death reclaims both (a still marked as being sent
+        // would be left to a producer that has already gone).
+        let mut taken: Vec<usize> = lane.reclaim(7).iter().map(|b| b.id).collect();
+        taken.sort_unstable();
+        assert_eq!(taken, vec![0, 1]);
+        assert!(a.done.load(Ordering::Acquire) && b.done.load(Ordering::Acquire));
+    }
+
+    /// The sender dies while a producer sends to it, outside the lock: its reclaim leaves
+    /// that batch to the producer. When the send failed, nothing reached anyone: the
+    /// batch is parked for the next sender, not counted lost.
+    #[test]
+    fn a_batch_whose_send_failed_as_its_sender_died_is_parked_not_lost() {
+        let lane = Lane::new();
+        lane.install(7);
+        let a = batch(1, 0);
+        let mut reclaimed = Vec::new();
+        let handed = lane.hand(
+            a.clone(),
+            |pid, _| {
+                reclaimed = lane.reclaim(pid);
+                false
+            },
+            |b| b.id,
+        );
+        assert!(reclaimed.is_empty(), "a batch being sent is its producer's");
+        assert_eq!(handed, Handed::Parked);
+        assert!(!a.done.load(Ordering::Acquire), "still to be delivered");
+        assert_eq!(lane.install(8), Installed::MustDrain);
+        assert_eq!(lane.take_parked(8).map(|(b, _)| b.id), Some(0));
+    }
+
+    /// The same, but the send succeeded: the batch died in the dead sender's mailbox, and
+    /// its producer (not the reclaim) counts it lost, once.
+    #[test]
+    fn a_batch_sent_to_a_sender_that_died_meanwhile_is_lost_once() {
+        let lane = Lane::new();
+        lane.install(7);
+        let a = batch(1, 0);
+        let mut reclaimed = Vec::new();
+        let handed = lane.hand(
+            a.clone(),
+            |pid, _| {
+                reclaimed = lane.reclaim(pid);
+                true
+            },
+            |b| b.id,
+        );
+        assert!(reclaimed.is_empty());
+        assert_eq!(handed, Handed::Lost);
+        assert!(a.done.load(Ordering::Acquire));
+        assert!(lane.clear_for(1));
+        assert_eq!(lane.producers(), 0);
+        assert!(lane.reclaim(7).is_empty(), "counted once");
+    }
+
+    #[test]
+    fn clear_hands_back_everything_and_closes_the_lane() {
+        let lane = Lane::new();
+        lane.install(7);
+        let (a, b) = (batch(1, 0), batch(2, 1));
+        lane.hand(a.clone(), |_, _| true, |b| b.id);
+        lane.hand(b.clone(), |_, _| false, |b| b.id);
+        assert_eq!(lane.parked(), 1);
+        let (in_flight, parked) = lane.clear();
+        assert_eq!(in_flight.iter().map(|b| b.id).collect::<Vec<_>>(), vec![0]);
+        assert_eq!(
+            parked.iter().map(|(_, id)| *id).collect::<Vec<_>>(),
+            vec![1]
+        );
+        assert_eq!((lane.parked(), lane.producers()), (0, 0));
+        // Closed: a batch handed now is lost (or already done), never sent nor parked.
+        let c = batch(3, 2);
+        let handed = lane.hand(c.clone(), |_, _| panic!("sent after clear"), |b| b.id);
+        assert_eq!(handed, Handed::Lost);
+        assert!(c.done.load(Ordering::Acquire));
+        let d = batch(3, 3);
+        d.done.store(true, Ordering::Release);
+        assert_eq!(
+            lane.hand(d, |_, _| panic!("sent after clear"), |b| b.id),
+            Handed::AlreadyDone
+        );
+        assert_eq!(lane.install(8), Installed::Open);
+        assert_eq!(
+            lane.hand(batch(4, 4), |_, _| panic!("sent after clear"), |b| b.id),
+            Handed::Lost,
+            "a new sender does not reopen a cleared lane"
+        );
+    }
 }

@@ -512,6 +512,16 @@ mod tests {
         Gap(u64),
     }
 
+    #[test]
+    fn a_heap_block_is_its_size_and_a_header_rounded_up_to_16_at_least_32() {
+        assert_eq!(heap_block(0), 32);
+        assert_eq!(heap_block(24), 32, "24 + 8 is exactly 32");
+        assert_eq!(heap_block(25), 48);
+        assert_eq!(heap_block(40), 48);
+        assert_eq!(heap_block(41), 64);
+        assert_eq!(heap_block(1_000), 1_008);
+    }
+
     /// Takes and delivers everything until caught up (or removed).
     fn drain(h: &mut H, topic: &[u8], pid: Pid) -> (Vec<Got>, Option<&'static str>) {
         let mut got = Vec::new();
@@ -885,6 +895,130 @@ mod tests {
         }
         h.check_invariants().unwrap();
         assert!(h.order.len() < 2 * COMPACT_FLOOR + 2);
+    }
+
+    #[test]
+    fn a_joiners_chunk_is_a_64th_of_the_limit_and_at_least_a_byte() {
+        assert_eq!(H::new(1, 64_000).chunk_bytes(), 1_000);
+        assert_eq!(H::new(1, 10).chunk_bytes(), 1);
+    }
+
+    /// The slack is exact: a joiner that had 2 to deliver at its join may have
+    /// `2 + JOIN_SLACK` left, and is cut at one more.
+    #[test]
+    fn a_joiner_may_fall_join_slack_further_behind_and_no_more() {
+        let mut h = H::new(10_000, usize::MAX);
+        for m in 0..5 {
+            h.record(b"t", m, 1).unwrap();
+        }
+        h.join(b"t", 1, 2, "").unwrap();
+        let slack = JOIN_SLACK as u32;
+        for m in 5..5 + slack {
+            h.record(b"t", m, 1).unwrap();
+        }
+        assert_eq!(h.stats().cuts, 0, "exactly JOIN_SLACK further behind");
+        h.record(b"t", 5 + slack, 1).unwrap();
+        assert_eq!(h.stats().cuts, 1);
+        assert_eq!(h.stats().missed, 2 + JOIN_SLACK + 1, "cut to the end");
+    }
+
+    /// A joiner's cap is a sixteenth of the limit: one slot of more than that, evicted
+    /// while the joiner still needs it, is not held for it; it is cut past it, once.
+    #[test]
+    fn a_joiner_that_cannot_hold_the_slot_it_needs_is_cut_when_it_is_evicted() {
+        let mut h = H::new(2, 100_000);
+        h.record(b"t", 0, 10_000).unwrap();
+        h.record(b"t", 1, 10_000).unwrap();
+        h.join(b"t", 1, 2, "").unwrap();
+        h.record(b"t", 2, 10_000).unwrap();
+        assert_eq!((h.stats().cuts, h.stats().missed), (1, 1));
+        assert_eq!(h.stats().retained, 0, "nothing held past the cap");
+        let (got, _) = drain(&mut h, b"t", 1);
+        assert_eq!(got, vec![Got::Gap(1), Got::Message(1), Got::Message(2)]);
+        h.check_invariants().unwrap();
+    }
+
+    /// A cut that skips nothing (what it would skip is in the chunk the joiner is
+    /// delivering) opens no gap: no notice, and no cut counted.
+    #[test]
+    fn a_cut_inside_the_chunk_being_delivered_counts_no_gap() {
+        let mut h = H::new(3, 100_000);
+        for m in 0..3 {
+            h.record(b"t", m, 10_000).unwrap();
+        }
+        h.join(b"t", 1, 3, "").unwrap();
+        let Take::Chunk { missed: 0, entries } = h.take(b"t", 1, 3, usize::MAX) else {
+            panic!()
+        };
+        assert_eq!(entries.len(), 3);
+        // Evicts slot 0, pinned by the chunk and more than the joiner's cap.
+        h.record(b"t", 3, 10_000).unwrap();
+        h.give_back(b"t", 1, 3, false).unwrap();
+        assert_eq!((h.stats().cuts, h.stats().missed), (0, 0));
+        assert_eq!(drain(&mut h, b"t", 1).0, vec![Got::Message(3)]);
+    }
+
+    /// Twin histories with the same dispatches, one with a departure at 3: the
+    /// departure is accounted until the history starts at 3, not a dispatch longer, and
+    /// then leaves nothing behind (the topic goes once nothing else holds it).
+    #[test]
+    fn a_departure_is_let_go_as_soon_as_the_history_has_passed_it() {
+        let limit = 3 * (1_000 + H::SLOT_BYTES) + 2 * (H::TOPIC_BYTES + 1);
+        let (mut a, mut b) = (H::new(3, limit), H::new(3, limit));
+        let record = |a: &mut H, b: &mut H, topic: &[u8], m: u32| {
+            a.record(topic, m, 1_000).unwrap();
+            b.record(topic, m, 1_000).unwrap();
+        };
+        for m in 0..3 {
+            record(&mut a, &mut b, b"t", m);
+        }
+        a.depart(b"t", 7);
+        for m in 3..5 {
+            record(&mut a, &mut b, b"t", m);
+            assert!(a.stats().bytes > b.stats().bytes, "still ahead at {m}");
+        }
+        // The history now starts at 3.
+        record(&mut a, &mut b, b"t", 5);
+        assert_eq!(a.stats().bytes, b.stats().bytes);
+        // Another topic takes all the room: "t" goes, in both.
+        for m in 0..3 {
+            record(&mut a, &mut b, b"u", m);
+        }
+        assert_eq!((a.kept_of(b"t"), b.kept_of(b"t")), (0, 0));
+        assert_eq!(a.stats().bytes, b.stats().bytes);
+        a.check_invariants().unwrap();
+    }
+
+    /// Compaction keeps the order proportional to what is kept when much is kept too:
+    /// here 3 001 messages, while one topic is dispatched to 10 000 times.
+    #[test]
+    fn the_order_is_compacted_however_much_else_is_kept() {
+        let mut h = H::new(1, usize::MAX);
+        for t in 0..3_000u32 {
+            h.record(format!("k{t}").as_bytes(), t, 1).unwrap();
+        }
+        for m in 0..10_000 {
+            h.record(b"t", m, 1).unwrap();
+        }
+        h.check_invariants().unwrap();
+        assert!(h.order.len() <= 2 * 3_001 + 2, "{}", h.order.len());
+    }
+
+    /// After a compaction the byte limit still evicts the oldest message of all first.
+    #[test]
+    fn after_the_order_is_compacted_the_oldest_still_goes_first() {
+        let limit = 2 * (1 + H::SLOT_BYTES) + 3 * (H::TOPIC_BYTES + 1);
+        let mut h = H::new(1, limit);
+        h.record(b"a", 0, 1).unwrap();
+        for m in 0..2 * COMPACT_FLOOR as u32 {
+            h.record(b"t", m, 1).unwrap();
+        }
+        h.record(b"b", 0, 1).unwrap();
+        assert_eq!(
+            (h.kept_of(b"a"), h.kept_of(b"t"), h.kept_of(b"b")),
+            (0, 1, 1)
+        );
+        h.check_invariants().unwrap();
     }
 
     /// Random dispatches, joins and partial deliveries (with dispatches, and so cuts,

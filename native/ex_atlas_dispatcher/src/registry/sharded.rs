@@ -417,6 +417,38 @@ mod tests {
     }
 
     #[test]
+    fn a_registry_has_at_least_one_lane_and_tells_when_it_is_closed() {
+        let reg: Sharded<u64> = Sharded::new(3);
+        assert_eq!((reg.lanes(), reg.direct()), (3, 3));
+        assert!(!reg.is_closed());
+        reg.subscribe(b"t", 1, ok_monitor(1)).unwrap().unwrap();
+        assert_eq!(reg.close().len(), 1);
+        assert!(reg.topic_names().is_empty());
+        assert!(reg.is_closed());
+        let reg: Sharded<u64> = Sharded::with_stripes(0, 0);
+        assert_eq!((reg.lanes(), reg.direct()), (1, 1));
+    }
+
+    #[test]
+    fn topic_names_names_each_topic_once_whichever_partitions_hold_it() {
+        let reg: Sharded<u64> = Sharded::new(2);
+        for pid in 0..64 {
+            reg.subscribe(b"lanes", pid * 16 + 3, ok_monitor(pid))
+                .unwrap()
+                .unwrap();
+        }
+        reg.subscribe_direct(b"lanes", 5_000, ok_monitor(5_000))
+            .unwrap()
+            .unwrap();
+        reg.subscribe_direct(b"direct", 5_000, ok_monitor(5_000))
+            .unwrap()
+            .unwrap();
+        let mut names: Vec<Vec<u8>> = reg.topic_names().iter().map(|n| n.to_vec()).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec![b"direct".to_vec(), b"lanes".to_vec()]);
+    }
+
+    #[test]
     fn shards_hold_only_their_pids() {
         let reg = Sharded::new(4);
         for pid in 0..1_000 {

@@ -102,5 +102,51 @@ mod tests {
         reg.set_tracking(false);
         reg.subscribe(b"c", 3, ok_monitor(3)).unwrap();
         assert!(reg.take_changed().is_empty());
+
+        // Stopping drops what was recorded and not taken; starting again starts empty.
+        reg.set_tracking(true);
+        reg.subscribe(b"d", 4, ok_monitor(4)).unwrap();
+        reg.set_tracking(false);
+        reg.set_tracking(true);
+        assert!(reg.take_changed().is_empty());
+        reg.subscribe(b"e", 5, ok_monitor(5)).unwrap();
+        reg.set_tracking(true);
+        assert_eq!(
+            names(reg.take_changed()),
+            vec![b"e".to_vec()],
+            "kept while on"
+        );
+    }
+
+    #[test]
+    fn a_sharded_registry_tracks_in_every_shard_and_hands_a_pids_changes_back() {
+        let reg: Sharded<u64> = Sharded::new(2);
+        reg.subscribe(b"quiet", 1, ok_monitor(1)).unwrap().unwrap();
+        assert!(reg.take_changed(1, Some(b"quiet")).is_empty());
+
+        reg.set_tracking(true);
+        let names = |v: Vec<Arc<[u8]>>| v.iter().map(|n| n.to_vec()).collect::<Vec<_>>();
+        for pid in [1, 2] {
+            reg.subscribe(b"a", pid, ok_monitor(pid)).unwrap().unwrap();
+        }
+        reg.subscribe_direct(b"b", 2, ok_monitor(2))
+            .unwrap()
+            .unwrap();
+        // Where each pid's change happened: its partitions' shards of the topic (with
+        // whatever else those shards recorded: a hint, which the relay checks).
+        let mut changed = names(reg.take_changed(1, Some(b"a")));
+        changed.extend(names(reg.take_changed(2, Some(b"a"))));
+        changed.extend(names(reg.take_changed(2, Some(b"b"))));
+        changed.sort_unstable();
+        changed.dedup();
+        assert_eq!(changed, vec![b"a".to_vec(), b"b".to_vec()]);
+
+        // All of a pid's subscriptions gone: its shards' changes, whatever the topic.
+        reg.remove_subscriber(2);
+        let gone = names(reg.take_changed(2, None));
+        assert!(gone.contains(&b"b".to_vec()), "{gone:?}");
+        reg.remove_subscriber(1);
+        let gone = names(reg.take_changed(1, None));
+        assert!(gone.contains(&b"a".to_vec()) && gone.contains(&b"quiet".to_vec()));
     }
 }
