@@ -90,9 +90,11 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterPromisesTest do
 
     # A drop for each node every 10 ms for 2.5 s: about 250 each, over at least three
     # of the links' report rounds.
+    started = System.monotonic_time(:millisecond)
+
     log =
       capture_log(fn ->
-        drop_for(handles, System.monotonic_time(:millisecond) + 2_500, 0)
+        drop_for(handles, started + 2_500, 0)
         pushed = Link.counts(elem(hd(handles), 2)).dropped
         assert pushed > 50
 
@@ -104,15 +106,16 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterPromisesTest do
           assert length(events) < pushed / 10
           send(self(), {:events, node, length(events)})
 
-          # Consecutive events are a report round apart. The link's report timer is 1 s
-          # and an Erlang timer never fires early: this is a bound the code guarantees,
-          # not a measured speed (the 50 ms are the time a report takes before it emits).
+          # At most one event per report round: the link's report timer is 1 s and an
+          # Erlang timer never fires early, so from the first drop to the last event
+          # there can be no more events than whole seconds, plus the first round's. A
+          # count, not the gap between two events: an event delayed on a loaded machine
+          # brings the next one closer without breaking the rate.
           times = events |> Enum.map(&elem(&1, 1)) |> Enum.sort()
+          span = List.last(times) - started
 
-          for [earlier, later] <- Enum.chunk_every(times, 2, 1, :discard) do
-            assert later - earlier >= 950,
-                   "#{node}: two drop events #{later - earlier} ms apart"
-          end
+          assert length(events) <= div(span, 1_000) + 1,
+                 "#{node}: #{length(events)} drop events within #{span} ms"
         end
       end)
 
