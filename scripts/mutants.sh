@@ -7,9 +7,9 @@
 #
 #   bash scripts/mutants.sh          every plain-Rust module: route.rs, handoff.rs,
 #                                    history.rs (and history/), registry/, fanout.rs;
-#                                    about 40 min on 2 cores; reports, never fails on a miss
+#                                    about 25 min on 2 cores; reports, never fails on a miss
 #   bash scripts/mutants.sh --quick  route.rs and handoff.rs against their own unit tests
-#                                    (CI, a few minutes); fails on any missed mutant that
+#                                    (CI, about 2 min); fails on any missed mutant that
 #                                    scripts/mutants-accepted.txt does not list
 #   bash scripts/mutants.sh --with-stress ...   also runs src/stress_tests.rs for each
 #                                    mutant (about 7 s more each)
