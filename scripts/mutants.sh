@@ -14,8 +14,8 @@
 #   bash scripts/mutants.sh --with-stress ...   also runs src/stress_tests.rs for each
 #                                    mutant (about 7 s more each)
 #
-# Further arguments go to cargo mutants (for example `-f native/.../fanout.rs` to run one
-# file). Plain `cargo test`, never loom (scripts/loom.sh model-checks the lane state
+# Further arguments go to cargo mutants (for example `--re give_back` to run only the
+# mutants of functions whose name matches). Plain `cargo test`, never loom (scripts/loom.sh model-checks the lane state
 # machines). The mutants are built in a copy of the tree (the work tree is never touched),
 # with a target directory of their own (target/mutants/build, reused between runs), and
 # the results go to target/mutants/full/mutants.out (target/mutants/quick/... for
