@@ -7,15 +7,15 @@
 #
 #   bash scripts/mutants.sh          every plain-Rust module: route.rs, handoff.rs,
 #                                    history.rs (and history/), registry/, fanout.rs;
-#                                    about 40 min on 2 cores; reports, never fails on a miss
+#                                    about 25 min on 2 cores; reports, never fails on a miss
 #   bash scripts/mutants.sh --quick  route.rs and handoff.rs against their own unit tests
-#                                    (CI, a few minutes); fails on any missed mutant that
+#                                    (CI, about 2 min); fails on any missed mutant that
 #                                    scripts/mutants-accepted.txt does not list
 #   bash scripts/mutants.sh --with-stress ...   also runs src/stress_tests.rs for each
 #                                    mutant (about 7 s more each)
 #
-# Further arguments go to cargo mutants (for example `-f native/.../fanout.rs` to run one
-# file). Plain `cargo test`, never loom (scripts/loom.sh model-checks the lane state
+# Further arguments go to cargo mutants (for example `--re give_back` to run only the
+# mutants of functions whose name matches). Plain `cargo test`, never loom (scripts/loom.sh model-checks the lane state
 # machines). The mutants are built in a copy of the tree (the work tree is never touched),
 # with a target directory of their own (target/mutants/build, reused between runs), and
 # the results go to target/mutants/full/mutants.out (target/mutants/quick/... for

@@ -958,6 +958,40 @@ mod tests {
         assert_eq!(drain(&mut h, b"t", 1).0, vec![Got::Message(3)]);
     }
 
+    /// What a joiner cut while delivering a chunk did not send of it is part of its
+    /// gap, and counted in `missed` as the gaps it is told are, no more, no less.
+    #[test]
+    fn what_a_cut_joiner_did_not_send_of_its_chunk_is_counted_missed() {
+        let limit = room(6, 1_000) + 6 * 1_100;
+        let mut h = H::new(6, limit);
+        for m in 0..6 {
+            h.record(b"t", m, 1_000).unwrap();
+        }
+        h.join(b"t", 1, 6, "").unwrap();
+        let Take::Chunk { entries, .. } = h.take(b"t", 1, 3, usize::MAX) else {
+            panic!()
+        };
+        assert_eq!(entries.len(), 3);
+        for m in 6..40 {
+            h.record(b"t", m, 1_000).unwrap();
+        }
+        assert!(h.stats().cuts > 0);
+        // It sent 2 of its 3: the third is missed too.
+        h.give_back(b"t", 1, 2, false).unwrap();
+        let (got, _) = drain(&mut h, b"t", 1);
+        let told: u64 = got
+            .iter()
+            .map(|g| if let Got::Gap(k) = g { *k } else { 0 })
+            .sum();
+        let delivered = got.iter().filter(|g| matches!(g, Got::Message(_))).count() as u64;
+        assert_eq!(
+            2 + delivered + told,
+            40,
+            "every dispatch from its start, once"
+        );
+        assert_eq!(h.stats().missed, told);
+    }
+
     /// Twin histories with the same dispatches, one with a departure at 3: the
     /// departure is accounted until the history starts at 3, not a dispatch longer, and
     /// then leaves nothing behind (the topic goes once nothing else holds it).
