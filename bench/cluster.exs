@@ -6,6 +6,7 @@
 #                                            [--out DIR]
 
 Code.require_file("support/bench.ex", __DIR__)
+Code.require_file("support/peers.ex", __DIR__)
 
 {:module, _, node_code, _} =
   defmodule ClusterBench.Node do
@@ -187,6 +188,8 @@ defmodule ClusterBench do
   alias ExAtlas.Fly.Dispatcher.Cluster
 
   @warmup 5
+  # A million processes on each peer (the subscribers).
+  @vm_args [~c"+P", ~c"1000000"]
 
   def main(argv, node_code) do
     opts =
@@ -201,16 +204,17 @@ defmodule ClusterBench do
 
     %{quick: quick, subscribers: n, reps: reps, out: out} = opts
     machine = Bench.machine()
-    start_distribution()
+    :ok = Bench.Peers.start_distribution("bench_a")
     fly = [cluster: true] ++ if(opts[:lanes], do: [lanes: opts.lanes], else: [])
     :ok = Bench.restart(fly)
-    nodes = [node() | for(name <- ["bench_b", "bench_c"], do: start_peer(name, fly))]
+
+    nodes = [
+      node() | for(name <- ["bench_b", "bench_c"], do: Bench.Peers.start(name, fly, @vm_args))
+    ]
+
     IO.puts("nodes: #{inspect(nodes)}; #{n} subscribers each; #{reps} repetitions")
 
-    for node <- tl(nodes),
-        do:
-          {:module, _} =
-            :erpc.call(node, :code, :load_binary, [ClusterBench.Node, ~c"nofile", node_code])
+    :ok = Bench.Peers.load(tl(nodes), ClusterBench.Node, node_code)
 
     all = "bench:all"
     one = "bench:one"
@@ -344,37 +348,6 @@ defmodule ClusterBench do
 
   defp diff(%{} = a, %{} = b), do: Map.new(a, fn {k, v} -> {k, v - b[k]} end)
   defp diff(a, b), do: a - b
-
-  defp start_distribution do
-    :ok = :application.set_env(:kernel, :prevent_overlapping_partitions, false)
-
-    case System.cmd("epmd", ["-names"], stderr_to_stdout: true) do
-      {_, 0} -> :ok
-      _ -> {_, 0} = System.cmd("epmd", ["-daemon"])
-    end
-
-    {:ok, _} = Node.start(:"bench_a_#{System.unique_integer([:positive])}@127.0.0.1", :longnames)
-  end
-
-  defp start_peer(name, fly) do
-    paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
-
-    args =
-      [~c"-setcookie", Atom.to_charlist(Node.get_cookie()), ~c"+P", ~c"1000000"] ++
-        [~c"-kernel", ~c"prevent_overlapping_partitions", ~c"false" | paths]
-
-    {:ok, _peer, node} =
-      :peer.start_link(%{
-        name: :"#{name}_#{System.unique_integer([:positive])}",
-        host: ~c"127.0.0.1",
-        longnames: true,
-        args: args
-      })
-
-    :ok = :erpc.call(node, Application, :put_env, [:ex_atlas, :fly, fly])
-    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:ex_atlas])
-    node
-  end
 
   defp await_visible(topic, nodes, tries \\ 1_000) do
     seen = MapSet.new(:pg.get_members(Cluster.scope(), topic), &node/1)
