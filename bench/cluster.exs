@@ -14,41 +14,24 @@ Code.require_file("support/peers.ex", __DIR__)
     # Runs on every node (loaded on the peers as a binary): subscribers, their completion
     # signal, the forwarder of the forward contender.
 
+    alias Bench.Peers.Round
     alias ExAtlas.Fly.Dispatcher
 
-    @key {__MODULE__, :round}
-
     def setup(n, topic, controller) do
-      # Owned by a process that stays: :erpc's own process exits with a reason that
-      # would take linked processes (and, through the Registry's links, the
-      # subscribers) along.
+      # Owned by a process that stays (through the Registry's links, the subscribers
+      # would go with an :erpc call's process).
+      :ok =
+        Round.init(controller, fn ->
+          {:ok, _} = Registry.start_link(keys: :duplicate, name: ClusterBench.Registry)
+          {:ok, _} = :pg.start_link(ClusterBench.PG)
+          :ok
+        end)
+
       parent = self()
-
-      spawn(fn ->
-        {:ok, _} = Registry.start_link(keys: :duplicate, name: ClusterBench.Registry)
-        {:ok, _} = :pg.start_link(ClusterBench.PG)
-        send(parent, :started)
-        receive do: (:never -> :ok)
-      end)
-
-      receive do: (:started -> :ok)
-      :persistent_term.put(@key, {:atomics.new(1, signed: false), 0, controller})
       spawn(fn -> forwarder() end) |> Process.register(ClusterBench.Forwarder)
       pids = for _ <- 1..n, do: spawn(fn -> subscriber(parent, topic) end)
       for _ <- pids, do: receive(do: (:subscribed -> :ok))
       :ok
-    end
-
-    def progress do
-      {counter, target, _} = :persistent_term.get(@key)
-      {:atomics.get(counter, 1), target}
-    end
-
-    # The next `target` deliveries complete a round.
-    def arm(target) do
-      {counter, _, controller} = :persistent_term.get(@key)
-      :atomics.put(counter, 1, 0)
-      :persistent_term.put(@key, {counter, target, controller})
     end
 
     defp subscriber(parent, topic) do
@@ -62,11 +45,7 @@ Code.require_file("support/peers.ex", __DIR__)
     defp count do
       receive do
         {:bench, round, _entries} ->
-          {counter, target, controller} = :persistent_term.get(@key)
-
-          if :atomics.add_get(counter, 1, 1) == target,
-            do: send(controller, {:done, node(), round, System.os_time(:microsecond)})
-
+          :ok = Round.delivered(round)
           count()
       end
     end
@@ -332,7 +311,7 @@ defmodule ClusterBench do
   # Runs `dispatch` @k times and returns the difference of `counts` around it.
   defp measure_k(topic, with_subscribers, n, message, dispatch, counts) do
     before = counts.()
-    for node <- with_subscribers, do: :erpc.call(node, ClusterBench.Node, :arm, [n * @k])
+    for node <- with_subscribers, do: :erpc.call(node, Bench.Peers.Round, :arm, [n * @k])
     for round <- 1..@k, do: dispatch.(topic, put_elem(message, 1, -round))
 
     for _ <- with_subscribers do
@@ -538,7 +517,7 @@ defmodule ClusterBench do
   # One dispatch: arm every node, time the call, wait for each node's last subscriber.
   defp round(fun, topic, message, nodes, n) do
     for node <- nodes,
-        do: :ok = :erpc.call(node, ClusterBench.Node, :arm, [n]) |> then(fn _ -> :ok end)
+        do: :ok = :erpc.call(node, Bench.Peers.Round, :arm, [n]) |> then(fn _ -> :ok end)
 
     round = elem(message, 1)
     t0 = System.os_time(:microsecond)
@@ -553,7 +532,7 @@ defmodule ClusterBench do
             seen =
               for node <- nodes,
                   do:
-                    {node, :erpc.call(node, ClusterBench.Node, :progress, []),
+                    {node, :erpc.call(node, Bench.Peers.Round, :progress, []),
                      :erpc.call(node, Dispatcher, :count, [topic]),
                      :erpc.call(node, Registry, :count, [ClusterBench.Registry]),
                      :erpc.call(node, Dispatcher, :stats, []),

@@ -1,3 +1,54 @@
+{:module, _, round_code, _} =
+  defmodule Bench.Peers.Round do
+    @moduledoc false
+    # Loaded on every peer by `Bench.Peers.start/3`: counts the deliveries of a run on
+    # this node and tells the controller once it has them all.
+
+    @key {__MODULE__, :round}
+
+    # Starts `start` (which returns `:ok`) in a process that stays, and returns once it
+    # ran: what it starts and links outlives the caller (an :erpc call's own process exits
+    # with a reason that would take linked processes along). Then the counter, reporting
+    # to `controller`.
+    def init(controller, start \\ fn -> :ok end) do
+      parent = self()
+
+      spawn(fn ->
+        send(parent, {:started, start.()})
+        receive do: (:never -> :ok)
+      end)
+
+      receive do: ({:started, result} -> :ok = result)
+      :persistent_term.put(@key, {:atomics.new(1, signed: false), 0, controller})
+    end
+
+    # The next `target` deliveries on this node complete a run.
+    def arm(target) do
+      {counter, _, controller} = :persistent_term.get(@key)
+      :atomics.put(counter, 1, 0)
+      :persistent_term.put(@key, {counter, target, controller})
+    end
+
+    # `{deliveries so far, target}`.
+    def progress do
+      {counter, target, _} = :persistent_term.get(@key)
+      {:atomics.get(counter, 1), target}
+    end
+
+    # Counts one delivery; the last of the run sends `{:done, node, tag, os_time_us}` to
+    # the controller.
+    def delivered(tag) do
+      {counter, target, controller} = :persistent_term.get(@key)
+
+      if :atomics.add_get(counter, 1, 1) == target,
+        do: send(controller, {:done, node(), tag, System.os_time(:microsecond)})
+
+      :ok
+    end
+  end
+
+:persistent_term.put({Bench.Peers, Bench.Peers.Round}, round_code)
+
 defmodule Bench.Peers do
   @moduledoc false
   # Distribution and `:peer` nodes on 127.0.0.1 for the cluster benchmarks
@@ -24,7 +75,7 @@ defmodule Bench.Peers do
 
   # Starts a peer named `name_N` on 127.0.0.1 with this VM's code path and cookie and the
   # emulator flags `vm_args` (charlists), sets `config :ex_atlas, :fly` to `fly` there and
-  # starts `:ex_atlas`. Returns the node.
+  # starts `:ex_atlas`; loads `Bench.Peers.Round` there. Returns the node.
   def start(name, fly, vm_args \\ []) do
     paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
 
@@ -42,6 +93,8 @@ defmodule Bench.Peers do
 
     :ok = :erpc.call(node, Application, :put_env, [:ex_atlas, :fly, fly])
     {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:ex_atlas])
+    round = :persistent_term.get({__MODULE__, Bench.Peers.Round})
+    :ok = load([node], Bench.Peers.Round, round)
     node
   end
 
