@@ -522,7 +522,7 @@ defmodule ScaleBench do
       reductions: (reductions1 - reductions0) / n,
       cluster_cpu: (Enum.sum(Map.values(cpu1)) - Enum.sum(Map.values(cpu0))) / n,
       wall: wall / n,
-      sent: sent / (n * k),
+      sent: (sent - pg_received(pg0, pg1, interested, [producer])) / (n * k),
       acks: (received - pg_received(pg0, pg1, producer, interested)) / n,
       others: (others_sent + others_received) / n,
       pg: pg_total(pg0, pg1) / n,
@@ -556,10 +556,14 @@ defmodule ScaleBench do
   defp pg_counts(nodes),
     do: Map.new(nodes, &{&1, :erpc.call(&1, ScaleBench.Node, :pg_counts, [])})
 
-  # `:pg` messages that `from` nodes sent to `to`.
+  # `:pg` messages that `from` nodes sent to the nodes `to` (a node or a list).
   defp pg_received(before, now, to, from) do
+    to = List.wrap(to)
+
     Enum.sum(
-      for node <- from, do: Map.get(now[node].remote, to, 0) - Map.get(before[node].remote, to, 0)
+      for node <- from,
+          target <- to,
+          do: Map.get(now[node].remote, target, 0) - Map.get(before[node].remote, target, 0)
     )
   end
 
