@@ -194,10 +194,11 @@ Code.require_file("support/peers.ex", __DIR__)
       end
     end
 
-    # Processes that subscribe to `topic`, stay 2-20 ms, unsubscribe, take what they got
-    # and stay out 1-`out_ms` ms (no pause with 0), until `:stop`. Each reports the dispatches it got out of order or twice, every
-    # sequence number it got, and its subscriptions as `{from, until}` in OS time (us):
-    # from `subscribe/1`'s return to the call of `unsubscribe/1`.
+    # `n` processes that subscribe to `topic`, stay 2-20 ms, unsubscribe, take what they
+    # got and stay out 1-`out_ms` ms (no pause with 0), until `:stop`. Each reports the
+    # dispatches it got out of order or twice, and its subscriptions as `{since, until,
+    # seqs}`: OS time (us) from `subscribe/1`'s return to the call of `unsubscribe/1`,
+    # and the sequence numbers it had by then.
     def churners(topic, n, out_ms) do
       for _ <- 1..n, do: spawn(fn -> churner({topic, out_ms}, {0, 0, []}, []) end)
     end
@@ -339,8 +340,15 @@ defmodule ScaleBench do
     interest = Enum.filter([1, 2, 4, 8, 15], &(&1 < top)) |> Enum.concat([top - 1]) |> Enum.uniq()
     topics = for k <- interest, do: {k, "interest:#{k}"}
     message = {:bench, 0, Bench.entries()}
-    ctx = %{opts: opts, topics: topics, message: message, code: node_code, nodes: []}
-    ctx = Map.put(ctx, :prefix, "scale")
+
+    ctx = %{
+      opts: opts,
+      topics: topics,
+      message: message,
+      code: node_code,
+      nodes: [],
+      prefix: "scale"
+    }
 
     IO.puts(
       "#{top} nodes at most (+S 1 +sbwt none each), #{opts.subscribers} subscribers per " <>
