@@ -6,6 +6,7 @@
 #                                            [--out DIR]
 
 Code.require_file("support/bench.ex", __DIR__)
+Code.require_file("support/peers.ex", __DIR__)
 
 {:module, _, node_code, _} =
   defmodule ClusterBench.Node do
@@ -13,41 +14,24 @@ Code.require_file("support/bench.ex", __DIR__)
     # Runs on every node (loaded on the peers as a binary): subscribers, their completion
     # signal, the forwarder of the forward contender.
 
+    alias Bench.Peers.Round
     alias ExAtlas.Fly.Dispatcher
 
-    @key {__MODULE__, :round}
-
     def setup(n, topic, controller) do
-      # Owned by a process that stays: :erpc's own process exits with a reason that
-      # would take linked processes (and, through the Registry's links, the
-      # subscribers) along.
+      # Owned by a process that stays (through the Registry's links, the subscribers
+      # would go with an :erpc call's process).
+      :ok =
+        Round.init(controller, fn ->
+          {:ok, _} = Registry.start_link(keys: :duplicate, name: ClusterBench.Registry)
+          {:ok, _} = :pg.start_link(ClusterBench.PG)
+          :ok
+        end)
+
       parent = self()
-
-      spawn(fn ->
-        {:ok, _} = Registry.start_link(keys: :duplicate, name: ClusterBench.Registry)
-        {:ok, _} = :pg.start_link(ClusterBench.PG)
-        send(parent, :started)
-        receive do: (:never -> :ok)
-      end)
-
-      receive do: (:started -> :ok)
-      :persistent_term.put(@key, {:atomics.new(1, signed: false), 0, controller})
       spawn(fn -> forwarder() end) |> Process.register(ClusterBench.Forwarder)
       pids = for _ <- 1..n, do: spawn(fn -> subscriber(parent, topic) end)
       for _ <- pids, do: receive(do: (:subscribed -> :ok))
       :ok
-    end
-
-    def progress do
-      {counter, target, _} = :persistent_term.get(@key)
-      {:atomics.get(counter, 1), target}
-    end
-
-    # The next `target` deliveries complete a round.
-    def arm(target) do
-      {counter, _, controller} = :persistent_term.get(@key)
-      :atomics.put(counter, 1, 0)
-      :persistent_term.put(@key, {counter, target, controller})
     end
 
     defp subscriber(parent, topic) do
@@ -61,11 +45,7 @@ Code.require_file("support/bench.ex", __DIR__)
     defp count do
       receive do
         {:bench, round, _entries} ->
-          {counter, target, controller} = :persistent_term.get(@key)
-
-          if :atomics.add_get(counter, 1, 1) == target,
-            do: send(controller, {:done, node(), round, System.os_time(:microsecond)})
-
+          :ok = Round.delivered(round)
           count()
       end
     end
@@ -187,6 +167,8 @@ defmodule ClusterBench do
   alias ExAtlas.Fly.Dispatcher.Cluster
 
   @warmup 5
+  # A million processes on each peer (the subscribers).
+  @vm_args [~c"+P", ~c"1000000"]
 
   def main(argv, node_code) do
     opts =
@@ -201,16 +183,17 @@ defmodule ClusterBench do
 
     %{quick: quick, subscribers: n, reps: reps, out: out} = opts
     machine = Bench.machine()
-    start_distribution()
+    :ok = Bench.Peers.start_distribution("bench_a")
     fly = [cluster: true] ++ if(opts[:lanes], do: [lanes: opts.lanes], else: [])
     :ok = Bench.restart(fly)
-    nodes = [node() | for(name <- ["bench_b", "bench_c"], do: start_peer(name, fly))]
+
+    nodes = [
+      node() | for(name <- ["bench_b", "bench_c"], do: Bench.Peers.start(name, fly, @vm_args))
+    ]
+
     IO.puts("nodes: #{inspect(nodes)}; #{n} subscribers each; #{reps} repetitions")
 
-    for node <- tl(nodes),
-        do:
-          {:module, _} =
-            :erpc.call(node, :code, :load_binary, [ClusterBench.Node, ~c"nofile", node_code])
+    :ok = Bench.Peers.load(tl(nodes), ClusterBench.Node, node_code)
 
     all = "bench:all"
     one = "bench:one"
@@ -328,7 +311,7 @@ defmodule ClusterBench do
   # Runs `dispatch` @k times and returns the difference of `counts` around it.
   defp measure_k(topic, with_subscribers, n, message, dispatch, counts) do
     before = counts.()
-    for node <- with_subscribers, do: :erpc.call(node, ClusterBench.Node, :arm, [n * @k])
+    for node <- with_subscribers, do: :erpc.call(node, Bench.Peers.Round, :arm, [n * @k])
     for round <- 1..@k, do: dispatch.(topic, put_elem(message, 1, -round))
 
     for _ <- with_subscribers do
@@ -344,37 +327,6 @@ defmodule ClusterBench do
 
   defp diff(%{} = a, %{} = b), do: Map.new(a, fn {k, v} -> {k, v - b[k]} end)
   defp diff(a, b), do: a - b
-
-  defp start_distribution do
-    :ok = :application.set_env(:kernel, :prevent_overlapping_partitions, false)
-
-    case System.cmd("epmd", ["-names"], stderr_to_stdout: true) do
-      {_, 0} -> :ok
-      _ -> {_, 0} = System.cmd("epmd", ["-daemon"])
-    end
-
-    {:ok, _} = Node.start(:"bench_a_#{System.unique_integer([:positive])}@127.0.0.1", :longnames)
-  end
-
-  defp start_peer(name, fly) do
-    paths = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
-
-    args =
-      [~c"-setcookie", Atom.to_charlist(Node.get_cookie()), ~c"+P", ~c"1000000"] ++
-        [~c"-kernel", ~c"prevent_overlapping_partitions", ~c"false" | paths]
-
-    {:ok, _peer, node} =
-      :peer.start_link(%{
-        name: :"#{name}_#{System.unique_integer([:positive])}",
-        host: ~c"127.0.0.1",
-        longnames: true,
-        args: args
-      })
-
-    :ok = :erpc.call(node, Application, :put_env, [:ex_atlas, :fly, fly])
-    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:ex_atlas])
-    node
-  end
 
   defp await_visible(topic, nodes, tries \\ 1_000) do
     seen = MapSet.new(:pg.get_members(Cluster.scope(), topic), &node/1)
@@ -565,7 +517,7 @@ defmodule ClusterBench do
   # One dispatch: arm every node, time the call, wait for each node's last subscriber.
   defp round(fun, topic, message, nodes, n) do
     for node <- nodes,
-        do: :ok = :erpc.call(node, ClusterBench.Node, :arm, [n]) |> then(fn _ -> :ok end)
+        do: :ok = :erpc.call(node, Bench.Peers.Round, :arm, [n]) |> then(fn _ -> :ok end)
 
     round = elem(message, 1)
     t0 = System.os_time(:microsecond)
@@ -580,7 +532,7 @@ defmodule ClusterBench do
             seen =
               for node <- nodes,
                   do:
-                    {node, :erpc.call(node, ClusterBench.Node, :progress, []),
+                    {node, :erpc.call(node, Bench.Peers.Round, :progress, []),
                      :erpc.call(node, Dispatcher, :count, [topic]),
                      :erpc.call(node, Registry, :count, [ClusterBench.Registry]),
                      :erpc.call(node, Dispatcher, :stats, []),
