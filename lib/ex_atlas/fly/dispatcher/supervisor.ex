@@ -46,6 +46,7 @@ defmodule ExAtlas.Fly.Dispatcher.Supervisor do
     # that each node's history has it.
     children =
       if Keyword.get_lazy(opts, :cluster, &Config.cluster?/0) do
+        :ok = Cluster.create_tables()
         queue = Keyword.get_lazy(opts, :cluster_queue, &Config.cluster_queue/0)
         replay = Config.replay(opts)
 

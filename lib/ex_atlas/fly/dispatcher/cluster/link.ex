@@ -90,11 +90,23 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
 
   @impl true
   def init({node, bound}) do
+    case :ets.lookup(Cluster.links_table(), node) do
+      # Started twice (the relay and the supervisor's restart both): the first runs.
+      # Links of one supervisor start one at a time, so only one finds the row dead.
+      [{^node, {pid, _counters}}] when pid != self() and is_pid(pid) ->
+        if Process.alive?(pid), do: :ignore, else: start(node, bound)
+
+      _ ->
+        start(node, bound)
+    end
+  end
+
+  defp start(node, bound) do
     Process.flag(:trap_exit, true)
-    transport = Transport.new()
     :ok = :net_kernel.monitor_nodes(true)
     Process.send_after(self(), :report, @report_ms)
-    {presence, greet} = Presence.new()
+    {transport, inherited} = take_over(node)
+    {presence, greet} = Presence.new(inherited)
 
     state = %{
       node: node,
@@ -105,14 +117,63 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
       monitor: nil,
       # `:pg.monitor_scope/1`'s reference, and the scope process's monitor.
       scope: nil,
-      scope_monitor: nil,
-      # Dropped already reported.
-      reported: 0
+      scope_monitor: nil
     }
 
     state = watch_scope(state)
-    true = :ets.insert_new(Cluster.links_table(), {node, {self(), Transport.counters(transport)}})
     {:ok, run(state, {presence, greet})}
+  end
+
+  # Takes the node's row in the links table, and the place of the link before (dead by
+  # now, killed or crashed: its row stays until a successor or the relay settles it):
+  # its counts (`Transport.inherit/2`) and the node's interest rows it wrote, which are
+  # held here until the node's relay or `:pg` tells which still hold.
+  defp take_over(node) do
+    case :ets.lookup(Cluster.links_table(), node) do
+      [{^node, {_dead, {_gen, ledger} = counters}}] ->
+        transport = Transport.new(ledger)
+        # Dispatches for the node go to this link from here on, and every one that
+        # still finds the dead link's counts is counted as dropped once they are sealed.
+        true = :ets.insert(Cluster.links_table(), {node, {self(), Transport.counters(transport)}})
+        {Transport.inherit(transport, counters), interest_of(node)}
+
+      [] ->
+        transport = Transport.new(Transport.ledger())
+        true = :ets.insert(Cluster.links_table(), {node, {self(), Transport.counters(transport)}})
+        {transport, interest_of(node)}
+    end
+  end
+
+  defp interest_of(node),
+    do: :ets.select(Cluster.interest_table(), [{{:"$1", node}, [], [:"$1"]}])
+
+  @doc """
+  Settles the row of `node`'s link when that link is dead and no successor will take
+  its place (the relay reaps the node): everything it held is counted as dropped for
+  the node, and its rows go. Answers false when the link is alive.
+  """
+  @spec retire(node()) :: boolean()
+  def retire(node) do
+    case :ets.lookup(Cluster.links_table(), node) do
+      [{^node, {pid, counters}}] ->
+        if Process.alive?(pid) do
+          false
+        else
+          _ = Transport.drop_sealed(counters)
+          forget(node)
+          true
+        end
+
+      [] ->
+        true
+    end
+  end
+
+  # The rows of `node` in the tables of cluster mode.
+  defp forget(node) do
+    :ets.delete(Cluster.peers_table(), node)
+    :ets.match_delete(Cluster.interest_table(), {:_, node})
+    :ets.delete(Cluster.links_table(), node)
   end
 
   @impl true
@@ -193,23 +254,26 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
     {:noreply, report(state)}
   end
 
+  # The relay reaps the link: its node stayed away.
+  def handle_info(:reap, state), do: {:stop, {:shutdown, :reaped}, state}
+
   def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
-  def terminate(reason, state) do
-    # Reaped (the node stayed away) or cluster mode stops: what is left is dropped. A
-    # crashed link is restarted: its node still runs cluster mode.
-    if shutdown?(reason), do: :ets.delete(Cluster.peers_table(), state.node)
+  def terminate({:shutdown, :reaped}, state) do
+    # The node stayed away: what is left is dropped, with the node's rows.
     state = transport(state, &Transport.drop_all/1)
-    rows = Presence.interest(state.presence)
-    Enum.each(rows, &:ets.delete_object(Cluster.interest_table(), {&1, state.node}))
-    :ets.delete(Cluster.links_table(), state.node)
+    _ = Transport.drop_sealed(Transport.counters(state.transport))
+    forget(state.node)
     report(state)
   end
 
-  defp shutdown?(:shutdown), do: true
-  defp shutdown?({:shutdown, _}), do: true
-  defp shutdown?(_reason), do: false
+  def terminate(_reason, state) do
+    # Crashed, or stopped with cluster mode or its link supervisor: the rows stay, and the
+    # link that takes this one's place (the relay starts one for every connected node)
+    # settles what this one held, as it would after a kill, when this does not run.
+    report(state)
+  end
 
   defp transport(state, fun), do: %{state | transport: fun.(state.transport)}
 
@@ -321,7 +385,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
     # What was dispatched for the node before this link ran is counted as dropped here.
     state = transport(state, &Transport.lose_unlinked(&1, Cluster.take_unlinked(state.node)))
     dropped = Transport.dropped(state.transport)
-    new = dropped - state.reported
+    new = dropped - Transport.reported(state.transport)
 
     if new > 0 do
       lost = Transport.lost(state.transport)
@@ -339,6 +403,6 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
       Telemetry.cluster_drop(state.node, new)
     end
 
-    %{state | reported: dropped}
+    transport(state, &Transport.report(&1, dropped))
   end
 end

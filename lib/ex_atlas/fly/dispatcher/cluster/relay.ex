@@ -52,7 +52,6 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
       joined: MapSet.new(),
       acks: %{},
       ack_timer: nil,
-      monitors: %{},
       outbox: :queue.new(),
       retry: nil,
       received: 0,
@@ -86,8 +85,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
       ArgumentError -> :ok
     end
 
-    _ = :ets.update_counter(Cluster.seen_table(), link, 1, {link, 0})
-    state = watch_link(state, link)
+    _ = :ets.update_counter(Cluster.seen_table(), node(link), 1, {node(link), 0})
     {:noreply, count_ack(%{state | received: state.received + 1}, link)}
   end
 
@@ -103,7 +101,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
     # Everything the link sent before it greeted us came before this: the count is final.
     state = flush_ack(state, link)
     welcome = {:"$ex_atlas_welcome", ref, self(), seen(link), MapSet.to_list(state.joined)}
-    {:noreply, deliver(watch_link(state, link), link, welcome)}
+    {:noreply, deliver(state, link, welcome)}
   end
 
   def handle_info({:"$ex_atlas_ping", link, ref}, state),
@@ -125,39 +123,24 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
     {:noreply, state}
   end
 
-  def handle_info({:DOWN, ref, :process, link, reason}, state) do
-    case state.monitors do
-      %{^link => ^ref} ->
-        # A link cut off may greet us again: its count stays until its node is reaped.
-        if reason != :noconnection, do: :ets.delete(Cluster.seen_table(), link)
-        {:noreply, %{state | monitors: Map.delete(state.monitors, link)}}
-
-      _ ->
-        {:noreply, state}
-    end
-  end
-
   def handle_info(_other, state), do: {:noreply, state}
 
-  # Stops the link of `node`, which stayed away.
+  # Stops the link of `node`, which stayed away (a dead one's row is settled here).
   defp reap(node) do
-    with [{^node, {pid, _counts}}] <- :ets.lookup(Cluster.links_table(), node) do
-      _ = DynamicSupervisor.terminate_child(Cluster.link_supervisor(), pid)
+    with [{^node, {pid, _counts}}] <- :ets.lookup(Cluster.links_table(), node),
+         false <- Link.retire(node) do
+      send(pid, :reap)
     end
 
-    # The counts of that node's links: they will not greet us again.
-    _ =
-      :ets.select_delete(Cluster.seen_table(), [
-        {{:"$1", :_}, [{:==, {:node, :"$1"}, node}], [true]}
-      ])
-
+    # The count of that node's links: they will not greet us again.
+    :ets.delete(Cluster.seen_table(), node)
     :ok
   end
 
   defp schedule_reap(node), do: Process.send_after(self(), {:reap, node}, 2 * Link.hold_ms())
 
   defp start_link_to(state, node) do
-    unless :ets.member(Cluster.links_table(), node) do
+    unless linked?(node) do
       case DynamicSupervisor.start_child(Cluster.link_supervisor(), {Link, {node, state.bound}}) do
         {:ok, _pid} ->
           :ok
@@ -172,6 +155,15 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
     end
 
     state
+  end
+
+  # A link runs for `node`. A dead link's row waits for its successor: the link
+  # supervisor's restart, or this one when that supervisor restarted empty.
+  defp linked?(node) do
+    case :ets.lookup(Cluster.links_table(), node) do
+      [{^node, {pid, _counts}}] -> Process.alive?(pid)
+      [] -> false
+    end
   end
 
   # Joins or leaves the topic's group as the local registry says now, whatever order the
@@ -194,18 +186,16 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
     end
   end
 
+  # The dispatches received from the links of `link`'s node, this one and those before
+  # it: a link that takes a dead one's place settles what that one sent on it.
   defp seen(link) do
-    case :ets.lookup(Cluster.seen_table(), link) do
-      [{^link, n}] -> n
+    node = node(link)
+
+    case :ets.lookup(Cluster.seen_table(), node) do
+      [{^node, n}] -> n
       [] -> 0
     end
   end
-
-  defp watch_link(%{monitors: monitors} = state, link) when is_map_key(monitors, link),
-    do: state
-
-  defp watch_link(state, link),
-    do: %{state | monitors: Map.put(state.monitors, link, Process.monitor(link))}
 
   ## Acknowledgements
 

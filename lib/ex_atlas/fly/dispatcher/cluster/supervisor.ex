@@ -9,8 +9,10 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Supervisor do
   #     the scope and of the relay, so that what it holds is never lost uncounted;
   #   * the `:pg` scope, and the relay (a new scope needs a relay that joins again).
   #
-  # The ETS tables of cluster mode (described in `Cluster`) belong to this supervisor, so
-  # that a restarted child finds them.
+  # The ETS tables of cluster mode (described in `Cluster`) belong to the dispatcher's
+  # supervisor, above this one (`Cluster.create_tables/0`), so that a restarted child,
+  # or this supervisor restarted, finds them: a link that takes a dead one's place
+  # settles what that one held from its row.
 
   use Supervisor
 
@@ -26,19 +28,6 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Supervisor do
 
   @impl true
   def init(opts) do
-    tables = [
-      Cluster.links_table(),
-      Cluster.seen_table(),
-      Cluster.unlinked_table(),
-      Cluster.peers_table()
-    ]
-
-    for table <- tables,
-        do: ^table = :ets.new(table, [:named_table, :public, read_concurrency: true])
-
-    interest = Cluster.interest_table()
-    ^interest = :ets.new(interest, [:named_table, :public, :bag, read_concurrency: true])
-
     children = [
       {Switch, opts},
       {DynamicSupervisor, name: Cluster.link_supervisor(), strategy: :one_for_one},

@@ -19,9 +19,13 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Switch do
     {:ok, dispatcher}
   end
 
+  # Off only when cluster mode stops (its supervisor shuts this down): crashed, this is
+  # restarted at once, and dispatches meanwhile still go to the links.
   @impl true
-  def terminate(_reason, dispatcher) do
+  def terminate(reason, dispatcher) when reason == :shutdown or elem(reason, 0) == :shutdown do
     Cluster.disable()
     if Server.lookup() == dispatcher, do: Native.set_relay(dispatcher, :undefined)
   end
+
+  def terminate(_reason, _dispatcher), do: :ok
 end

@@ -105,12 +105,17 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Presence do
   # Actions are gathered newest first, and reversed once an event is done.
   @typep acc :: {t(), [action()]}
 
-  @doc "A link that has just started: no relay yet, which it greets."
-  @spec new() :: {t(), [action()]}
-  def new do
-    {%__MODULE__{topics: MapSet.new(), held: MapSet.new(), leaving: %{}}, []}
-    |> greet()
-    |> done()
+  @doc """
+  A link that has just started: no relay yet, which it greets. `inherited`: the node's
+  groups in the interest table when it started (a link before it wrote them), held
+  until `:pg` or the node's relay tells which the node still has.
+  """
+  @spec new([topic()]) :: {t(), [action()]}
+  def new(inherited \\ []) do
+    held = MapSet.new(inherited)
+    acc = {%__MODULE__{topics: MapSet.new(), held: held, leaving: %{}}, []}
+    acc = if MapSet.size(held) > 0, do: start_hold(acc), else: acc
+    acc |> greet() |> done()
   end
 
   @doc "The relay that welcomed the link, while it is there."
