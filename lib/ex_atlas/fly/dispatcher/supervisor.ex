@@ -34,6 +34,8 @@ defmodule ExAtlas.Fly.Dispatcher.Supervisor do
   @impl true
   def init(opts) do
     :ok = Watchdog.create_table()
+    # Forwarding as a cluster mode before this start left it (see `Cluster.Switch`).
+    :ok = Cluster.disable()
 
     children = [
       %{id: Closer, start: {Closer, :start_link, [[]]}, type: :worker},

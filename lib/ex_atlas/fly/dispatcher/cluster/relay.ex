@@ -51,6 +51,8 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
       bound: bound,
       joined: MapSet.new(),
       acks: %{},
+      # The links it watches: pid => node.
+      links: %{},
       ack_timer: nil,
       outbox: :queue.new(),
       retry: nil,
@@ -123,6 +125,13 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
     {:noreply, state}
   end
 
+  def handle_info({:DOWN, _ref, :process, pid, _reason}, %{links: links} = state)
+      when is_map_key(links, pid) do
+    {node, links} = Map.pop(links, pid)
+    state = %{state | links: links}
+    if node in Node.list(), do: {:noreply, start_link_to(state, node)}, else: {:noreply, state}
+  end
+
   def handle_info(_other, state), do: {:noreply, state}
 
   # Stops the link of `node`, which stayed away (a dead one's row is settled here).
@@ -139,10 +148,15 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
 
   defp schedule_reap(node), do: Process.send_after(self(), {:reap, node}, 2 * Link.hold_ms())
 
+  # Starts the link of `node` unless one runs, and watches it: a link that dies with no
+  # successor (it was stopping with its supervisor when this started) gets one here.
   defp start_link_to(state, node) do
     unless linked?(node) do
       case DynamicSupervisor.start_child(Cluster.link_supervisor(), {Link, {node, state.bound}}) do
         {:ok, _pid} ->
+          :ok
+
+        :ignore ->
           :ok
 
         other ->
@@ -154,7 +168,18 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
       end
     end
 
-    state
+    watch_link(state, node)
+  end
+
+  defp watch_link(state, node) do
+    case :ets.lookup(Cluster.links_table(), node) do
+      [{^node, {pid, _counts}}] when not is_map_key(state.links, pid) ->
+        _ = Process.monitor(pid)
+        %{state | links: Map.put(state.links, pid, node)}
+
+      _ ->
+        state
+    end
   end
 
   # A link runs for `node`. A dead link's row waits for its successor: the link

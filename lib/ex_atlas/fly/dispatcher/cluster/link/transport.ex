@@ -82,7 +82,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Transport do
     :atomics.add(gen, @queued, in_flight)
     :atomics.put(gen, @sent, sent)
     :atomics.put(gen, @acked, acked)
-    lose(%{t | sent: sent, acked: acked}, held - in_flight)
+    lose_unlinked(%{t | sent: sent, acked: acked}, held - in_flight)
   end
 
   @doc """

@@ -1,0 +1,134 @@
+defmodule ExAtlas.Fly.Dispatcher.ClusterDeathsTest do
+  # Cluster mode when one of its own processes dies: each of them (on the producing node:
+  # its link to the subscribers' node, its relay, its `:pg` scope, `Switch`, the link
+  # supervisor, the cluster supervisor; on the subscribers' node: its relay and scope),
+  # killed with `:kill` or crashed, mid-flood. What the remote subscribers lack is
+  # exactly what the producing node counted as dropped for their node, each gets the
+  # dispatches in order, and forwarding resumes: the last dispatch arrives.
+  use ExUnit.Case, async: false
+
+  import ExAtlas.Test.FlyEnv, only: [restart_app: 1, unique_topic: 1, eventually: 2]
+  import ExUnit.CaptureLog
+
+  alias ExAtlas.Test.Cluster, as: Peers
+
+  @moduletag :cluster
+  @moduletag timeout: 300_000
+
+  @flood 3_000
+  @kill_at 1_000
+  @tail 50
+
+  setup_all do
+    [b, c] = Peers.start_peers("ex_atlas_deaths", [:b, :c])
+    %{b: b, c: c}
+  end
+
+  setup %{b: b, c: c} do
+    restart_app(cluster: true)
+    # A fresh cluster mode on both, whatever the test before killed.
+    Peers.restart_app_on(b)
+    Peers.restart_app_on(c)
+    :ok
+  end
+
+  targets = [
+    {:b, :link},
+    {:b, :relay},
+    {:b, :scope},
+    {:b, :switch},
+    {:b, :link_supervisor},
+    {:b, :cluster_supervisor},
+    {:c, :relay},
+    {:c, :scope}
+  ]
+
+  for {where, target} <- targets, how <- [:kill, :crash] do
+    @tag target: target, where: where, how: how
+    test "#{inspect(target)} on #{where} (#{how}) mid-flood: missing = counted, in order, resumes",
+         %{b: b, c: c, target: target, where: where, how: how} do
+      target = if target == :link, do: {:link, c}, else: target
+      on = if where == :b, do: b, else: c
+      flood(b, c, {on, target, how})
+    end
+  end
+
+  # b dispatches @flood messages to c's subscribers, has `target` killed on `on` right
+  # after dispatch @kill_at, then dispatches @tail more, one every 20 ms.
+  defp flood(b, c, {on, target, how}) do
+    topic = unique_topic("cluster:deaths")
+    subs = for _ <- 1..3, do: Peers.subscriber(c, topic)
+    Peers.await_visible(b, topic, [c])
+    producer = Peers.driven_producer(b, topic, :b1)
+    total = @flood + @tail
+
+    capture_log(fn ->
+      :ok = Peers.drive(producer, {:dispatch, 1..@kill_at})
+      victim = :erpc.call(on, Peers, :kill_cluster_process, [target, how])
+      :ok = Peers.drive(producer, {:dispatch, (@kill_at + 1)..@flood})
+      Peers.drive_paced(producer, (@flood + 1)..total, 20)
+      # The dead process has a successor.
+      eventually(
+        fn -> :erpc.call(on, Peers, :cluster_process, [target]) not in [nil, victim] end,
+        10_000
+      )
+
+      # Everything b held for c is settled: delivered or counted.
+      eventually(fn -> queued(b, c) == 0 end, 10_000)
+      :ok = Peers.drive(producer, :stop)
+    end)
+
+    dropped = Peers.dropped_on(b, c)
+
+    for sub <- subs do
+      seqs = for {:p, :b1, seq} <- Peers.report(sub), do: seq
+      assert seqs == Enum.sort(seqs), "out of order"
+      assert seqs == Enum.uniq(seqs), "duplicates"
+      assert List.last(seqs) == total, "forwarding did not resume: last #{List.last(seqs)}"
+      assert length(seqs) + dropped == total
+    end
+  end
+
+  defp queued(b, c) do
+    case Peers.stats_on(b)[c] do
+      %{queued: queued} -> queued
+      nil -> :no_link
+    end
+  end
+
+  # b's link to c is suspended with nothing held, gets @backlog dispatches in its mailbox,
+  # and is killed still suspended: its successor counts exactly those as dropped, and
+  # what comes after is delivered.
+  @backlog 500
+  test "a link killed with a backlog in its mailbox: the backlog is counted, the rest delivered",
+       %{b: b, c: c} do
+    topic = unique_topic("cluster:backlog")
+    sub = Peers.subscriber(c, topic)
+    Peers.await_visible(b, topic, [c])
+    producer = Peers.driven_producer(b, topic, :b1)
+
+    capture_log(fn ->
+      :ok = Peers.drive(producer, {:dispatch, 1..100})
+      assert Peers.drive(producer, :sync) == :ok
+      eventually(fn -> queued(b, c) == 0 end, 10_000)
+
+      link = :erpc.call(b, Peers, :cluster_process, [{:link, c}])
+      holder = Peers.suspend(link)
+      :ok = Peers.drive(producer, {:dispatch, 101..(100 + @backlog)})
+      assert queued(b, c) == @backlog
+      Peers.kill_suspended(holder)
+
+      eventually(fn -> :erpc.call(b, Peers, :cluster_process, [{:link, c}]) != link end, 5_000)
+      eventually(fn -> queued(b, c) == 0 end, 10_000)
+      assert Peers.dropped_on(b, c) == @backlog
+
+      :ok = Peers.drive(producer, {:dispatch, (101 + @backlog)..(200 + @backlog)})
+      assert Peers.drive(producer, :sync) == :ok
+      :ok = Peers.drive(producer, :stop)
+    end)
+
+    seqs = for {:p, :b1, seq} <- Peers.report(sub), do: seq
+    assert seqs == Enum.to_list(1..100) ++ Enum.to_list((101 + @backlog)..(200 + @backlog))
+    assert Peers.dropped_on(b, c) == @backlog
+  end
+end
