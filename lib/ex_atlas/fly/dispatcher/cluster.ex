@@ -170,22 +170,20 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   # topic's group before their link has learnt it or before their link runs.
   defp interested(topic) do
     linked = for {_topic, node} <- :ets.lookup(@interest, topic), do: node
-    linked ++ visible(topic, linked)
-  rescue
-    # Cluster mode is stopping.
-    ArgumentError -> []
-  end
-
-  defp visible(topic, linked) do
     here = node()
 
-    for pid <- :pg.get_members(@scope, topic),
-        (remote = node(pid)) != here,
-        remote not in linked,
-        uniq: true,
-        do: remote
+    # `:pg.get_members/2` answers [] while the scope restarts: the links' rows hold the
+    # nodes' interest meanwhile.
+    seen =
+      for pid <- :pg.get_members(@scope, topic),
+          (remote = node(pid)) != here,
+          remote not in linked,
+          uniq: true,
+          do: remote
+
+    linked ++ seen
   rescue
-    # The scope restarts: the links' rows hold the nodes' interest meanwhile.
+    # Cluster mode is stopping.
     ArgumentError -> []
   end
 

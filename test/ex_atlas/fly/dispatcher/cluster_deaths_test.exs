@@ -131,4 +131,34 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDeathsTest do
     assert seqs == Enum.to_list(1..100) ++ Enum.to_list((101 + @backlog)..(200 + @backlog))
     assert Peers.dropped_on(b, c) == @backlog
   end
+
+  # b's scope killed while b's relay is suspended: b's cluster supervisor is stuck
+  # stopping the relay before it starts a new scope, so b runs without a scope for as
+  # long as the test wants. Dispatches meanwhile still go to c, whose interest b's link
+  # holds.
+  test "dispatches while the :pg scope is down still reach the nodes the links know",
+       %{b: b, c: c} do
+    topic = unique_topic("cluster:no_scope")
+    sub = Peers.subscriber(c, topic)
+    Peers.await_visible(b, topic, [c])
+    producer = Peers.driven_producer(b, topic, :b1)
+
+    capture_log(fn ->
+      :ok = Peers.drive(producer, {:dispatch, 1..100})
+      holder = Peers.suspend(:erpc.call(b, Peers, :cluster_process, [:relay]))
+      _ = :erpc.call(b, Peers, :kill_cluster_process, [:scope, :kill])
+      assert :erpc.call(b, Peers, :cluster_process, [:scope]) == nil
+      :ok = Peers.drive(producer, {:dispatch, 101..200})
+      assert :erpc.call(b, Peers, :cluster_process, [:scope]) == nil
+      Peers.resume(holder)
+      eventually(fn -> :erpc.call(b, Peers, :cluster_process, [:scope]) != nil end, 10_000)
+      :ok = Peers.drive(producer, {:dispatch, 201..300})
+      eventually(fn -> queued(b, c) == 0 end, 10_000)
+      :ok = Peers.drive(producer, :stop)
+    end)
+
+    seqs = for {:p, :b1, seq} <- Peers.report(sub), do: seq
+    assert seqs == Enum.to_list(1..300)
+    assert Peers.dropped_on(b, c) == 0
+  end
 end
