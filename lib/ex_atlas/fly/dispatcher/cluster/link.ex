@@ -40,6 +40,11 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
   alias ExAtlas.Fly.Dispatcher.Cluster.Link.{Presence, Transport}
 
   @retry_ms 5
+  # The link/relay protocol: 2 since the relay counts what it receives per node (so that
+  # a link that takes a dead one's place settles what that one sent). The greeting and
+  # the welcome carry it where a node of protocol 1 (no version) takes a reference and
+  # ignores it, so the two exchange dispatches (see `protocol/0`).
+  @protocol 2
   @hello_ms 200
   @report_ms 1_000
   @hold_ms 10_000
@@ -50,6 +55,16 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
   @doc "How long a departed node's interest and queue are kept (ms)."
   @spec hold_ms() :: pos_integer()
   def hold_ms, do: Application.get_env(:ex_atlas, :cluster_hold_ms, @hold_ms)
+
+  @doc """
+  The link/relay protocol of this build. A node of protocol 1 (before it had one) greets
+  with a plain reference and is welcomed as before; a relay of protocol 1 echoes the
+  greeting's tag instead of its own. Against such a relay a link that took a dead one's
+  place cannot tell what that one's messages in flight did, and counts them as dropped
+  (`Transport.resume/2`); it warns once that the node runs the earlier protocol.
+  """
+  @spec protocol() :: pos_integer()
+  def protocol, do: @protocol
 
   @doc false
   @spec child_spec({node(), pos_integer()}) :: Supervisor.child_spec()
@@ -117,7 +132,9 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
       monitor: nil,
       # `:pg.monitor_scope/1`'s reference, and the scope process's monitor.
       scope: nil,
-      scope_monitor: nil
+      scope_monitor: nil,
+      # Warned that the node's relay runs an earlier protocol.
+      warned: false
     }
 
     state = watch_scope(state)
@@ -203,8 +220,10 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
     {:noreply, transport(state, &Transport.retry(&1, relay))}
   end
 
-  def handle_info({:"$ex_atlas_welcome", _ref, relay, received, wanted}, state),
-    do: {:noreply, run(state, Presence.welcome(state.presence, relay, received, wanted))}
+  def handle_info({:"$ex_atlas_welcome", tag, relay, received, wanted}, state) do
+    state = check_protocol(state, tag)
+    {:noreply, run(state, Presence.welcome(state.presence, relay, received, wanted))}
+  end
 
   def handle_info({:hello_again, token}, state),
     do: {:noreply, run(state, Presence.hello_again(state.presence, token))}
@@ -275,6 +294,31 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
     report(state)
   end
 
+  # A relay of protocol 2 or later answers with its version; one of protocol 1 echoes the
+  # greeting's tag. Warns once per link about a relay of an earlier protocol.
+  defp check_protocol(%{warned: true} = state, _tag), do: state
+
+  defp check_protocol(state, {:ex_atlas_relay, version, _ref})
+       when is_integer(version) and version >= @protocol,
+       do: state
+
+  defp check_protocol(state, tag) do
+    version =
+      case tag do
+        {:ex_atlas_relay, version, _ref} -> version
+        _ -> 1
+      end
+
+    Logger.warning(
+      "[ExAtlas.Fly.Dispatcher] node #{inspect(state.node)} runs cluster protocol " <>
+        "#{inspect(version)}, this node #{@protocol} (a rolling deploy?): dispatches are " <>
+        "exchanged, and what a restarted link here had in flight to it is counted as dropped",
+      node: state.node
+    )
+
+    %{state | warned: true}
+  end
+
   defp transport(state, fun), do: %{state | transport: fun.(state.transport)}
 
   defp enqueue(state, item) do
@@ -323,7 +367,8 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
   # yet, hence the greeting again).
   defp act(state, {:greet, token}) do
     to = {Cluster.Relay, state.node}
-    _ = :erlang.send(to, {:"$ex_atlas_hello", self(), make_ref()}, [:nosuspend, :noconnect])
+    hello = {:"$ex_atlas_hello", self(), {:ex_atlas_link, @protocol, make_ref()}}
+    _ = :erlang.send(to, hello, [:nosuspend, :noconnect])
     Process.send_after(self(), {:hello_again, token}, @hello_ms)
     state
   end

@@ -102,7 +102,8 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
   def handle_info({:"$ex_atlas_hello", link, ref}, state) do
     # Everything the link sent before it greeted us came before this: the count is final.
     state = flush_ack(state, link)
-    welcome = {:"$ex_atlas_welcome", ref, self(), seen(link), MapSet.to_list(state.joined)}
+    tag = welcome_tag(ref)
+    welcome = {:"$ex_atlas_welcome", tag, self(), seen(link), MapSet.to_list(state.joined)}
     {:noreply, deliver(state, link, welcome)}
   end
 
@@ -181,6 +182,11 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
         state
     end
   end
+
+  # A link of protocol 2 or later greets with its version, and is answered with this
+  # relay's; one of protocol 1 with a plain reference, which it ignores in the answer.
+  defp welcome_tag({:ex_atlas_link, _version, ref}), do: {:ex_atlas_relay, Link.protocol(), ref}
+  defp welcome_tag(ref), do: ref
 
   # A link runs for `node`. A dead link's row waits for its successor: the link
   # supervisor's restart, or this one when that supervisor restarted empty.
