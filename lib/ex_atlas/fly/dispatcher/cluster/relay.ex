@@ -48,6 +48,8 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
 
     state = %{
       dispatcher: dispatcher,
+      # The scope it joins groups in: started just before it.
+      scope: Process.whereis(Cluster.scope()),
       bound: bound,
       joined: MapSet.new(),
       acks: %{},
@@ -107,8 +109,14 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
     {:noreply, deliver(state, link, welcome)}
   end
 
-  def handle_info({:"$ex_atlas_ping", link, ref}, state),
-    do: {:noreply, deliver(state, link, {:"$ex_atlas_pong", ref})}
+  # A pong tells the link that this relay's leaves before the ping were its own. Not when
+  # its scope died: the other nodes then saw it leave every group, and it stops shortly
+  # (restarted with a new scope); the link's monitor tells it so.
+  def handle_info({:"$ex_atlas_ping", link, ref}, state) do
+    if Process.whereis(Cluster.scope()) == state.scope,
+      do: {:noreply, deliver(state, link, {:"$ex_atlas_pong", ref})},
+      else: {:noreply, state}
+  end
 
   def handle_info(:ack, state), do: {:noreply, flush_acks(%{state | ack_timer: nil})}
 

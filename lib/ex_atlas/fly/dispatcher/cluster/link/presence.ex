@@ -208,16 +208,20 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Presence do
 
   @doc """
   The node's groups as `:pg` shows them when the link (again) monitors the scope. Groups
-  it had and no longer has go, unless held or leaving.
+  it had and the scope does not show are held: a scope that has just restarted shows
+  nothing of other nodes until it has synced with them, and dispatches meanwhile must
+  still go to the node. They go when the hold is over, unless `:pg` or a welcome shows
+  them again.
   """
   @spec snapshot(t(), [topic()]) :: {t(), [action()]}
   def snapshot(%__MODULE__{} = p, groups) do
     topics = MapSet.new(groups)
     added = for topic <- topics, do: {:add_interest, topic}
-
-    MapSet.difference(p.topics, topics)
-    |> Enum.reduce({%{p | topics: topics}, Enum.reverse(added)}, &release(&2, &1))
-    |> done()
+    missing = MapSet.difference(p.topics, topics)
+    p = %{p | topics: topics, held: MapSet.union(MapSet.difference(p.held, topics), missing)}
+    acc = {p, Enum.reverse(added)}
+    acc = if MapSet.size(missing) > 0, do: start_hold(acc), else: acc
+    acc |> stop_hold_if_done() |> done()
   end
 
   @doc "The node joined `group` (its first member there)."
