@@ -56,10 +56,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDeathsTest do
   # b dispatches @flood messages to c's subscribers, has `target` killed on `on` right
   # after dispatch @kill_at, then dispatches @tail more, one every 20 ms.
   defp flood(b, c, {on, target, how}) do
-    topic = unique_topic("cluster:deaths")
-    subs = for _ <- 1..3, do: Peers.subscriber(c, topic)
-    Peers.await_visible(b, topic, [c])
-    producer = Peers.driven_producer(b, topic, :b1)
+    {subs, producer} = from_b_to_c(b, c, "cluster:deaths", 3)
     total = @flood + @tail
 
     capture_log(fn ->
@@ -89,6 +86,14 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDeathsTest do
     end
   end
 
+  # A new topic with `n` subscribers on c, seen from b, and a producer on b for it.
+  defp from_b_to_c(b, c, prefix, n) do
+    topic = unique_topic(prefix)
+    subs = for _ <- 1..n, do: Peers.subscriber(c, topic)
+    Peers.await_visible(b, topic, [c])
+    {subs, Peers.driven_producer(b, topic, :b1)}
+  end
+
   defp queued(b, c) do
     case Peers.stats_on(b)[c] do
       %{queued: queued} -> queued
@@ -102,10 +107,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDeathsTest do
   @backlog 500
   test "a link killed with a backlog in its mailbox: the backlog is counted, the rest delivered",
        %{b: b, c: c} do
-    topic = unique_topic("cluster:backlog")
-    sub = Peers.subscriber(c, topic)
-    Peers.await_visible(b, topic, [c])
-    producer = Peers.driven_producer(b, topic, :b1)
+    {[sub], producer} = from_b_to_c(b, c, "cluster:backlog", 1)
 
     capture_log(fn ->
       :ok = Peers.drive(producer, {:dispatch, 1..100})
@@ -138,10 +140,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDeathsTest do
   # holds.
   test "dispatches while the :pg scope is down still reach the nodes the links know",
        %{b: b, c: c} do
-    topic = unique_topic("cluster:no_scope")
-    sub = Peers.subscriber(c, topic)
-    Peers.await_visible(b, topic, [c])
-    producer = Peers.driven_producer(b, topic, :b1)
+    {[sub], producer} = from_b_to_c(b, c, "cluster:no_scope", 1)
 
     capture_log(fn ->
       :ok = Peers.drive(producer, {:dispatch, 1..100})
