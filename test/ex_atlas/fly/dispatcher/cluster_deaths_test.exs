@@ -10,6 +10,8 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDeathsTest do
   import ExAtlas.Test.FlyEnv, only: [restart_app: 1, unique_topic: 1, eventually: 2]
   import ExUnit.CaptureLog
 
+  alias ExAtlas.Fly.Dispatcher
+  alias ExAtlas.Fly.Dispatcher.{Cluster, Server}
   alias ExAtlas.Test.Cluster, as: Peers
 
   @moduletag :cluster
@@ -159,5 +161,52 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDeathsTest do
     seqs = for {:p, :b1, seq} <- Peers.report(sub), do: seq
     assert seqs == Enum.to_list(1..300)
     assert Peers.dropped_on(b, c) == 0
+  end
+
+  # This node's relay killed while it waits for room in a full lane, mid-dispatch: with
+  # two lanes of one slot and one lane's sender suspended, a dispatch from b reaches the
+  # subscribers of the free lane and waits for the other. b counts that dispatch as
+  # dropped for this node (the relay had not counted it as received), and the rest of
+  # the relay's mailbox too: the subscribers of the stalled lane lack exactly what b
+  # counted; those of the free lane may have that one dispatch besides.
+  test "a relay killed mid local dispatch: the rest of it is counted", %{b: b} do
+    restart_app(cluster: true, lanes: 2, queue_capacity: 1)
+    topic = unique_topic("cluster:relay_mid_dispatch")
+    # More than 16 subscriptions: every dispatch goes through the lanes' senders.
+    subs = for _ <- 1..20, do: Peers.subscriber(node(), topic)
+    Peers.await_visible(b, topic, [node()])
+    producer = Peers.driven_producer(b, topic, :b1)
+    [sender | _] = Server.senders()
+
+    capture_log(fn ->
+      true = :erlang.suspend_process(sender)
+      :ok = Peers.drive(producer, {:dispatch, 1..3})
+      # The relay waits for room in the stalled lane.
+      eventually(fn -> Dispatcher.stats().waiting == 1 end, 10_000)
+      relay = Process.whereis(Cluster.Relay)
+      Process.exit(relay, :kill)
+      true = :erlang.resume_process(sender)
+      eventually(fn -> Process.whereis(Cluster.Relay) not in [nil, relay] end, 10_000)
+      Peers.drive_paced(producer, 4..60, 20)
+      eventually(fn -> queued(b, node()) == 0 end, 10_000)
+      assert Peers.drive(producer, :sync) == :ok
+      :ok = Peers.drive(producer, :stop)
+    end)
+
+    dropped = Peers.dropped_on(b, node())
+    assert dropped >= 1
+
+    missing =
+      for sub <- subs do
+        seqs = for {:p, :b1, seq} <- Peers.report(sub), do: seq
+        assert seqs == Enum.sort(seqs) and seqs == Enum.uniq(seqs)
+        assert List.last(seqs) == 60
+        60 - length(seqs)
+      end
+
+    # Those of the stalled lane lack what b counted; those of the free lane one less at
+    # most (the dispatch the relay was in reached them).
+    assert Enum.max(missing) == dropped
+    assert Enum.all?(missing, &(&1 in [dropped, dropped - 1]))
   end
 end
