@@ -30,7 +30,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterChaosTest do
   @chaos_ms String.to_integer(System.get_env("EX_ATLAS_CHAOS_MS", "60000"))
   @kill_every_ms 2_000
 
-  test "chaos: cuts, suspended relays and a stopped node; every dispatch delivered or counted" do
+  test "chaos: cuts, suspended relays, a stopped node, our processes killed; every dispatch delivered or counted" do
     :ok = Peers.ensure_distribution()
     restart_app(cluster: true)
 

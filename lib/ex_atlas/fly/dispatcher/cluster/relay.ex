@@ -8,12 +8,16 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
   #     a hint it checks against `count/2`), and it reads every topic when it starts;
   #   * receiving: dispatches from other nodes' links arrive in order per sender and go
   #     through the local fan-out (`Backend.Registry.dispatch_local/2`, with its bounds
-  #     and the local watchdog). It counts them per link in an ETS table that outlives
-  #     it, and acknowledges in batches with that count, which opens the link's window
-  #     again and tells a link that greets it after a cut (`hello`) what arrived;
+  #     and the local watchdog). It counts them per sending node (over that node's
+  #     links, so a link that takes a dead one's place settles what that one sent) in an
+  #     ETS table that outlives it, and counts one only once it is in the local lanes (a
+  #     relay killed mid-dispatch has it counted as dropped by the sender). It
+  #     acknowledges in batches with that count, which opens the link's window again and
+  #     tells a link that greets it after a cut or a restart (`hello`) what arrived;
   #   * links: it starts one `Link` per connected node (`:net_kernel.monitor_nodes/1`),
-  #     under cluster mode's link supervisor, and stops a node's link once the node has
-  #     been away for twice the link's hold time.
+  #     under cluster mode's link supervisor, watches them (a link that dies with no
+  #     successor, as its supervisor stops, gets one from here), and reaps a node's link
+  #     once the node has been away for twice the link's hold time.
   #
   # Everything it sends to other nodes (acknowledgements, answers to greetings, pings
   # and syncs) goes with `:nosuspend`: a busy distribution buffer to one node must not
