@@ -489,4 +489,60 @@ defmodule ExAtlas.Test.Cluster do
 
     dropped_on(b, c) - before
   end
+
+  @doc """
+  On this node: kills the cluster-mode process `target` (`{:link, node}`: the link to
+  `node`; `:relay`, `:scope`, `:switch`, `:link_supervisor`, `:cluster_supervisor`) with
+  `how`: `:kill` (no terminate runs) or `:crash` (it stops with reason `:crash`, as after
+  an exception; `:sys.terminate/3`, which returns once it is gone). Returns its pid.
+  """
+  @spec kill_cluster_process(term(), :kill | :crash) :: pid()
+  def kill_cluster_process(target, how) do
+    pid = cluster_process(target)
+    monitor = Process.monitor(pid)
+
+    case how do
+      :kill -> Process.exit(pid, :kill)
+      :crash -> :sys.terminate(pid, :crash, :infinity)
+    end
+
+    receive do: ({:DOWN, ^monitor, :process, ^pid, _} -> pid)
+  end
+
+  @doc "The pid of the cluster-mode process `target` on this node (see `kill_cluster_process/2`)."
+  @spec cluster_process(term()) :: pid()
+  def cluster_process({:link, node}) do
+    [{^node, {pid, _counters}}] = :ets.lookup(Dispatcher.Cluster.links_table(), node)
+    pid
+  end
+
+  def cluster_process(:relay), do: Process.whereis(Dispatcher.Cluster.Relay)
+  def cluster_process(:scope), do: Process.whereis(Dispatcher.Cluster.scope())
+  def cluster_process(:link_supervisor), do: Process.whereis(Dispatcher.Cluster.link_supervisor())
+  def cluster_process(:cluster_supervisor), do: Process.whereis(Dispatcher.Cluster.Supervisor)
+
+  def cluster_process(:switch) do
+    children = Supervisor.which_children(Dispatcher.Cluster.Supervisor)
+    hd(for {Dispatcher.Cluster.Switch, pid, _, _} <- children, do: pid)
+  end
+
+  @doc "Restarts the `:ex_atlas` application on `node` (its settings as they are)."
+  @spec restart_app_on(node()) :: :ok
+  def restart_app_on(node) do
+    :ok = :erpc.call(node, Application, :stop, [:ex_atlas])
+    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:ex_atlas])
+    :ok
+  end
+
+  @doc """
+  Has `producer` (of `driven_producer/3`) dispatch `range` paced: one dispatch every
+  `every_ms`, from one process, so that per-producer order holds.
+  """
+  @spec drive_paced(pid(), Range.t(), pos_integer()) :: :ok
+  def drive_paced(producer, range, every_ms) do
+    Enum.each(range, fn seq ->
+      :ok = drive(producer, {:dispatch, seq..seq})
+      Process.sleep(every_ms)
+    end)
+  end
 end

@@ -16,16 +16,20 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   # No membership protocol of our own.
   #
   # This module is what callers use: forward/2 (the dispatch path), sync/1, stats/0, and
-  # the names of cluster mode's scope and tables. `Cluster.Supervisor` runs cluster mode
-  # and owns the tables:
+  # the names of cluster mode's scope and tables. `Cluster.Supervisor` runs cluster mode;
+  # the tables belong to the dispatcher's supervisor above it, and outlive it:
   #
-  #   * @links, `{node, handle}`: the link of each node, written by the link itself;
+  #   * @links, `{node, handle}`: the link of each node and its counts, written by the
+  #     link itself. A dead link's row stays until the link that takes its place (or the
+  #     relay, reaping the node) settles what it held (`Link`);
   #   * @interest, a bag of `{topic, node}`: the topics each node's link forwards, that
   #     is, the node's `:pg` groups as the link learnt them, plus the groups it held
   #     when it went away (until it is back and `:pg` has caught up, or `Link`'s hold
   #     time ran out); written by the links;
-  #   * @seen, `{link pid, count}`: per link of another node, the dispatches this node's
-  #     relay has received from it, so that a restarted relay answers a link exactly;
+  #   * @seen, `{node, count}`: per other node, the dispatches this node's relay has
+  #     received from its links (from the one that runs and those before it), so that a
+  #     restarted relay answers a link exactly, and a link that takes a dead one's place
+  #     settles what that one sent;
   #   * @unlinked, `{node, count}`: dispatches for a node that `:pg` shows with interest
   #     (or, with replay on, a node of @peers) but that has no link yet (the relay has
   #     not started it): counted as dropped here, and taken over by the node's link,
@@ -59,6 +63,19 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
   @doc "The `:pg` scope of cluster mode."
   @spec scope() :: atom()
   def scope, do: @scope
+
+  @doc """
+  Creates the tables of cluster mode (see the moduledoc), owned by the caller: the
+  dispatcher's supervisor, so that they outlive every process of cluster mode.
+  """
+  @spec create_tables() :: :ok
+  def create_tables do
+    for table <- [@links, @seen, @unlinked, @peers],
+        do: ^table = :ets.new(table, [:named_table, :public, read_concurrency: true])
+
+    @interest = :ets.new(@interest, [:named_table, :public, :bag, read_concurrency: true])
+    :ok
+  end
 
   @doc false
   @spec links_table() :: atom()
@@ -155,6 +172,8 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster do
     linked = for {_topic, node} <- :ets.lookup(@interest, topic), do: node
     here = node()
 
+    # `:pg.get_members/2` answers [] while the scope restarts: the links' rows hold the
+    # nodes' interest meanwhile.
     seen =
       for pid <- :pg.get_members(@scope, topic),
           (remote = node(pid)) != here,

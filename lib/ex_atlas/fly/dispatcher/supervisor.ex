@@ -34,6 +34,8 @@ defmodule ExAtlas.Fly.Dispatcher.Supervisor do
   @impl true
   def init(opts) do
     :ok = Watchdog.create_table()
+    # Forwarding as a cluster mode before this start left it (see `Cluster.Switch`).
+    :ok = Cluster.disable()
 
     children = [
       %{id: Closer, start: {Closer, :start_link, [[]]}, type: :worker},
@@ -46,6 +48,7 @@ defmodule ExAtlas.Fly.Dispatcher.Supervisor do
     # that each node's history has it.
     children =
       if Keyword.get_lazy(opts, :cluster, &Config.cluster?/0) do
+        :ok = Cluster.create_tables()
         queue = Keyword.get_lazy(opts, :cluster_queue, &Config.cluster_queue/0)
         replay = Config.replay(opts)
 

@@ -1,7 +1,9 @@
 defmodule ExAtlas.Fly.Dispatcher.ClusterChaosTest do
   # Soak (`mix test --include soak`): producers on every node while nodes are cut off and
-  # connected again, relays are suspended and a node is stopped, at random moments. Per
-  # producer and node: delivered + counted as dropped = dispatched, in dispatch order.
+  # connected again, relays are suspended, a node is stopped, and our own processes die
+  # (links, relays and `:pg` scopes, killed or crashed), at random moments, for
+  # EX_ATLAS_CHAOS_MS ms (60 000 by default). Per producer and node: delivered + counted
+  # as dropped = dispatched, in dispatch order, no duplicate.
   #
   # The producers run from before the first fault until after the last: they dispatch
   # until told to stop, once the chaos is over. Each fault reads how far they got when it
@@ -23,7 +25,12 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterChaosTest do
   # so the subscribers' records stay small over a chaos of several seconds.
   @pace 5
 
-  test "chaos: cuts, suspended relays and a stopped node; every dispatch delivered or counted" do
+  # How long the chaos lasts; and at most one death of our processes per node in this
+  # long, so that no supervisor reaches its restart intensity (3 in 5 s).
+  @chaos_ms String.to_integer(System.get_env("EX_ATLAS_CHAOS_MS", "60000"))
+  @kill_every_ms 2_000
+
+  test "chaos: cuts, suspended relays, a stopped node, our processes killed; every dispatch delivered or counted" do
     :ok = Peers.ensure_distribution()
     restart_app(cluster: true)
 
@@ -52,7 +59,8 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterChaosTest do
           10_000
         )
 
-        faults = chaos(Enum.random(30..50), [b, c, d], peer_e, producers, [])
+        deadline = System.monotonic_time(:millisecond) + @chaos_ms
+        faults = chaos(deadline, [b, c, d], peer_e, producers, {[], %{}})
         ended = dispatched(producers)
         # Still running after the last fault: then stopped.
         ExAtlas.Test.FlyEnv.eventually(fn -> dispatched(producers) > ended end, 10_000)
@@ -110,33 +118,72 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterChaosTest do
   defp dispatched(producers), do: producers |> Enum.map(&Peers.progress/1) |> Enum.sum()
 
   # Returns each fault as {kind, dispatches made while it lasted}.
-  defp chaos(0, _nodes, _peer_e, _producers, faults), do: Enum.reverse(faults)
+  defp chaos(deadline, nodes, peer_e, producers, {faults, killed}) do
+    if System.monotonic_time(:millisecond) >= deadline do
+      Enum.reverse(faults)
+    else
+      Process.sleep(Enum.random(10..150))
+      {fault, killed} = fault(nodes, peer_e, producers, killed)
+      faults = if fault, do: [fault | faults], else: faults
+      chaos(deadline, nodes, peer_e, producers, {faults, killed})
+    end
+  end
 
-  defp chaos(rounds, nodes, peer_e, producers, faults) do
-    Process.sleep(Enum.random(10..150))
+  defp fault(nodes, peer_e, producers, killed) do
+    case Enum.random([:cut, :cut, :suspend, :suspend, :stop, :kill, :kill, :kill]) do
+      :cut ->
+        [x, y] = Enum.take_random(nodes, 2)
+        :erpc.call(x, :erlang, :disconnect_node, [y])
+        during = during(producers, fn -> Process.sleep(Enum.random(0..300)) end)
+        :erpc.call(x, Peers, :connect, [y])
+        {{:cut, during}, killed}
 
-    fault =
-      case Enum.random([:cut, :cut, :suspend, :suspend, :stop]) do
-        :cut ->
-          [x, y] = Enum.take_random(nodes, 2)
-          :erpc.call(x, :erlang, :disconnect_node, [y])
-          during = during(producers, fn -> Process.sleep(Enum.random(0..300)) end)
-          :erpc.call(x, Peers, :connect, [y])
-          {:cut, during}
+      :suspend ->
+        relay = :erpc.call(Enum.random(nodes), Process, :whereis, [Cluster.Relay])
+        holder = Peers.suspend(relay)
+        during = during(producers, fn -> Process.sleep(Enum.random(0..500)) end)
+        Peers.resume(holder)
+        {{:suspend, during}, killed}
 
-        :suspend ->
-          relay = :erpc.call(Enum.random(nodes), Process, :whereis, [Cluster.Relay])
-          holder = Peers.suspend(relay)
-          during = during(producers, fn -> Process.sleep(Enum.random(0..500)) end)
-          Peers.resume(holder)
-          {:suspend, during}
+      :stop ->
+        # Once only: e stays stopped.
+        if Process.alive?(peer_e),
+          do: {{:stop, during(producers, fn -> stop_peer(peer_e) end)}, killed},
+          else: {nil, killed}
 
-        :stop ->
-          # Once only: e stays stopped.
-          if Process.alive?(peer_e), do: {:stop, during(producers, fn -> stop_peer(peer_e) end)}
-      end
+      :kill ->
+        kill(nodes, producers, killed)
+    end
+  end
 
-    chaos(rounds - 1, nodes, peer_e, producers, if(fault, do: [fault | faults], else: faults))
+  # One of our processes on a node that has had none die for @kill_every_ms: a link to
+  # another node, the relay or the scope, killed or crashed. The fault lasts until its
+  # successor runs.
+  defp kill(nodes, producers, killed) do
+    now = System.monotonic_time(:millisecond)
+
+    case Enum.filter(nodes, &(killed[&1] == nil or now - killed[&1] >= @kill_every_ms)) do
+      [] ->
+        {nil, killed}
+
+      ready ->
+        x = Enum.random(ready)
+        target = Enum.random([{:link, Enum.random(nodes -- [x])}, :relay, :scope])
+        how = Enum.random([:kill, :crash])
+
+        during =
+          during(producers, fn ->
+            victim = :erpc.call(x, Peers, :kill_cluster_process, [target, how])
+
+            eventually(
+              fn -> :erpc.call(x, Peers, :cluster_process, [target]) not in [nil, victim] end,
+              10_000
+            )
+          end)
+
+        kind = if is_tuple(target), do: :"#{how}_link", else: :"#{how}_#{target}"
+        {{kind, during}, Map.put(killed, x, now)}
+    end
   end
 
   # Dispatches made by all producers while `fun` ran.

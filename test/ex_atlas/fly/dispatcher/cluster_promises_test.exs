@@ -309,9 +309,13 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterPromisesTest do
     end
   end
 
+  # What `node`'s relay counts as received from `link`'s node (its links, this one and
+  # any before it).
   defp seen_on(node, link) do
-    case :erpc.call(node, :ets, :lookup, [Cluster.seen_table(), link]) do
-      [{^link, seen}] -> seen
+    from = node(link)
+
+    case :erpc.call(node, :ets, :lookup, [Cluster.seen_table(), from]) do
+      [{^from, seen}] -> seen
       [] -> 0
     end
   end

@@ -40,6 +40,11 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
   alias ExAtlas.Fly.Dispatcher.Cluster.Link.{Presence, Transport}
 
   @retry_ms 5
+  # The link/relay protocol: 2 since the relay counts what it receives per node (so that
+  # a link that takes a dead one's place settles what that one sent). The greeting and
+  # the welcome carry it where a node of protocol 1 (no version) takes a reference and
+  # ignores it, so the two exchange dispatches (see `protocol/0`).
+  @protocol 2
   @hello_ms 200
   @report_ms 1_000
   @hold_ms 10_000
@@ -50,6 +55,16 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
   @doc "How long a departed node's interest and queue are kept (ms)."
   @spec hold_ms() :: pos_integer()
   def hold_ms, do: Application.get_env(:ex_atlas, :cluster_hold_ms, @hold_ms)
+
+  @doc """
+  The link/relay protocol of this build. A node of protocol 1 (before it had one) greets
+  with a plain reference and is welcomed as before; a relay of protocol 1 echoes the
+  greeting's tag instead of its own. Against such a relay a link that took a dead one's
+  place cannot tell what that one's messages in flight did, and counts them as dropped
+  (`Transport.resume/2`); it warns once that the node runs the earlier protocol.
+  """
+  @spec protocol() :: pos_integer()
+  def protocol, do: @protocol
 
   @doc false
   @spec child_spec({node(), pos_integer()}) :: Supervisor.child_spec()
@@ -90,11 +105,23 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
 
   @impl true
   def init({node, bound}) do
+    case :ets.lookup(Cluster.links_table(), node) do
+      # Started twice (the relay and the supervisor's restart both): the first runs.
+      # Links of one supervisor start one at a time, so only one finds the row dead.
+      [{^node, {pid, _counters}}] when pid != self() and is_pid(pid) ->
+        if Process.alive?(pid), do: :ignore, else: start(node, bound)
+
+      _ ->
+        start(node, bound)
+    end
+  end
+
+  defp start(node, bound) do
     Process.flag(:trap_exit, true)
-    transport = Transport.new()
     :ok = :net_kernel.monitor_nodes(true)
     Process.send_after(self(), :report, @report_ms)
-    {presence, greet} = Presence.new()
+    {transport, inherited} = take_over(node)
+    {presence, greet} = Presence.new(inherited)
 
     state = %{
       node: node,
@@ -106,13 +133,64 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
       # `:pg.monitor_scope/1`'s reference, and the scope process's monitor.
       scope: nil,
       scope_monitor: nil,
-      # Dropped already reported.
-      reported: 0
+      # Warned that the node's relay runs an earlier protocol.
+      warned: false
     }
 
     state = watch_scope(state)
-    true = :ets.insert_new(Cluster.links_table(), {node, {self(), Transport.counters(transport)}})
     {:ok, run(state, {presence, greet})}
+  end
+
+  # Takes the node's row in the links table, and the place of the link before (dead by
+  # now, killed or crashed: its row stays until a successor or the relay settles it):
+  # its counts (`Transport.inherit/2`) and the node's interest rows it wrote, which are
+  # held here until the node's relay or `:pg` tells which still hold.
+  defp take_over(node) do
+    case :ets.lookup(Cluster.links_table(), node) do
+      [{^node, {_dead, {_gen, ledger} = counters}}] ->
+        transport = Transport.new(ledger)
+        # Dispatches for the node go to this link from here on, and every one that
+        # still finds the dead link's counts is counted as dropped once they are sealed.
+        true = :ets.insert(Cluster.links_table(), {node, {self(), Transport.counters(transport)}})
+        {Transport.inherit(transport, counters), interest_of(node)}
+
+      [] ->
+        transport = Transport.new(Transport.ledger())
+        true = :ets.insert(Cluster.links_table(), {node, {self(), Transport.counters(transport)}})
+        {transport, interest_of(node)}
+    end
+  end
+
+  defp interest_of(node),
+    do: :ets.select(Cluster.interest_table(), [{{:"$1", node}, [], [:"$1"]}])
+
+  @doc """
+  Settles the row of `node`'s link when that link is dead and no successor will take
+  its place (the relay reaps the node): everything it held is counted as dropped for
+  the node, and its rows go. Answers false when the link is alive.
+  """
+  @spec retire(node()) :: boolean()
+  def retire(node) do
+    case :ets.lookup(Cluster.links_table(), node) do
+      [{^node, {pid, counters}}] ->
+        if Process.alive?(pid) do
+          false
+        else
+          _ = Transport.drop_sealed(counters)
+          forget(node)
+          true
+        end
+
+      [] ->
+        true
+    end
+  end
+
+  # The rows of `node` in the tables of cluster mode.
+  defp forget(node) do
+    :ets.delete(Cluster.peers_table(), node)
+    :ets.match_delete(Cluster.interest_table(), {:_, node})
+    :ets.delete(Cluster.links_table(), node)
   end
 
   @impl true
@@ -142,8 +220,10 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
     {:noreply, transport(state, &Transport.retry(&1, relay))}
   end
 
-  def handle_info({:"$ex_atlas_welcome", _ref, relay, received, wanted}, state),
-    do: {:noreply, run(state, Presence.welcome(state.presence, relay, received, wanted))}
+  def handle_info({:"$ex_atlas_welcome", tag, relay, received, wanted}, state) do
+    state = check_protocol(state, tag)
+    {:noreply, run(state, Presence.welcome(state.presence, relay, received, wanted))}
+  end
 
   def handle_info({:hello_again, token}, state),
     do: {:noreply, run(state, Presence.hello_again(state.presence, token))}
@@ -193,23 +273,51 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
     {:noreply, report(state)}
   end
 
+  # The relay reaps the link: its node stayed away.
+  def handle_info(:reap, state), do: {:stop, {:shutdown, :reaped}, state}
+
   def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
-  def terminate(reason, state) do
-    # Reaped (the node stayed away) or cluster mode stops: what is left is dropped. A
-    # crashed link is restarted: its node still runs cluster mode.
-    if shutdown?(reason), do: :ets.delete(Cluster.peers_table(), state.node)
+  def terminate({:shutdown, :reaped}, state) do
+    # The node stayed away: what is left is dropped, with the node's rows.
     state = transport(state, &Transport.drop_all/1)
-    rows = Presence.interest(state.presence)
-    Enum.each(rows, &:ets.delete_object(Cluster.interest_table(), {&1, state.node}))
-    :ets.delete(Cluster.links_table(), state.node)
+    _ = Transport.drop_sealed(Transport.counters(state.transport))
+    forget(state.node)
     report(state)
   end
 
-  defp shutdown?(:shutdown), do: true
-  defp shutdown?({:shutdown, _}), do: true
-  defp shutdown?(_reason), do: false
+  def terminate(_reason, state) do
+    # Crashed, or stopped with cluster mode or its link supervisor: the rows stay, and the
+    # link that takes this one's place (the relay starts one for every connected node)
+    # settles what this one held, as it would after a kill, when this does not run.
+    report(state)
+  end
+
+  # A relay of protocol 2 or later answers with its version; one of protocol 1 echoes the
+  # greeting's tag. Warns once per link about a relay of an earlier protocol.
+  defp check_protocol(%{warned: true} = state, _tag), do: state
+
+  defp check_protocol(state, {:ex_atlas_relay, version, _ref})
+       when is_integer(version) and version >= @protocol,
+       do: state
+
+  defp check_protocol(state, tag) do
+    version =
+      case tag do
+        {:ex_atlas_relay, version, _ref} -> version
+        _ -> 1
+      end
+
+    Logger.warning(
+      "[ExAtlas.Fly.Dispatcher] node #{inspect(state.node)} runs cluster protocol " <>
+        "#{inspect(version)}, this node #{@protocol} (a rolling deploy?): dispatches are " <>
+        "exchanged, and what a restarted link here had in flight to it is counted as dropped",
+      node: state.node
+    )
+
+    %{state | warned: true}
+  end
 
   defp transport(state, fun), do: %{state | transport: fun.(state.transport)}
 
@@ -259,7 +367,8 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
   # yet, hence the greeting again).
   defp act(state, {:greet, token}) do
     to = {Cluster.Relay, state.node}
-    _ = :erlang.send(to, {:"$ex_atlas_hello", self(), make_ref()}, [:nosuspend, :noconnect])
+    hello = {:"$ex_atlas_hello", self(), {:ex_atlas_link, @protocol, make_ref()}}
+    _ = :erlang.send(to, hello, [:nosuspend, :noconnect])
     Process.send_after(self(), {:hello_again, token}, @hello_ms)
     state
   end
@@ -321,7 +430,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
     # What was dispatched for the node before this link ran is counted as dropped here.
     state = transport(state, &Transport.lose_unlinked(&1, Cluster.take_unlinked(state.node)))
     dropped = Transport.dropped(state.transport)
-    new = dropped - state.reported
+    new = dropped - Transport.reported(state.transport)
 
     if new > 0 do
       lost = Transport.lost(state.transport)
@@ -339,6 +448,6 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
       Telemetry.cluster_drop(state.node, new)
     end
 
-    %{state | reported: dropped}
+    transport(state, &Transport.report(&1, dropped))
   end
 end

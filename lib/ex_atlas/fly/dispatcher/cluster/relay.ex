@@ -8,12 +8,16 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
   #     a hint it checks against `count/2`), and it reads every topic when it starts;
   #   * receiving: dispatches from other nodes' links arrive in order per sender and go
   #     through the local fan-out (`Backend.Registry.dispatch_local/2`, with its bounds
-  #     and the local watchdog). It counts them per link in an ETS table that outlives
-  #     it, and acknowledges in batches with that count, which opens the link's window
-  #     again and tells a link that greets it after a cut (`hello`) what arrived;
+  #     and the local watchdog). It counts them per sending node (over that node's
+  #     links, so a link that takes a dead one's place settles what that one sent) in an
+  #     ETS table that outlives it, and counts one only once it is in the local lanes (a
+  #     relay killed mid-dispatch has it counted as dropped by the sender). It
+  #     acknowledges in batches with that count, which opens the link's window again and
+  #     tells a link that greets it after a cut or a restart (`hello`) what arrived;
   #   * links: it starts one `Link` per connected node (`:net_kernel.monitor_nodes/1`),
-  #     under cluster mode's link supervisor, and stops a node's link once the node has
-  #     been away for twice the link's hold time.
+  #     under cluster mode's link supervisor, watches them (a link that dies with no
+  #     successor, as its supervisor stops, gets one from here), and reaps a node's link
+  #     once the node has been away for twice the link's hold time.
   #
   # Everything it sends to other nodes (acknowledgements, answers to greetings, pings
   # and syncs) goes with `:nosuspend`: a busy distribution buffer to one node must not
@@ -48,11 +52,14 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
 
     state = %{
       dispatcher: dispatcher,
+      # The scope it joins groups in: started just before it.
+      scope: Process.whereis(Cluster.scope()),
       bound: bound,
       joined: MapSet.new(),
       acks: %{},
+      # The links it watches: pid => node.
+      links: %{},
       ack_timer: nil,
-      monitors: %{},
       outbox: :queue.new(),
       retry: nil,
       received: 0,
@@ -86,8 +93,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
       ArgumentError -> :ok
     end
 
-    _ = :ets.update_counter(Cluster.seen_table(), link, 1, {link, 0})
-    state = watch_link(state, link)
+    _ = :ets.update_counter(Cluster.seen_table(), node(link), 1, {node(link), 0})
     {:noreply, count_ack(%{state | received: state.received + 1}, link)}
   end
 
@@ -102,12 +108,19 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
   def handle_info({:"$ex_atlas_hello", link, ref}, state) do
     # Everything the link sent before it greeted us came before this: the count is final.
     state = flush_ack(state, link)
-    welcome = {:"$ex_atlas_welcome", ref, self(), seen(link), MapSet.to_list(state.joined)}
-    {:noreply, deliver(watch_link(state, link), link, welcome)}
+    tag = welcome_tag(ref)
+    welcome = {:"$ex_atlas_welcome", tag, self(), seen(link), MapSet.to_list(state.joined)}
+    {:noreply, deliver(state, link, welcome)}
   end
 
-  def handle_info({:"$ex_atlas_ping", link, ref}, state),
-    do: {:noreply, deliver(state, link, {:"$ex_atlas_pong", ref})}
+  # A pong tells the link that this relay's leaves before the ping were its own. Not when
+  # its scope died: the other nodes then saw it leave every group, and it stops shortly
+  # (restarted with a new scope); the link's monitor tells it so.
+  def handle_info({:"$ex_atlas_ping", link, ref}, state) do
+    if Process.whereis(Cluster.scope()) == state.scope,
+      do: {:noreply, deliver(state, link, {:"$ex_atlas_pong", ref})},
+      else: {:noreply, state}
+  end
 
   def handle_info(:ack, state), do: {:noreply, flush_acks(%{state | ack_timer: nil})}
 
@@ -125,41 +138,38 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
     {:noreply, state}
   end
 
-  def handle_info({:DOWN, ref, :process, link, reason}, state) do
-    case state.monitors do
-      %{^link => ^ref} ->
-        # A link cut off may greet us again: its count stays until its node is reaped.
-        if reason != :noconnection, do: :ets.delete(Cluster.seen_table(), link)
-        {:noreply, %{state | monitors: Map.delete(state.monitors, link)}}
-
-      _ ->
-        {:noreply, state}
-    end
+  def handle_info({:DOWN, _ref, :process, pid, _reason}, %{links: links} = state)
+      when is_map_key(links, pid) do
+    {node, links} = Map.pop(links, pid)
+    state = %{state | links: links}
+    if node in Node.list(), do: {:noreply, start_link_to(state, node)}, else: {:noreply, state}
   end
 
   def handle_info(_other, state), do: {:noreply, state}
 
-  # Stops the link of `node`, which stayed away.
+  # Stops the link of `node`, which stayed away (a dead one's row is settled here).
   defp reap(node) do
-    with [{^node, {pid, _counts}}] <- :ets.lookup(Cluster.links_table(), node) do
-      _ = DynamicSupervisor.terminate_child(Cluster.link_supervisor(), pid)
+    with [{^node, {pid, _counts}}] <- :ets.lookup(Cluster.links_table(), node),
+         false <- Link.retire(node) do
+      send(pid, :reap)
     end
 
-    # The counts of that node's links: they will not greet us again.
-    _ =
-      :ets.select_delete(Cluster.seen_table(), [
-        {{:"$1", :_}, [{:==, {:node, :"$1"}, node}], [true]}
-      ])
-
+    # The count of that node's links: they will not greet us again.
+    :ets.delete(Cluster.seen_table(), node)
     :ok
   end
 
   defp schedule_reap(node), do: Process.send_after(self(), {:reap, node}, 2 * Link.hold_ms())
 
+  # Starts the link of `node` unless one runs, and watches it: a link that dies with no
+  # successor (it was stopping with its supervisor when this started) gets one here.
   defp start_link_to(state, node) do
-    unless :ets.member(Cluster.links_table(), node) do
+    unless linked?(node) do
       case DynamicSupervisor.start_child(Cluster.link_supervisor(), {Link, {node, state.bound}}) do
         {:ok, _pid} ->
+          :ok
+
+        :ignore ->
           :ok
 
         other ->
@@ -171,7 +181,32 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
       end
     end
 
-    state
+    watch_link(state, node)
+  end
+
+  defp watch_link(state, node) do
+    case :ets.lookup(Cluster.links_table(), node) do
+      [{^node, {pid, _counts}}] when not is_map_key(state.links, pid) ->
+        _ = Process.monitor(pid)
+        %{state | links: Map.put(state.links, pid, node)}
+
+      _ ->
+        state
+    end
+  end
+
+  # A link of protocol 2 or later greets with its version, and is answered with this
+  # relay's; one of protocol 1 with a plain reference, which it ignores in the answer.
+  defp welcome_tag({:ex_atlas_link, _version, ref}), do: {:ex_atlas_relay, Link.protocol(), ref}
+  defp welcome_tag(ref), do: ref
+
+  # A link runs for `node`. A dead link's row waits for its successor: the link
+  # supervisor's restart, or this one when that supervisor restarted empty.
+  defp linked?(node) do
+    case :ets.lookup(Cluster.links_table(), node) do
+      [{^node, {pid, _counts}}] -> Process.alive?(pid)
+      [] -> false
+    end
   end
 
   # Joins or leaves the topic's group as the local registry says now, whatever order the
@@ -194,18 +229,16 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
     end
   end
 
+  # The dispatches received from the links of `link`'s node, this one and those before
+  # it: a link that takes a dead one's place settles what that one sent on it.
   defp seen(link) do
-    case :ets.lookup(Cluster.seen_table(), link) do
-      [{^link, n}] -> n
+    node = node(link)
+
+    case :ets.lookup(Cluster.seen_table(), node) do
+      [{^node, n}] -> n
       [] -> 0
     end
   end
-
-  defp watch_link(%{monitors: monitors} = state, link) when is_map_key(monitors, link),
-    do: state
-
-  defp watch_link(state, link),
-    do: %{state | monitors: Map.put(state.monitors, link, Process.monitor(link))}
 
   ## Acknowledgements
 

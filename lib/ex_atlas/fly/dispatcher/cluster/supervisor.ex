@@ -2,15 +2,16 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Supervisor do
   @moduledoc false
   # Runs cluster mode (see `Cluster`). Its children, `:rest_for_one`:
   #
-  #   * `Switch` turns forwarding on for as long as this supervisor runs, and off (with
-  #     the NIF's relay) only when it stops: a restart of the relay or of the scope does
-  #     not stop forwarding, so nothing is skipped uncounted meanwhile;
+  #   * `Switch` turns forwarding on; no death or restart of cluster mode's processes
+  #     turns it off, so nothing is skipped uncounted meanwhile;
   #   * the links' supervisor: one `Link` per other node, which outlives restarts of
   #     the scope and of the relay, so that what it holds is never lost uncounted;
   #   * the `:pg` scope, and the relay (a new scope needs a relay that joins again).
   #
-  # The ETS tables of cluster mode (described in `Cluster`) belong to this supervisor, so
-  # that a restarted child finds them.
+  # The ETS tables of cluster mode (described in `Cluster`) belong to the dispatcher's
+  # supervisor, above this one (`Cluster.create_tables/0`), so that a restarted child,
+  # or this supervisor restarted, finds them: a link that takes a dead one's place
+  # settles what that one held from its row.
 
   use Supervisor
 
@@ -26,18 +27,9 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Supervisor do
 
   @impl true
   def init(opts) do
-    tables = [
-      Cluster.links_table(),
-      Cluster.seen_table(),
-      Cluster.unlinked_table(),
-      Cluster.peers_table()
-    ]
-
-    for table <- tables,
-        do: ^table = :ets.new(table, [:named_table, :public, read_concurrency: true])
-
-    interest = Cluster.interest_table()
-    ^interest = :ets.new(interest, [:named_table, :public, :bag, read_concurrency: true])
+    # A supervisor before this one that was killed leaves its named children stopping
+    # (they trap exits): their names are free once they are gone.
+    Enum.each([Relay, Cluster.scope(), Cluster.link_supervisor()], &await_gone/1)
 
     children = [
       {Switch, opts},
@@ -47,5 +39,21 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Supervisor do
     ]
 
     Supervisor.init(children, strategy: :rest_for_one)
+  end
+
+  @await_gone_ms 5_000
+
+  defp await_gone(name) do
+    with pid when is_pid(pid) <- Process.whereis(name) do
+      ref = Process.monitor(pid)
+
+      receive do
+        {:DOWN, ^ref, :process, ^pid, _reason} -> :ok
+      after
+        @await_gone_ms -> Process.demonitor(ref, [:flush])
+      end
+    end
+
+    :ok
   end
 end

@@ -105,12 +105,17 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Presence do
   # Actions are gathered newest first, and reversed once an event is done.
   @typep acc :: {t(), [action()]}
 
-  @doc "A link that has just started: no relay yet, which it greets."
-  @spec new() :: {t(), [action()]}
-  def new do
-    {%__MODULE__{topics: MapSet.new(), held: MapSet.new(), leaving: %{}}, []}
-    |> greet()
-    |> done()
+  @doc """
+  A link that has just started: no relay yet, which it greets. `inherited`: the node's
+  groups in the interest table when it started (a link before it wrote them), held
+  until `:pg` or the node's relay tells which the node still has.
+  """
+  @spec new([topic()]) :: {t(), [action()]}
+  def new(inherited \\ []) do
+    held = MapSet.new(inherited)
+    acc = {%__MODULE__{topics: MapSet.new(), held: held, leaving: %{}}, []}
+    acc = if MapSet.size(held) > 0, do: start_hold(acc), else: acc
+    acc |> greet() |> done()
   end
 
   @doc "The relay that welcomed the link, while it is there."
@@ -203,16 +208,20 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Presence do
 
   @doc """
   The node's groups as `:pg` shows them when the link (again) monitors the scope. Groups
-  it had and no longer has go, unless held or leaving.
+  it had and the scope does not show are held: a scope that has just restarted shows
+  nothing of other nodes until it has synced with them, and dispatches meanwhile must
+  still go to the node. They go when the hold is over, unless `:pg` or a welcome shows
+  them again.
   """
   @spec snapshot(t(), [topic()]) :: {t(), [action()]}
   def snapshot(%__MODULE__{} = p, groups) do
     topics = MapSet.new(groups)
     added = for topic <- topics, do: {:add_interest, topic}
-
-    MapSet.difference(p.topics, topics)
-    |> Enum.reduce({%{p | topics: topics}, Enum.reverse(added)}, &release(&2, &1))
-    |> done()
+    missing = MapSet.difference(p.topics, topics)
+    p = %{p | topics: topics, held: MapSet.union(MapSet.difference(p.held, topics), missing)}
+    acc = {p, Enum.reverse(added)}
+    acc = if MapSet.size(missing) > 0, do: start_hold(acc), else: acc
+    acc |> stop_hold_if_done() |> done()
   end
 
   @doc "The node joined `group` (its first member there)."

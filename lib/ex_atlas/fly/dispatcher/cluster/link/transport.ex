@@ -20,15 +20,28 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Transport do
   @window 256
   @retry_ms 5
 
-  # Slots of the :atomics shared with the callers.
+  # The counts shared with the callers are two :atomics. One per link (its generation):
+  # queued (unacknowledged included), and the link's `sent` and `acked`, written as they
+  # change, so that the link's successor can settle what it left. One per node (the
+  # ledger), which outlives every link of the node: dropped, and dropped reported.
   @queued 1
-  @dropped 2
+  @sent 2
+  @acked 3
+  @dropped 1
+  @reported 2
+
+  # What `seal/1` adds to a dead link's queued count: every reserve on it then fails, and
+  # counts its dispatch as dropped, so nothing is ever handed to a link that is gone.
+  @seal 1_099_511_627_776
 
   @enforce_keys [:counters, :queue]
   defstruct [:counters, :queue, sent: 0, acked: 0, retry: nil, lost: 0]
 
-  @typedoc "The counts shared with the callers: queued (unacknowledged included), dropped."
-  @type counters :: :atomics.atomics_ref()
+  @typedoc """
+  The counts shared with the callers: the link's (queued, sent, acked) and its node's
+  (dropped, reported).
+  """
+  @type counters :: {:atomics.atomics_ref(), :atomics.atomics_ref()}
 
   @typedoc "What goes to the relay, in order."
   @type item :: {:dispatch, binary(), term()} | {:sync, pid() | reference(), reference()}
@@ -44,23 +57,72 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Transport do
           lost: non_neg_integer()
         }
 
-  @doc "An empty queue, with counts of its own."
-  @spec new() :: t()
-  def new, do: %__MODULE__{counters: :atomics.new(2, signed: true), queue: :queue.new()}
+  @doc "A new node ledger: what is dropped for the node, over all its links."
+  @spec ledger() :: :atomics.atomics_ref()
+  def ledger, do: :atomics.new(2, signed: true)
+
+  @doc "An empty queue, with counts of its own and the node's `ledger`."
+  @spec new(:atomics.atomics_ref()) :: t()
+  def new(ledger),
+    do: %__MODULE__{counters: {:atomics.new(3, signed: true), ledger}, queue: :queue.new()}
+
+  @doc """
+  Takes over from a dead link of the same node, whose `counters` are sealed here first
+  (`seal/1`): what it had sent and not had acknowledged stays in flight here, to be
+  settled on the relay's count when one welcomes this link (`resume/2`); the rest it
+  held (its queue, and the dispatches in its mailbox or sent to it after it died) is
+  counted as dropped.
+  """
+  @spec inherit(t(), counters()) :: t()
+  def inherit(%__MODULE__{counters: {gen, _}} = t, {old, _ledger} = dead) do
+    held = seal(dead)
+    sent = :atomics.get(old, @sent)
+    acked = :atomics.get(old, @acked)
+    in_flight = min(sent - acked, held)
+    :atomics.add(gen, @queued, in_flight)
+    :atomics.put(gen, @sent, sent)
+    :atomics.put(gen, @acked, acked)
+    lose_unlinked(%{t | sent: sent, acked: acked}, held - in_flight)
+  end
+
+  @doc """
+  Seals the counters of a link that is gone and answers what it held then (queued,
+  unacknowledged included): from now on every reserve on them fails, and its dispatch
+  is counted as dropped for the node.
+  """
+  @spec seal(counters()) :: non_neg_integer()
+  def seal({gen, _ledger}) do
+    case :atomics.add_get(gen, @queued, @seal) - @seal do
+      # Sealed before: it held nothing more.
+      held when held >= @seal -> 0
+      held -> max(held, 0)
+    end
+  end
+
+  @doc """
+  Seals the counters of a link that is gone with no successor (`seal/1`) and counts
+  what it held as dropped for the node.
+  """
+  @spec drop_sealed(counters()) :: non_neg_integer()
+  def drop_sealed({_gen, ledger} = counters) do
+    held = seal(counters)
+    :atomics.add(ledger, @dropped, held)
+    held
+  end
 
   @doc "The counts shared with the callers."
   @spec counters(t()) :: counters()
   def counters(%__MODULE__{counters: counters}), do: counters
 
   @doc """
-  In the caller: takes a place in the node's queue, or, when it holds `bound` already,
-  counts the dispatch as dropped and answers false.
+  In the caller: takes a place in the node's queue, or, when it holds `bound` already
+  (or the link is gone), counts the dispatch as dropped and answers false.
   """
   @spec reserve(counters(), pos_integer()) :: boolean()
-  def reserve(counters, bound) do
-    if :atomics.add_get(counters, @queued, 1) > bound do
-      :atomics.sub(counters, @queued, 1)
-      :atomics.add(counters, @dropped, 1)
+  def reserve({gen, ledger}, bound) do
+    if :atomics.add_get(gen, @queued, 1) > bound do
+      :atomics.sub(gen, @queued, 1)
+      :atomics.add(ledger, @dropped, 1)
       false
     else
       true
@@ -69,12 +131,27 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Transport do
 
   @doc "Queued (including unacknowledged) and dropped messages."
   @spec counts(counters()) :: %{queued: non_neg_integer(), dropped: non_neg_integer()}
-  def counts(counters),
-    do: %{queued: :atomics.get(counters, @queued), dropped: :atomics.get(counters, @dropped)}
+  def counts({gen, ledger}) do
+    queued = :atomics.get(gen, @queued)
+    # A sealed link's (for the moment its successor takes its place) holds nothing.
+    queued = if queued >= @seal, do: 0, else: queued
+    %{queued: queued, dropped: :atomics.get(ledger, @dropped)}
+  end
 
   @doc "Every dispatch dropped for the node so far."
   @spec dropped(t()) :: non_neg_integer()
-  def dropped(%__MODULE__{counters: counters}), do: :atomics.get(counters, @dropped)
+  def dropped(%__MODULE__{counters: {_, ledger}}), do: :atomics.get(ledger, @dropped)
+
+  @doc "Of `dropped/1`, those reported (logged) so far, by this link or one before it."
+  @spec reported(t()) :: non_neg_integer()
+  def reported(%__MODULE__{counters: {_, ledger}}), do: :atomics.get(ledger, @reported)
+
+  @doc "Marks `n` of `dropped/1` reported."
+  @spec report(t(), non_neg_integer()) :: t()
+  def report(%__MODULE__{counters: {_, ledger}} = t, n) do
+    :atomics.put(ledger, @reported, n)
+    t
+  end
 
   @doc "Those of `dropped/1` the link dropped (not the callers at the bound)."
   @spec lost(t()) :: non_neg_integer()
@@ -101,19 +178,27 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Transport do
         t
 
       {:value, item} ->
+        # `sent` is shared before the send: a link killed between the two is taken to
+        # have sent it, and the relay's count tells its successor whether it arrived.
+        dispatch? = elem(item, 0) == :dispatch
+        if dispatch?, do: put_sent(t, t.sent + 1)
+
         case :erlang.send(relay, wire(item), [:nosuspend, :noconnect]) do
           :ok ->
             t = %{t | queue: :queue.drop(t.queue)}
-            t = if elem(item, 0) == :dispatch, do: %{t | sent: t.sent + 1}, else: t
+            t = if dispatch?, do: %{t | sent: t.sent + 1}, else: t
             pump(t, relay)
 
           # Busy distribution buffer; or the node is gone, and the relay's monitor says
           # so shortly. Either way the message stays first in the queue.
           _ ->
+            if dispatch?, do: put_sent(t, t.sent)
             %{t | retry: Process.send_after(self(), :retry, @retry_ms)}
         end
     end
   end
+
+  defp put_sent(%__MODULE__{counters: {gen, _}}, sent), do: :atomics.put(gen, @sent, sent)
 
   defp wire({:dispatch, topic, message}), do: {:"$ex_atlas_remote", self(), topic, message}
   defp wire({:sync, reply_to, ref}), do: {:"$ex_atlas_sync", reply_to, ref}
@@ -128,7 +213,9 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Transport do
     n = min(n, t.sent)
 
     if n > t.acked do
-      :atomics.sub(t.counters, @queued, n - t.acked)
+      {gen, _} = t.counters
+      :atomics.put(gen, @acked, n)
+      :atomics.sub(gen, @queued, n - t.acked)
       %{t | acked: n}
     else
       t
@@ -144,8 +231,11 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Transport do
     # A relay whose count is below what it acknowledged belongs to a new cluster mode
     # there (its node restarted): of ours it has nothing beyond what it acknowledged.
     delivered = if received >= t.acked, do: min(received, t.sent), else: t.acked
-    :atomics.sub(t.counters, @queued, delivered - t.acked)
+    {gen, _} = t.counters
+    :atomics.sub(gen, @queued, delivered - t.acked)
     t = lose(t, t.sent - delivered)
+    :atomics.put(gen, @acked, received)
+    :atomics.put(gen, @sent, received)
     %{t | sent: received, acked: received}
   end
 
@@ -163,13 +253,14 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Transport do
   def drop_all(%__MODULE__{} = t) do
     queued = t.queue |> :queue.to_list() |> Enum.count(&(elem(&1, 0) == :dispatch))
     t = lose(t, t.sent - t.acked + queued)
+    put_sent(t, t.acked)
     %{t | queue: :queue.new(), sent: t.acked}
   end
 
   @doc "Counts `n` dispatches the link held as dropped."
   @spec lose(t(), non_neg_integer()) :: t()
-  def lose(%__MODULE__{} = t, n) do
-    :atomics.sub(t.counters, @queued, n)
+  def lose(%__MODULE__{counters: {gen, _}} = t, n) do
+    :atomics.sub(gen, @queued, n)
     lose_unlinked(t, n)
   end
 
@@ -177,8 +268,8 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link.Transport do
   @spec lose_unlinked(t(), non_neg_integer()) :: t()
   def lose_unlinked(%__MODULE__{} = t, 0), do: t
 
-  def lose_unlinked(%__MODULE__{} = t, n) do
-    :atomics.add(t.counters, @dropped, n)
+  def lose_unlinked(%__MODULE__{counters: {_, ledger}} = t, n) do
+    :atomics.add(ledger, @dropped, n)
     %{t | lost: t.lost + n}
   end
 end
