@@ -11,7 +11,10 @@ defmodule ExAtlas.Application do
 
   @impl true
   def start(_type, _args) do
-    children = if Config.start_registry?(), do: [ExAtlas.Fly.Dispatcher], else: []
+    :ok = Config.warn_unknown_keys()
+    # The owner of the once-per-start warnings' table first, so it outlives the registry.
+    registry = if Config.start_registry?(), do: [ExAtlas.Fly.Dispatcher], else: []
+    children = [ExAtlas.Fly.Dispatcher.Warnings | registry]
     Supervisor.start_link(children, strategy: :one_for_one, name: ExAtlas.Supervisor)
   end
 

@@ -66,7 +66,9 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
       Logger.warning(
         "[ExAtlas.Fly.Dispatcher] subscribe/2 asked for replay: #{replay}, but no " <>
-          "dispatch is kept (config :ex_atlas, :fly, replay: 0): nothing to replay",
+          "dispatch is kept (config :ex_atlas, :fly, replay: 0): nothing to replay " <>
+          "(topic #{inspect(topic)}, subscriber #{inspect(self())}; said once per " <>
+          "registry start)",
         topic: topic
       )
     end
