@@ -201,9 +201,8 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
 
   defp not_started do
     ArgumentError.exception(
-      "the ExAtlas.Fly.Dispatcher watchdog is not running: start the :ex_atlas " <>
-        "application (and leave `config :ex_atlas, :fly, enabled: false` unset), or add " <>
-        "ExAtlas.Fly.Dispatcher to your supervision tree; both start it with the registry"
+      "the ExAtlas.Fly.Dispatcher watchdog is not running (it starts and stops with the " <>
+        "registry): " <> Backend.Registry.not_running_cause()
     )
   end
 
