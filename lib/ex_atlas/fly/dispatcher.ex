@@ -116,6 +116,8 @@ defmodule ExAtlas.Fly.Dispatcher do
           in_flight: non_neg_integer(),
           peak_in_flight: non_neg_integer(),
           delivered_batches: non_neg_integer(),
+          dispatches: non_neg_integer(),
+          deliveries: non_neg_integer(),
           waiting: non_neg_integer(),
           lost_batches: non_neg_integer(),
           lost_deliveries: non_neg_integer(),
@@ -380,7 +382,15 @@ defmodule ExAtlas.Fly.Dispatcher do
     * `:in_flight` - batches handed to the senders and not yet delivered, all lanes
       together (a batch is one dispatch's share of one lane); `:peak_in_flight` - the
       most any one lane has held;
-    * `:delivered_batches` - batches delivered;
+    * `:delivered_batches` - batches delivered by the senders;
+    * `:dispatches` - `dispatch/2` calls made to this node's registry (each counted
+      once, whatever its number of subscribers; in cluster mode also those the relay
+      dispatches for other nodes);
+    * `:deliveries` - messages sent to subscriptions by those dispatches, on every path
+      (a small topic's producer sending itself, a lane's sender, `delivery: :dirty`);
+      a subscription counts once per dispatch, duplicates each, and a subscriber that
+      has exited but is not yet removed counts too. Replayed messages (`subscribe/2`)
+      are not counted. After `sync/0` it counts everything the caller dispatched;
     * `:waiting` - producers waiting for room in a full lane now (see the `:wait`
       telemetry events);
     * `:lost_batches`, `:lost_deliveries` - what senders that exited had not delivered;
