@@ -425,7 +425,13 @@ defmodule ExAtlas.Fly.Dispatcher do
   @spec needs_registry?() :: boolean()
   def needs_registry?, do: Config.registry_mode?()
 
-  @doc false
+  @doc """
+  The registered name of the registry's server process (ExAtlas 0.5.0 returned an Elixir
+  `Registry` here). It is not a `Registry`: `Registry.lookup(registry_name(), topic)`
+  fails with "unknown registry". `subscribers/1` replaces it (one pid per subscription;
+  `for pid <- subscribers(topic), do: {pid, nil}` has `Registry.lookup/2`'s shape), and
+  `count/1` replaces counting its result.
+  """
   @spec registry_name() :: atom()
   def registry_name, do: @registry
 
