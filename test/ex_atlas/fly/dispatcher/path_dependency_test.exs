@@ -120,6 +120,22 @@ defmodule ExAtlas.Fly.Dispatcher.PathDependencyTest do
       assert {:ok, new_stamp} != stamp
     end
 
+    test "the library's own dev build and a host's prod build do not rebuild each other",
+         %{dep: dep, host: host, cargo_env: cargo_env} do
+      # The dependency's own dev build (alloc-stats), then the host's (a dependency is
+      # built in :prod: no features, stripped), then each again.
+      mix!(dep, ["compile"], cargo_env)
+      mix!(host, ["compile"], cargo_env)
+
+      again = mix!(dep, ["compile"], cargo_env)
+      assert again =~ "building the dispatcher NIF: built from other features, strip", again
+      refute again =~ "Compiling ex_atlas_dispatcher", again
+
+      again = mix!(host, ["deps.compile", "ex_atlas", "--force"], cargo_env)
+      assert again =~ "building the dispatcher NIF: built from other features, strip", again
+      refute again =~ "Compiling ex_atlas_dispatcher", again
+    end
+
     test "a build this VM cannot load fails the compile with the loader's message",
          %{dir: dir, host: host, library: library} do
       # A cargo that "builds" a file that is no shared object, where it was asked to.
