@@ -317,27 +317,33 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   # get {:already_started, _} or wait for the restart inside the call, and then use it or
   # raise.
   defp start_on_demand do
-    if on_demand?() do
-      spec = Supervisor.child_spec(ExAtlas.Fly.Dispatcher, [])
-
-      result =
-        try do
-          Supervisor.start_child(ExAtlas.Supervisor, spec)
-        catch
-          # The application's supervisor stopped during the call.
-          :exit, _ -> :gone
-        end
-
-      case result do
-        {:ok, pid} when is_pid(pid) -> :ok
-        {:error, {:already_started, _}} -> :ok
-        # A child spec left from an earlier start that was ignored (a host's registry ran).
-        {:error, :already_present} -> _ = Supervisor.restart_child(ExAtlas.Supervisor, spec.id)
-        _other -> :ok
-      end
-    end
-
+    if on_demand?(), do: :ok = start_in_app_tree()
     Server.lookup() || not_running!(:call)
+  end
+
+  # Whatever comes of it, the caller looks the registry up afterwards.
+  defp start_in_app_tree do
+    spec = Supervisor.child_spec(ExAtlas.Fly.Dispatcher, [])
+
+    _ =
+      try do
+        case Supervisor.start_child(ExAtlas.Supervisor, spec) do
+          # A child spec left from an earlier start that was ignored (a host's registry
+          # ran then).
+          {:error, :already_present} ->
+            _ = Supervisor.restart_child(ExAtlas.Supervisor, spec.id)
+
+          # Started, started by a concurrent caller, or failed (then not_running!/1 says
+          # why none runs).
+          _started_or_not ->
+            :ok
+        end
+      catch
+        # The application's supervisor stopped during the call.
+        :exit, _ -> :ok
+      end
+
+    :ok
   end
 
   defp on_demand? do
