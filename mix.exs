@@ -1,8 +1,9 @@
 defmodule Mix.Tasks.Compile.CargoNif do
   @shortdoc "Builds the dispatcher NIF with cargo and places it under priv/native"
   @moduledoc """
-  Builds `native/ex_atlas_dispatcher` with `cargo build --release` when its sources or
-  its cargo features changed and installs the library as
+  Builds `native/ex_atlas_dispatcher` with `cargo build --release` when the installed
+  library is missing, was built from other sources, features or for another VM, or is
+  not the file that was built (see `stamp_text/2`), and installs the library as
   `priv/native/ex_atlas_dispatcher.so`, the name `:erlang.load_nif/2` looks for on every
   Unix, macOS included (it appends `.so` to the path it is given). Cargo names the file
   `libex_atlas_dispatcher.so` on Linux and the BSDs and `libex_atlas_dispatcher.dylib` on
@@ -14,8 +15,10 @@ defmodule Mix.Tasks.Compile.CargoNif do
 
   Features: `alloc-stats` (the NIF counts the bytes it allocates, at the cost of one
   shared atomic add per allocation) is on outside `MIX_ENV=prod`, and in `:prod` too
-  when `EX_ATLAS_ALLOC_STATS=1` is set (the benchmarks' memory figures need it). The
-  features built are recorded in `priv/native/ex_atlas_dispatcher.so.features`.
+  when `EX_ATLAS_ALLOC_STATS=1` is set (the benchmarks' memory figures need it). Under
+  `MIX_ENV=prod` debug info is stripped. What was built is recorded in
+  `priv/native/ex_atlas_dispatcher.so.stamp`. A built library that this VM cannot load
+  fails the compile with the loader's message, and is not installed.
 
   `EX_ATLAS_SKIP_NIF_BUILD=1` (or `true`) skips cargo altogether and uses the library
   already at `priv/native/ex_atlas_dispatcher.so` of this project (for a dependency:
@@ -128,10 +131,18 @@ defmodule Mix.Tasks.Compile.CargoNif do
       )
     end
 
-    if stale?(target) do
+    if why = staleness(target, stamp_file(target), variant()) do
       Mix.shell().info(
-        "==> EX_ATLAS_SKIP_NIF_BUILD is set: using the prebuilt #{target}, " <>
-          "older than the Rust sources beside it"
+        "==> EX_ATLAS_SKIP_NIF_BUILD is set: using the prebuilt #{target} as it is " <>
+          "(a build would replace it: #{why})"
+      )
+    end
+
+    with {:error, message} <- load_check(Path.rootname(target)) do
+      Mix.raise(
+        "EX_ATLAS_SKIP_NIF_BUILD is set, but this VM cannot load the prebuilt NIF " <>
+          "library #{target}: #{message}. It must be built for the same OS, CPU " <>
+          "architecture and C library (and a NIF version this OTP accepts)"
       )
     end
 
@@ -139,26 +150,116 @@ defmodule Mix.Tasks.Compile.CargoNif do
   end
 
   defp build_if_stale!(target) do
-    features = features()
-    # priv/native is shared by every Mix env, so the features built are recorded beside
-    # the library and a change of them rebuilds it.
-    stamp = target <> ".features"
+    variant = variant()
+    stamp = stamp_file(target)
 
-    if stale?(target) or File.read(stamp) != {:ok, Enum.join(features, ",")} do
-      build!(target, features)
-      File.write!(stamp, Enum.join(features, ","))
-      :ok
-    else
-      :noop
+    case staleness(target, stamp, variant) do
+      nil ->
+        :noop
+
+      why ->
+        Mix.shell().info("==> building the dispatcher NIF: #{why}")
+        build!(target, variant)
+        File.write!(stamp, stamp_text(variant, target))
+        # The stamp of earlier versions, which recorded only the features.
+        File.rm(target <> ".features")
+        :ok
     end
   end
 
-  defp stale?(target) do
-    sources =
-      [Path.join(@root, "Cargo.toml"), Path.join(@root, "Cargo.lock")] ++
-        Path.wildcard(Path.join(@root, "native/**/{*.rs,Cargo.toml}"))
+  # Why the installed library must be built again, or nil when it is the one these
+  # sources, features and VM make: it is missing, was built from other sources or
+  # features or for another VM (its stamp says), or is not the file that was built (a
+  # library copied over it: its content no longer matches the stamp).
+  defp staleness(target, stamp, variant) do
+    cond do
+      not File.regular?(target) -> "no library at #{target}"
+      not File.regular?(stamp) -> "no build stamp beside the library"
+      File.read!(stamp) != stamp_text(variant, target) -> stamp_difference(stamp, variant)
+      true -> nil
+    end
+  end
 
-    Mix.Utils.stale?(Enum.filter(sources, &File.exists?/1), [target])
+  defp stamp_difference(stamp, variant) do
+    old = stamp |> File.read!() |> String.split("\n", trim: true)
+    new = variant |> stamp_lines(nil) |> Enum.map(fn {key, value} -> "#{key}: #{value}" end)
+
+    case new -- old do
+      [] -> "the library is not the file that was built (replaced since)"
+      changed -> "built from other " <> Enum.map_join(changed, ", ", &hd(String.split(&1, ":")))
+    end
+  end
+
+  @doc """
+  The text of the build stamp written beside the library: a hash of every file the
+  crate is built from (its sources, the Cargo manifests, `Cargo.lock`, the cargo
+  configuration), the cargo features, whether debug info is stripped, the VM it is
+  checked against, and a hash of the library installed.
+  """
+  @spec stamp_text(map(), Path.t()) :: String.t()
+  def stamp_text(variant, target) do
+    variant
+    |> stamp_lines(target)
+    |> Enum.map_join("", fn {key, value} -> "#{key}: #{value}\n" end)
+  end
+
+  defp stamp_lines(variant, target) do
+    lines = [
+      {"sources", source_hash()},
+      {"features", Enum.join(variant.features, ",")},
+      {"strip", variant.strip},
+      {"erts", "#{:erlang.system_info(:version)} #{:erlang.system_info(:system_architecture)}"}
+    ]
+
+    if target, do: lines ++ [{"library", file_hash(target)}], else: lines
+  end
+
+  defp stamp_file(target), do: target <> ".stamp"
+
+  defp source_hash do
+    files =
+      [
+        "Cargo.toml",
+        "Cargo.lock",
+        ".cargo/config.toml",
+        "native/ex_atlas_dispatcher/Cargo.toml"
+      ] ++
+        Enum.map(
+          Path.wildcard(Path.join(@root, "native/ex_atlas_dispatcher/src/**/*")),
+          &Path.relative_to(&1, @root)
+        )
+
+    files
+    |> Enum.uniq()
+    |> Enum.sort()
+    |> Enum.filter(&File.regular?(Path.join(@root, &1)))
+    |> Enum.reduce(:crypto.hash_init(:sha256), fn file, acc ->
+      acc
+      |> :crypto.hash_update(file <> <<0>>)
+      |> :crypto.hash_update(File.read!(Path.join(@root, file)) <> <<0>>)
+    end)
+    |> :crypto.hash_final()
+    |> Base.encode16(case: :lower)
+  end
+
+  defp file_hash(path) do
+    if File.regular?(path),
+      do: :crypto.hash(:sha256, File.read!(path)) |> Base.encode16(case: :lower),
+      else: "none"
+  end
+
+  # What is built: the features (see the moduledoc) and, under MIX_ENV=prod, without
+  # debug info (the release profile keeps line tables for backtraces and profilers in
+  # development: about 6 MB of a library of under 1 MB). Each variant has its own cargo
+  # target directory, so switching between them (the library's own dev build and a
+  # host's prod build of the same path dependency) only copies the library again.
+  defp variant do
+    strip = if Mix.env() == :prod, do: "debuginfo", else: "none"
+    %{features: features(), strip: strip}
+  end
+
+  defp variant_dir(%{features: features, strip: strip}) do
+    Enum.join(["nif" | features] ++ if(strip == "none", do: [], else: ["stripped"]), "-")
   end
 
   defp features do
@@ -170,12 +271,16 @@ defmodule Mix.Tasks.Compile.CargoNif do
   defp feature_args([]), do: []
   defp feature_args(features), do: ["--features", Enum.join(features, ",")]
 
-  defp build!(target, features) do
+  defp build!(target, variant) do
     required = @crate_manifest |> File.read!() |> rust_version()
     cargo = System.find_executable("cargo") || Mix.raise(missing_cargo(required))
     check_rustc!(required)
 
-    args = ["build", "--release", "--locked", "-p", @crate] ++ feature_args(features)
+    target_dir = Path.join(cargo_target_dir(), variant_dir(variant))
+
+    args =
+      ["build", "--release", "--locked", "-p", @crate, "--target-dir", target_dir] ++
+        feature_args(variant.features) ++ strip_args(variant.strip)
 
     Mix.shell().info("==> cargo " <> Enum.join(args, " "))
 
@@ -190,13 +295,64 @@ defmodule Mix.Tasks.Compile.CargoNif do
     if status != 0, do: Mix.raise("cargo build failed with exit status #{status}")
 
     {built_name, _} = library_files(:os.type())
-    built = Path.join([cargo_target_dir(), "release", built_name])
+    built = Path.join([target_dir, "release", built_name])
     File.exists?(built) || Mix.raise("cargo build did not produce #{built}")
 
+    # Checked under a temporary name that ends in .so (load_nif/2 appends it), then
+    # moved into place: a library this VM cannot load never replaces the installed one.
     File.mkdir_p!(Path.dirname(target))
-    tmp = target <> ".tmp#{System.unique_integer([:positive])}"
+    tmp = Path.rootname(target) <> ".tmp#{System.unique_integer([:positive])}.so"
     File.cp!(built, tmp)
-    File.rename!(tmp, target)
+
+    case load_check(Path.rootname(tmp)) do
+      :ok ->
+        File.rename!(tmp, target)
+
+      {:error, message} ->
+        File.rm(tmp)
+
+        Mix.raise(
+          "cargo built #{built}, but this VM cannot load it as a NIF: #{message}. " <>
+            "Check that cargo builds for the OS, CPU architecture and C library this VM " <>
+            "runs on (CARGO_BUILD_TARGET, a cross linker in .cargo/config.toml)"
+        )
+    end
+  end
+
+  defp strip_args("none"), do: []
+  defp strip_args(strip), do: ["--config", ~s(profile.release.strip="#{strip}")]
+
+  @doc """
+  Loads the NIF library at `path` (without its `.so`) into a fresh VM under a module of
+  the name it was built for, with none of its functions defined: `:erlang.load_nif/2`
+  gets as far as looking for them only once the library is open, its init function
+  found, its NIF version accepted and its module name matched. Anything short of that
+  is the loader's message. A separate VM, since the build's own VM may run the real
+  module (`mix test`).
+  """
+  @spec load_check(Path.t()) :: :ok | {:error, String.t()}
+  def load_check(path) do
+    case System.find_executable("elixir") do
+      nil ->
+        :ok
+
+      elixir ->
+        script = """
+        defmodule ExAtlas.Fly.Dispatcher.Native do
+          def check(path), do: :erlang.load_nif(String.to_charlist(path), 0)
+        end
+
+        case ExAtlas.Fly.Dispatcher.Native.check(hd(System.argv())) do
+          {:error, {:bad_lib, 'Function not found' ++ _}} -> IO.write("loadable")
+          other -> IO.write(inspect(other))
+        end
+        """
+
+        case System.cmd(elixir, ["-e", script, path], stderr_to_stdout: true) do
+          {"loadable", 0} -> :ok
+          {output, _} -> {:error, String.trim(output)}
+        end
+    end
   end
 
   # cargo compiles with the rustc that $RUSTC names, else the one on PATH (with rustup,

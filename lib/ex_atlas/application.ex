@@ -11,7 +11,11 @@ defmodule ExAtlas.Application do
 
   @impl true
   def start(_type, _args) do
-    children = if Config.start_registry?(), do: [ExAtlas.Fly.Dispatcher], else: []
+    :ok = Config.warn_unknown_keys()
+    :ok = ExAtlas.Fly.Dispatcher.LogFilter.install()
+    # The owner of the once-per-start warnings' table first, so it outlives the registry.
+    registry = if Config.start_registry?(), do: [ExAtlas.Fly.Dispatcher], else: []
+    children = [ExAtlas.Fly.Dispatcher.Warnings | registry]
     Supervisor.start_link(children, strategy: :one_for_one, name: ExAtlas.Supervisor)
   end
 
@@ -35,6 +39,8 @@ defmodule ExAtlas.Application do
       # Still shutting down after the bound: it is about to be killed; close for it.
       Server.close_published(:any)
     end
+
+    ExAtlas.Fly.Dispatcher.LogFilter.remove()
   end
 
   # True once the process registered as `name`, if it is ours, is gone.

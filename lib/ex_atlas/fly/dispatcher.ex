@@ -116,6 +116,8 @@ defmodule ExAtlas.Fly.Dispatcher do
           in_flight: non_neg_integer(),
           peak_in_flight: non_neg_integer(),
           delivered_batches: non_neg_integer(),
+          dispatches: non_neg_integer(),
+          deliveries: non_neg_integer(),
           waiting: non_neg_integer(),
           lost_batches: non_neg_integer(),
           lost_deliveries: non_neg_integer(),
@@ -162,7 +164,8 @@ defmodule ExAtlas.Fly.Dispatcher do
   the default `replay: 0` nothing is kept and this is `subscribe/1`. In the
   `:phoenix_pubsub` and `{:mfa, _}` modes, which keep no history, a `:replay` above 0 is
   ignored with a warning, `[ExAtlas.Fly.Dispatcher] replay only works in :registry mode;
-  falling back to plain subscribe/1`.
+  falling back to plain subscribe/1`, logged once per start of the `:ex_atlas`
+  application and mode.
 
   `subscribe(topic, [])` is `subscribe(topic)`. Raises `ArgumentError` when `topic` is
   not a binary, or on an unknown option or a bad value.
@@ -180,9 +183,9 @@ defmodule ExAtlas.Fly.Dispatcher do
       {Backend.Registry, _} ->
         Backend.Registry.subscribe_replay(topic, replay)
 
-      {backend, arg} ->
+      {backend, arg} = mode ->
         :ok = backend.subscribe(topic, arg)
-        if replay > 0, do: warn_no_replay(topic)
+        if replay > 0, do: warn_no_replay(topic, mode)
         :ok
     end
   end
@@ -215,14 +218,18 @@ defmodule ExAtlas.Fly.Dispatcher do
           "expected subscribe/2 options to be a keyword list, got: #{inspect(opts)}"
   end
 
+  # Once per application start and mode (ExAtlas.Fly.Dispatcher.Warnings), not per call.
   @doc false
-  @spec warn_no_replay(binary()) :: :ok
-  def warn_no_replay(topic) do
-    Logger.warning(
-      "[ExAtlas.Fly.Dispatcher] replay only works in :registry mode; falling back to " <>
-        "plain subscribe/1",
-      topic: topic
-    )
+  @spec warn_no_replay(binary(), {module(), term()}) :: :ok
+  def warn_no_replay(topic, mode) do
+    ExAtlas.Fly.Dispatcher.Warnings.once({:no_replay, mode}, fn ->
+      Logger.warning(
+        "[ExAtlas.Fly.Dispatcher] replay only works in :registry mode; falling back to " <>
+          "plain subscribe/1 (topic #{inspect(topic)}, subscriber #{inspect(self())}; " <>
+          "said once per start of the :ex_atlas application)",
+        topic: topic
+      )
+    end)
   end
 
   @doc """
@@ -274,8 +281,9 @@ defmodule ExAtlas.Fly.Dispatcher do
        being delivered may still arrive);
     2. it receives `{:ex_atlas_fly_backpressure_evict, topic}`, once; calling
        `unsubscribe/1` from `handle_info/2` then is harmless;
-    3. `[ExAtlas.Fly.Dispatcher] evicting slow subscriber` is logged at warning level with
-       the metadata `topic:`, `subscriber:`, `queue_len:` and `threshold:`.
+    3. `[ExAtlas.Fly.Dispatcher] evicting slow subscriber #PID<...> from topic "...": N
+       messages queued, above the threshold of T` is logged at warning level with the
+       metadata `topic:`, `subscriber:`, `queue_len:` and `threshold:`.
 
   A poll at or below the threshold resets the cooldown. The watch ends, leaving nothing
   behind, when the subscriber exits, calls `unsubscribe/1` for `topic`, or is evicted. Each
@@ -300,7 +308,8 @@ defmodule ExAtlas.Fly.Dispatcher do
 
   In the `:phoenix_pubsub` and `{:mfa, _}` modes this is `subscribe/1` plus a warning,
   `[ExAtlas.Fly.Dispatcher] subscribe_with_backpressure/2 only works in :registry mode;
-  falling back to plain subscribe/1`. Raises `ArgumentError` when `topic` is not a binary.
+  falling back to plain subscribe/1`, logged once per start of the `:ex_atlas`
+  application and mode. Raises `ArgumentError` when `topic` is not a binary.
   """
   @spec subscribe_with_backpressure(topic(), keyword()) :: :ok
   def subscribe_with_backpressure(topic, opts \\ []) do
@@ -373,7 +382,15 @@ defmodule ExAtlas.Fly.Dispatcher do
     * `:in_flight` - batches handed to the senders and not yet delivered, all lanes
       together (a batch is one dispatch's share of one lane); `:peak_in_flight` - the
       most any one lane has held;
-    * `:delivered_batches` - batches delivered;
+    * `:delivered_batches` - batches delivered by the senders;
+    * `:dispatches` - `dispatch/2` calls made to this node's registry (each counted
+      once, whatever its number of subscribers; in cluster mode also those the relay
+      dispatches for other nodes);
+    * `:deliveries` - messages sent to subscriptions by those dispatches, on every path
+      (a small topic's producer sending itself, a lane's sender, `delivery: :dirty`);
+      a subscription counts once per dispatch, duplicates each, and a subscriber that
+      has exited but is not yet removed counts too. Replayed messages (`subscribe/2`)
+      are not counted. After `sync/0` it counts everything the caller dispatched;
     * `:waiting` - producers waiting for room in a full lane now (see the `:wait`
       telemetry events);
     * `:lost_batches`, `:lost_deliveries` - what senders that exited had not delivered;
@@ -408,7 +425,13 @@ defmodule ExAtlas.Fly.Dispatcher do
   @spec needs_registry?() :: boolean()
   def needs_registry?, do: Config.registry_mode?()
 
-  @doc false
+  @doc """
+  The registered name of the registry's server process (ExAtlas 0.5.0 returned an Elixir
+  `Registry` here). It is not a `Registry`: `Registry.lookup(registry_name(), topic)`
+  fails with "unknown registry". `subscribers/1` replaces it (one pid per subscription;
+  `for pid <- subscribers(topic), do: {pid, nil}` has `Registry.lookup/2`'s shape), and
+  `count/1` replaces counting its result.
+  """
   @spec registry_name() :: atom()
   def registry_name, do: @registry
 
@@ -417,7 +440,8 @@ defmodule ExAtlas.Fly.Dispatcher do
   `subscribe_with_backpressure/2`) under a small supervisor, for hosts that run them in
   their own supervision tree (with `config :ex_atlas, :fly, enabled: false`).
 
-  Starting it while a registry already runs is harmless: the child is ignored.
+  Starting it while a registry already runs is harmless: the child is ignored, and a
+  warning names the options it was given, which cannot take effect then.
   Options, overriding the application environment: `:lanes` (1 to 1 024; the deprecated
   `:sender_threads` still works, with a warning), `:queue_capacity` (1 to 1 000 000),
   `:delivery` (`:dirty` or `:scheduler`), `:cluster` (a boolean), `:cluster_queue`

@@ -12,6 +12,7 @@
 // `unsafe fn`.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod activity;
 pub mod etf;
 pub mod fanout;
 pub mod handoff;

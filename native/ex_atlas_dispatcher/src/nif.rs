@@ -50,6 +50,8 @@ mod atoms {
         max_in_flight,
         peak_in_flight,
         delivered_batches,
+        dispatches,
+        deliveries,
         waiting,
         lost_batches,
         lost_deliveries,

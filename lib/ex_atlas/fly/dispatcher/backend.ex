@@ -28,6 +28,8 @@ defmodule ExAtlas.Fly.Dispatcher.Backend do
       in_flight: 0,
       peak_in_flight: 0,
       delivered_batches: 0,
+      dispatches: 0,
+      deliveries: 0,
       waiting: 0,
       lost_batches: 0,
       lost_deliveries: 0,

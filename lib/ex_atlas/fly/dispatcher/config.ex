@@ -5,7 +5,7 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
 
   require Logger
 
-  alias ExAtlas.Fly.Dispatcher.Backend
+  alias ExAtlas.Fly.Dispatcher.{Backend, Warnings}
 
   import Bitwise, only: [<<<: 2]
 
@@ -76,14 +76,82 @@ defmodule ExAtlas.Fly.Dispatcher.Config do
       :phoenix_pubsub ->
         pubsub = Keyword.get(config, :pubsub)
 
-        if pubsub != nil and Backend.PhoenixPubSub.available?() do
-          {Backend.PhoenixPubSub, pubsub}
-        else
-          {Backend.Registry, nil}
+        cond do
+          pubsub == nil ->
+            warn_pubsub_fallback(pubsub, "`config :ex_atlas, :fly, pubsub: ...` is unset")
+
+          not Backend.PhoenixPubSub.available?() ->
+            warn_pubsub_fallback(pubsub, "Phoenix.PubSub is not loaded")
+
+          true ->
+            {Backend.PhoenixPubSub, pubsub}
         end
 
       {:mfa, mfa} ->
         {Backend.MFA, mfa}
+    end
+  end
+
+  # The fallback the original made silently: said once per application start.
+  defp warn_pubsub_fallback(pubsub, why) do
+    Warnings.once({:pubsub_fallback, pubsub}, fn ->
+      Logger.warning(
+        "[ExAtlas.Fly.Dispatcher] dispatcher: :phoenix_pubsub, but #{why}: using the " <>
+          ":registry mode instead (said once per start of the :ex_atlas application)"
+      )
+    end)
+
+    {Backend.Registry, nil}
+  end
+
+  # The keys this dispatcher reads, and those the rest of the ExAtlas SDK reads from the
+  # same `config :ex_atlas, :fly` (its token storage, log streamer and Fly.io client):
+  # accepted without a word, since hosts share the one configuration.
+  @dispatcher_keys [
+    :dispatcher,
+    :pubsub,
+    :enabled,
+    :lanes,
+    :sender_threads,
+    :queue_capacity,
+    :delivery,
+    :cluster,
+    :cluster_queue,
+    :replay,
+    :replay_memory
+  ]
+  @sdk_keys [
+    :api_key,
+    :token_storage,
+    :storage_path,
+    :log_endpoint,
+    :poll_interval_ms,
+    :fly_config_file_enabled,
+    :cli_timeout_ms
+  ]
+
+  @doc "The keys of `config :ex_atlas, :fly` that are read (by us or by the ExAtlas SDK)."
+  @spec known_keys() :: [atom()]
+  def known_keys, do: @dispatcher_keys ++ @sdk_keys
+
+  @doc """
+  Logs a warning naming each key of `config :ex_atlas, :fly` that nothing reads (a typo
+  such as `replay_memmory:`), and the known keys. Called when the application starts.
+  Raising would break hosts whose configuration carries keys of a newer SDK.
+  """
+  @spec warn_unknown_keys() :: :ok
+  def warn_unknown_keys do
+    case for({key, _} <- fly(), key not in @dispatcher_keys and key not in @sdk_keys, do: key) do
+      [] ->
+        :ok
+
+      unknown ->
+        Logger.warning(
+          "[ExAtlas.Fly.Dispatcher] unknown key(s) in `config :ex_atlas, :fly`: " <>
+            "#{Enum.map_join(Enum.uniq(unknown), ", ", &inspect/1)}; ignored. The dispatcher " <>
+            "reads #{Enum.map_join(@dispatcher_keys, ", ", &inspect/1)}; the ExAtlas SDK " <>
+            "reads #{Enum.map_join(@sdk_keys, ", ", &inspect/1)}"
+        )
     end
   end
 

@@ -16,19 +16,45 @@ defmodule ExAtlas.Fly.Dispatcher.Supervisor do
 
   use Supervisor
 
+  require Logger
+
   alias ExAtlas.Fly.Dispatcher.{Closer, Cluster, Config, Server, Watchdog}
 
   @doc """
   Starts the registry and the watchdog; `:ignore` when they already run (a host that lists
   `ExAtlas.Fly.Dispatcher` while the `:ex_atlas` application started it keeps the running
-  one).
+  one). Options given then cannot take effect: a warning names them.
   """
   @spec start_link(keyword()) :: Supervisor.on_start() | :ignore
   def start_link(opts) do
     case Supervisor.start_link(__MODULE__, opts, name: __MODULE__) do
-      {:error, {:already_started, _pid}} -> :ignore
-      other -> other
+      {:error, {:already_started, pid}} ->
+        warn_ignored(opts, pid)
+        :ignore
+
+      other ->
+        other
     end
+  end
+
+  defp warn_ignored([], _pid), do: :ok
+
+  defp warn_ignored(opts, pid) do
+    owner =
+      case :application.get_application(pid) do
+        {:ok, :ex_atlas} ->
+          "the :ex_atlas application's (set `config :ex_atlas, :fly, enabled: false` to " <>
+            "run the registry in your own tree with these options, or move them to " <>
+            "`config :ex_atlas, :fly`)"
+
+        _ ->
+          "the one started earlier (#{inspect(pid)})"
+      end
+
+    Logger.warning(
+      "[ExAtlas.Fly.Dispatcher] a registry already runs, so the child options " <>
+        "#{inspect(opts)} are ignored and it keeps its own settings: it is #{owner}"
+    )
   end
 
   @impl true

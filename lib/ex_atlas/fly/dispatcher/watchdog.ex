@@ -81,17 +81,18 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
         :ok = Backend.Registry.subscribe_replay(topic, replay)
         watch(watchdog, topic, opts)
 
-      {backend, arg} ->
+      {backend, arg} = mode ->
         :ok = backend.subscribe(topic, arg)
-        if replay > 0, do: ExAtlas.Fly.Dispatcher.warn_no_replay(topic)
+        if replay > 0, do: ExAtlas.Fly.Dispatcher.warn_no_replay(topic, mode)
 
-        Logger.warning(
-          "[ExAtlas.Fly.Dispatcher] subscribe_with_backpressure/2 only works in :registry " <>
-            "mode; falling back to plain subscribe/1",
-          topic: topic
-        )
-
-        :ok
+        ExAtlas.Fly.Dispatcher.Warnings.once({:no_backpressure, mode}, fn ->
+          Logger.warning(
+            "[ExAtlas.Fly.Dispatcher] subscribe_with_backpressure/2 only works in " <>
+              ":registry mode; falling back to plain subscribe/1 (topic #{inspect(topic)}, " <>
+              "subscriber #{inspect(self())}; said once per start of the :ex_atlas application)",
+            topic: topic
+          )
+        end)
     end
   end
 
@@ -200,9 +201,8 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
 
   defp not_started do
     ArgumentError.exception(
-      "the ExAtlas.Fly.Dispatcher watchdog is not running: start the :ex_atlas " <>
-        "application (and leave `config :ex_atlas, :fly, enabled: false` unset), or add " <>
-        "ExAtlas.Fly.Dispatcher to your supervision tree; both start it with the registry"
+      "the ExAtlas.Fly.Dispatcher watchdog is not running (it starts and stops with the " <>
+        "registry): " <> Backend.Registry.not_running_cause()
     )
   end
 
@@ -385,7 +385,9 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
     if remove_entries(topic, pid) > 0 do
       send(pid, {:ex_atlas_fly_backpressure_evict, topic})
 
-      Logger.warning("[ExAtlas.Fly.Dispatcher] evicting slow subscriber",
+      Logger.warning(
+        "[ExAtlas.Fly.Dispatcher] evicting slow subscriber #{inspect(pid)} from topic " <>
+          "#{inspect(topic)}: #{len} messages queued, above the threshold of #{threshold}",
         topic: topic,
         subscriber: pid,
         queue_len: len,

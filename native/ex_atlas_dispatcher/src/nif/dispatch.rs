@@ -220,6 +220,7 @@ fn dispatch_to<'a>(
     let Ok(snapshot) = snapshot else {
         return atoms::closed().encode(env);
     };
+    dispatcher.activity.dispatched();
     let mut producer = None;
     let mut work = route::route(
         snapshot,
@@ -281,6 +282,7 @@ fn proceed<'a>(
     }
     while let Some((part, start)) = work.inline.first_mut() {
         let sent = send_within(env, part.pids_from(*start), message, slice, INLINE_SLICE);
+        dispatcher.activity.delivered(sent);
         *start += sent;
         if *start < part.len() {
             return Progress::OutOfTime;

@@ -48,6 +48,8 @@ pub(super) struct Dispatcher {
     /// on them (see `history`); `None` when no message is kept (`replay: 0`), and
     /// then a dispatch takes no lock of it at all.
     pub(super) history: Option<Mutex<History<Kept, Joining>>>,
+    /// Dispatches and deliveries so far, for `stats/1`.
+    pub(super) activity: crate::activity::Activity,
 }
 
 impl Dispatcher {
@@ -141,6 +143,7 @@ fn new(
         relay: AtomicU64::new(0),
         monitored_senders: Mutex::new(Vec::new()),
         history: (replay > 0).then(|| Mutex::new(History::new(replay, replay_memory))),
+        activity: crate::activity::Activity::new(),
     }))
 }
 

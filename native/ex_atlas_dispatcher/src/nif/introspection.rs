@@ -54,6 +54,7 @@ fn topics_of<'a>(
 fn stats(dispatcher: ResourceArc<Dispatcher>) -> Vec<(Atom, u64)> {
     let registry = dispatcher.registry.stats();
     let lanes = dispatcher.lanes.stats();
+    let activity = dispatcher.activity.totals();
     let mut stats = vec![
         (atoms::topics(), registry.topics as u64),
         (atoms::subscriptions(), registry.subscriptions as u64),
@@ -68,6 +69,8 @@ fn stats(dispatcher: ResourceArc<Dispatcher>) -> Vec<(Atom, u64)> {
         (atoms::max_in_flight(), lanes.max_in_flight as u64),
         (atoms::peak_in_flight(), lanes.peak as u64),
         (atoms::delivered_batches(), lanes.delivered),
+        (atoms::dispatches(), activity.dispatches),
+        (atoms::deliveries(), activity.deliveries),
         (atoms::waiting(), lanes.waiting as u64),
         (atoms::lost_batches(), lanes.lost_batches),
         (atoms::lost_deliveries(), lanes.lost_deliveries),

@@ -152,6 +152,7 @@ fn deliver<'a>(env: Env<'a>, batch: ResourceArc<Batch>, message: Term<'a>) -> At
         DELIVER_SLICE,
     );
     slice.finish();
+    batch.dispatcher.activity.delivered(sent);
     if advance(env, &batch, start + sent) {
         atoms::ok()
     } else {
@@ -173,6 +174,7 @@ fn deliver_dirty<'a>(env: Env<'a>, batch: ResourceArc<Batch>, message: Term<'a>)
         }
         sent += 1;
     }
+    batch.dispatcher.activity.delivered(sent);
     if advance(env, &batch, start + sent) {
         atoms::ok()
     } else {

@@ -55,6 +55,117 @@ defmodule ExAtlas.Fly.Dispatcher.PathDependencyTest do
     refute mix!(host, ["compile"]) =~ "cargo build"
   end
 
+  describe "a library that is not the one these sources build" do
+    # One cargo target directory for these tests, kept between runs (cargo's own cache).
+    setup %{dir: dir} do
+      dep = Path.join(dir, "ex_atlas")
+      copy_sources!(dep)
+      host = copy_host_app!(dir, dep)
+
+      %{
+        dep: dep,
+        host: host,
+        library: Path.join(dep, "priv/native/ex_atlas_dispatcher.so"),
+        cargo_env: [{"CARGO_TARGET_DIR", Path.join(@repo_root, "target/host-tests")}]
+      }
+    end
+
+    test "a broken prebuilt library is rebuilt, and so is one copied over a built one",
+         %{dep: dep, host: host, library: library, cargo_env: cargo_env} do
+      # What the issue found: a broken prebuilt library, newer than the sources, with
+      # the features stamp of earlier versions saying it was built with these features.
+      for file <-
+            Path.wildcard(Path.join(dep, "Cargo.*")) ++
+              Path.wildcard(Path.join(dep, "native/**/*")),
+          do: File.touch!(file, {{2000, 1, 1}, {0, 0, 0}})
+
+      File.mkdir_p!(Path.dirname(library))
+      File.write!(library, "not a shared object")
+      # (A dependency is built in its :prod env: no features.)
+      File.write!(library <> ".features", "")
+
+      output = mix!(host, ["compile"], cargo_env)
+      assert output =~ "cargo build --release", output
+      refute output =~ "could not load the NIF"
+      assert_round_trip(host, mix!(host, ["run", "-e", "HostApp.run()"]))
+      assert output =~ "building the dispatcher NIF: no build stamp beside the library"
+      refute File.exists?(library <> ".features")
+
+      # Built and stamped: nothing to do.
+      refute mix!(host, ["compile"], cargo_env) =~ "cargo build"
+
+      # Another file copied over the built one, stamp and all: rebuilt.
+      File.write!(library, "still not a shared object")
+      output = mix!(host, ["deps.compile", "ex_atlas", "--force"], cargo_env)
+      assert output =~ "cargo build --release", output
+      assert_round_trip(host, mix!(host, ["run", "-e", "HostApp.run()"]))
+      assert output =~ "the library is not the file that was built"
+    end
+
+    test "a build of other sources is rebuilt (content, not times)",
+         %{dep: dep, host: host, library: library, cargo_env: cargo_env} do
+      mix!(host, ["compile"], cargo_env)
+      stamp = File.read(library <> ".stamp")
+
+      # A comment added to a source, its time set back before the library's.
+      source = Path.join(dep, "native/ex_atlas_dispatcher/src/sync.rs")
+      File.write!(source, File.read!(source) <> "\n// changed\n")
+      File.touch!(source, {{2000, 1, 1}, {0, 0, 0}})
+
+      output = mix!(host, ["compile"], cargo_env)
+      assert output =~ "cargo build --release", output
+      assert output =~ "building the dispatcher NIF: built from other sources"
+      # Stamped with the new sources (the library itself may come out the same).
+      assert {:ok, new_stamp} = File.read(library <> ".stamp")
+      assert {:ok, new_stamp} != stamp
+    end
+
+    test "the library's own dev build and a host's prod build do not rebuild each other",
+         %{dep: dep, host: host, cargo_env: cargo_env} do
+      # The dependency's own dev build (alloc-stats), then the host's (a dependency is
+      # built in :prod: no features, stripped), then each again.
+      mix!(dep, ["compile"], cargo_env)
+      mix!(host, ["compile"], cargo_env)
+
+      again = mix!(dep, ["compile"], cargo_env)
+      assert again =~ "building the dispatcher NIF: built from other features, strip", again
+      refute again =~ "Compiling ex_atlas_dispatcher", again
+
+      again = mix!(host, ["deps.compile", "ex_atlas", "--force"], cargo_env)
+      assert again =~ "building the dispatcher NIF: built from other features, strip", again
+      refute again =~ "Compiling ex_atlas_dispatcher", again
+    end
+
+    test "a build this VM cannot load fails the compile with the loader's message",
+         %{dir: dir, host: host, library: library} do
+      # A cargo that "builds" a file that is no shared object, where it was asked to.
+      bin = Path.join(dir, "bin")
+      File.mkdir_p!(bin)
+      cargo = Path.join(bin, "cargo")
+
+      File.write!(cargo, """
+      #!/bin/sh
+      while [ "$#" -gt 0 ]; do
+        if [ "$1" = "--target-dir" ]; then dir="$2"; fi
+        shift
+      done
+      mkdir -p "$dir/release" && echo "garbage" > "$dir/release/libex_atlas_dispatcher.so"
+      """)
+
+      File.chmod!(cargo, 0o755)
+      fake_path = {"PATH", bin <> ":" <> System.get_env("PATH", "")}
+
+      {output, status} = mix(host, ["compile"], [fake_path])
+      assert status != 0, output
+      assert output =~ "but this VM cannot load it as a NIF", output
+      # The loader's own words.
+      assert output =~ "Failed to load NIF library", output
+      assert output =~ "file too short", output
+      # Nothing was installed.
+      refute File.exists?(library)
+    end
+  end
+
   describe "EX_ATLAS_SKIP_NIF_BUILD=1" do
     # A `cargo` first on PATH that only records that it was called and fails.
     setup %{dir: dir} do

@@ -16,6 +16,8 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
     :in_flight,
     :peak_in_flight,
     :delivered_batches,
+    :dispatches,
+    :deliveries,
     :waiting,
     :lost_batches,
     :lost_deliveries,
@@ -35,6 +37,8 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
     in_flight: 0,
     peak_in_flight: 0,
     delivered_batches: 0,
+    dispatches: 0,
+    deliveries: 0,
     waiting: 0,
     lost_batches: 0,
     lost_deliveries: 0,
@@ -84,7 +88,10 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
                  topics: 2,
                  subscribers: 2,
                  lanes: 2,
-                 queue_capacity: 16
+                 queue_capacity: 16,
+                 # 6 dispatches to 2 subscriptions each, all sent inline.
+                 dispatches: 6,
+                 deliveries: 12
              }
 
       # Batches: a topic past 16 subscriptions goes to the senders. One process holds all
@@ -106,6 +113,8 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
       assert %{in_flight: 3, peak_in_flight: 3, delivered_batches: 0, waiting: 0} = held
       :ok = Dispatcher.sync()
       assert %{in_flight: 0, peak_in_flight: 3, delivered_batches: 3} = Dispatcher.stats()
+      # The senders' deliveries are counted too: 3 dispatches of 17.
+      assert %{dispatches: 9, deliveries: 63} = Dispatcher.stats()
 
       Process.exit(fan, :kill)
       Process.exit(other, :kill)

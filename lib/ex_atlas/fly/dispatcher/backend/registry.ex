@@ -6,7 +6,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   require Logger
 
-  alias ExAtlas.Fly.Dispatcher.{Cluster, Native, ReplyAlias, Sender, Server, Telemetry}
+  alias ExAtlas.Fly.Dispatcher.{Cluster, Config, Native, ReplyAlias, Sender, Server, Telemetry}
 
   @room :"$ex_atlas_room"
   @successor_poll_ms 5
@@ -51,7 +51,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
       # Its subscription was removed while it caught up (the watchdog evicted it, which
       # tells it so): as if it had subscribed, then been evicted.
       :removed -> :ok
-      :closed -> raise not_started()
+      :closed -> not_running!(:call)
       :too_many_topics -> raise ArgumentError, "the registry holds too many topics (2^32)"
     end
   end
@@ -66,7 +66,9 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
       Logger.warning(
         "[ExAtlas.Fly.Dispatcher] subscribe/2 asked for replay: #{replay}, but no " <>
-          "dispatch is kept (config :ex_atlas, :fly, replay: 0): nothing to replay",
+          "dispatch is kept (config :ex_atlas, :fly, replay: 0): nothing to replay " <>
+          "(topic #{inspect(topic)}, subscriber #{inspect(self())}; said once per " <>
+          "registry start)",
         topic: topic
       )
     end
@@ -137,7 +139,7 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   # other nodes may need it too: the NIF answered :forward (a relay is set), or the
   # dispatch had to wait, which the NIF does not answer for; Cluster.forward/2 then finds
   # out itself.
-  defp deliver_here(topic, message) do
+  defp deliver_here(topic, message, retry? \\ true) do
     case Native.dispatch(topic, message) do
       :ok ->
         false
@@ -150,8 +152,14 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
         :ok = make_room(pending, topic, message)
         true
 
+      # No registry: start it if the mode was switched to :registry at runtime (see
+      # dispatcher!/0), or raise naming why it is not running.
+      :closed when retry? ->
+        _ = dispatcher!()
+        deliver_here(topic, message, false)
+
       :closed ->
-        raise not_started()
+        not_running!(:call)
     end
   end
 
@@ -179,10 +187,10 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
         span = Telemetry.wait_start(topic)
         result = await_room(pending, message)
         Telemetry.wait_stop(span)
-        if result == :closed, do: raise(not_started()), else: :ok
+        if result == :closed, do: not_running!(:waiting), else: :ok
 
       :closed ->
-        raise not_started()
+        not_running!(:waiting)
     end
   end
 
@@ -293,15 +301,102 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   @spec stats() :: %{atom() => non_neg_integer()}
   def stats, do: Map.new(Native.stats(dispatcher!()))
 
-  @doc "The running dispatcher resource; raises `ArgumentError` when none runs."
+  @doc """
+  The running dispatcher resource. When none runs but the `:ex_atlas` application does,
+  without `enabled: false`, and its tree has no registry (it booted in another mode and
+  the mode was switched to `:registry` at runtime), the registry is started there on
+  demand. Otherwise raises `ArgumentError` naming why none runs.
+  """
   @spec dispatcher!() :: Native.dispatcher()
-  def dispatcher!, do: Server.lookup() || raise(not_started())
+  def dispatcher!, do: Server.lookup() || start_on_demand()
 
-  defp not_started do
-    ArgumentError.exception(
-      "the ExAtlas.Fly.Dispatcher registry is not running: start the :ex_atlas " <>
-        "application (and leave `config :ex_atlas, :fly, enabled: false` unset), or add " <>
-        "ExAtlas.Fly.Dispatcher to your supervision tree"
-    )
+  # Supervisor.start_child/2 is serialised by the application's supervisor: of concurrent
+  # first calls one starts the registry and the others find it started
+  # ({:already_started, _}). A registry the tree already has (booted in :registry mode)
+  # is never started twice: between its close and its restart by that supervisor, callers
+  # get {:already_started, _} or wait for the restart inside the call, and then use it or
+  # raise.
+  defp start_on_demand do
+    if on_demand?(), do: :ok = start_in_app_tree()
+    Server.lookup() || not_running!(:call)
+  end
+
+  # Whatever comes of it, the caller looks the registry up afterwards.
+  defp start_in_app_tree do
+    spec = Supervisor.child_spec(ExAtlas.Fly.Dispatcher, [])
+
+    _ =
+      try do
+        case Supervisor.start_child(ExAtlas.Supervisor, spec) do
+          # A child spec left from an earlier start that was ignored (a host's registry
+          # ran then).
+          {:error, :already_present} ->
+            _ = Supervisor.restart_child(ExAtlas.Supervisor, spec.id)
+
+          # Started, started by a concurrent caller, or failed (then not_running!/1 says
+          # why none runs).
+          _started_or_not ->
+            :ok
+        end
+      catch
+        # The application's supervisor stopped during the call.
+        :exit, _ -> :ok
+      end
+
+    :ok
+  end
+
+  defp on_demand? do
+    Keyword.get(Config.fly(), :enabled, true) != false and
+      Process.whereis(ExAtlas.Supervisor) != nil and not system_stopping?()
+  end
+
+  defp system_stopping?, do: match?({:stopping, _}, :init.get_status())
+
+  # No registry runs. While the VM stops (:init.stop/0) the caller exits as the
+  # subscribers do, with {:shutdown, :ex_atlas_dispatcher_closed}: a normal end, which
+  # logs no crash report and gives no advice that does not apply. Otherwise
+  # ArgumentError, naming the cause.
+  @spec not_running!(:call | :waiting) :: no_return()
+  defp not_running!(context) do
+    if system_stopping?(), do: exit(Server.closed_reason())
+
+    prefix =
+      case context do
+        :call ->
+          "the ExAtlas.Fly.Dispatcher registry is not running: "
+
+        :waiting ->
+          "the ExAtlas.Fly.Dispatcher registry closed while this dispatch waited for room " <>
+            "in a full lane (what it had not handed over is dropped); it is not running: "
+      end
+
+    raise ArgumentError, prefix <> not_running_cause()
+  end
+
+  @doc """
+  Why no registry runs, and what to do, as the end of an error message.
+  """
+  @spec not_running_cause() :: String.t()
+  def not_running_cause do
+    cond do
+      system_stopping?() ->
+        "the VM is stopping (:init.stop/0)"
+
+      Process.whereis(ExAtlas.Supervisor) == nil ->
+        "the :ex_atlas application is not started (or is stopping). Start it " <>
+          "(Application.ensure_all_started(:ex_atlas); it starts with the host unless " <>
+          "the dependency has `runtime: false` or under `mix run --no-start`), or add " <>
+          "ExAtlas.Fly.Dispatcher to your supervision tree"
+
+      Keyword.get(Config.fly(), :enabled, true) == false ->
+        "`config :ex_atlas, :fly, enabled: false` is set, so the registry runs only " <>
+          "where your supervision tree starts it: add ExAtlas.Fly.Dispatcher to it (it is " <>
+          "missing, not started yet, or was stopped)"
+
+      true ->
+        "it was closed (its supervisor stopped, was killed or gave up) and has not " <>
+          "started again yet; calls work again once it has"
+    end
   end
 end
