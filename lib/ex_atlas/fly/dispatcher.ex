@@ -123,6 +123,8 @@ defmodule ExAtlas.Fly.Dispatcher do
           replay_bytes: non_neg_integer(),
           replay_cuts: non_neg_integer(),
           replay_missed: non_neg_integer(),
+          skipping: non_neg_integer(),
+          skipped: non_neg_integer(),
           cluster: %{node() => %{queued: non_neg_integer(), dropped: non_neg_integer()}}
         }
 

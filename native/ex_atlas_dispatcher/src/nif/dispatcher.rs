@@ -16,6 +16,7 @@ use crate::fanout::Lanes;
 use crate::handoff::Handoff;
 use crate::history::History;
 use crate::registry::Sharded;
+use crate::skip::Skips;
 use crate::sync::lock;
 use rustler::{Env, LocalPid, Monitor, Resource, ResourceArc};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -48,6 +49,8 @@ pub(super) struct Dispatcher {
     /// on them (see `history`); `None` when no message is kept (`replay: 0`), and
     /// then a dispatch takes no lock of it at all.
     pub(super) history: Option<Mutex<History<Kept, Joining>>>,
+    /// `on_slow: :skip`'s subscriptions being skipped or owing their gap notice.
+    pub(super) skips: Skips,
 }
 
 impl Dispatcher {
@@ -141,6 +144,7 @@ fn new(
         relay: AtomicU64::new(0),
         monitored_senders: Mutex::new(Vec::new()),
         history: (replay > 0).then(|| Mutex::new(History::new(replay, replay_memory))),
+        skips: Skips::new(),
     }))
 }
 
