@@ -264,7 +264,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   defp resume({{pid, topic} = key, poll_ms, threshold, cooldown_ms, on_slow}, state) do
     # A skip the earlier watchdog started would never be stopped: stop it (the next
     # message brings its notice), and let the polls start it again if need be.
-    if on_slow == :skip, do: skip(:stop, topic, pid)
+    :ok = end_skip(on_slow, true, :stop, {pid, topic})
     watch = new_watch(threshold, cooldown_ms, on_slow, nil)
 
     state
@@ -283,7 +283,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
         [{^key, old_poll, _threshold, _cooldown_ms, old_on_slow}] ->
           watch = state.groups[old_poll].watches[key]
           # Skipping no more (now `:evict`) or from a fresh poll: stop, the notice follows.
-          if old_on_slow == :skip and watch.skipping, do: skip(:stop, topic, pid)
+          :ok = end_skip(old_on_slow, watch.skipping, :stop, key)
           {watch.above_since, drop_from_group(state, old_poll, key)}
 
         [] ->
@@ -430,7 +430,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   defp act({:evict, key, len, threshold}, state), do: evict(key, len, threshold, state)
 
   defp act({:skip, {pid, topic}, len}, state) do
-    skip(:start, topic, pid)
+    _started = skip(:start, topic, pid)
     Telemetry.skip(:start, topic, pid, len, 0)
     state
   end
@@ -440,6 +440,14 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
     Telemetry.skip(:stop, topic, pid, len, skipped)
     state
   end
+
+  # Stops (`:stop`) or forgets (`:clear`) the skip of a `:skip` watch, when `now?`.
+  defp end_skip(:skip, true, action, {pid, topic}) do
+    _skipped = skip(action, topic, pid)
+    :ok
+  end
+
+  defp end_skip(_on_slow, _now?, _action, _key), do: :ok
 
   defp skip(action, topic, pid) do
     Backend.Registry.skip(action, topic, pid)
@@ -478,7 +486,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
     case :ets.take(state.table, key) do
       [{^key, poll_ms, _threshold, _cooldown_ms, on_slow}] ->
         :atomics.sub(state.count, 1, 1)
-        if on_slow == :skip, do: skip(:clear, topic, pid)
+        :ok = end_skip(on_slow, true, :clear, key)
 
         state
         |> drop_from_group(poll_ms, key)
