@@ -1,9 +1,15 @@
 # Watchdog benchmark: what watching idle subscribers with subscribe_with_backpressure/2
 # costs the schedulers at the default poll_ms, and the design comparison that chose one
-# poller. Method and target (< 2% of one scheduler): bench/README.md.
+# poller; a subscriber that stalls in a flood with on_slow: :skip beside :evict; and the
+# dispatch cost while nobody is skipped. Method and targets: bench/README.md.
 #
 #     MIX_ENV=prod mix run bench/watchdog.exs [--quick] [--subscribers N] [--seconds S]
 #                                             [--rounds R] [--designs | --no-designs] [--out DIR]
+#                                             [--part all | idle | slow | cost]
+#
+# `--part cost` uses only API that predates on_slow, so the same file can be run from a
+# checkout of an older commit (`mix run /path/to/this/bench/watchdog.exs --part cost`)
+# to compare dispatch costs.
 
 Code.require_file("support/bench.ex", __DIR__)
 
@@ -16,15 +22,41 @@ defmodule WatchdogBench do
   @target 2.0
 
   def main(argv) do
-    switches = [subscribers: :integer, seconds: :float, rounds: :integer, designs: :boolean]
+    switches = [
+      subscribers: :integer,
+      seconds: :float,
+      rounds: :integer,
+      designs: :boolean,
+      part: :string
+    ]
 
     o =
       Bench.options(argv, "watchdog", switches, fn quick ->
         if quick,
-          do: %{subscribers: 1_000, seconds: 1.5, rounds: 1, designs: false},
-          else: %{subscribers: 10_000, seconds: 10.0, rounds: 3, designs: true}
+          do: %{subscribers: 1_000, seconds: 1.5, rounds: 1, designs: false, part: "all"},
+          else: %{subscribers: 10_000, seconds: 10.0, rounds: 3, designs: true, part: "all"}
       end)
 
+    case o.part do
+      "all" ->
+        idle(o)
+        SlowBench.slow(o)
+
+      "idle" ->
+        idle(o)
+
+      "slow" ->
+        SlowBench.slow(o)
+
+      "cost" ->
+        SlowBench.cost(o)
+
+      other ->
+        Mix.raise("expected --part to be all, idle, slow or cost, got: #{other}")
+    end
+  end
+
+  defp idle(o) do
     :erlang.system_flag(:scheduler_wall_time, true)
     machine = Bench.machine()
     command = Bench.command("watchdog.exs")
@@ -248,6 +280,258 @@ defmodule WatchdogBench do
       timeout ->
         _ = Process.info(pid, :message_queue_len)
         per_process_loop(pid, ref, timeout)
+    end
+  end
+end
+
+defmodule SlowBench do
+  @moduledoc false
+  # A subscriber that stalls (suspended) for 2 s in a flood, then recovers, with each
+  # on_slow policy; and the dispatch cost at 10 and 10 000 subscribers, nobody skipped.
+  alias ExAtlas.Fly.Dispatcher
+
+  @rate 100_000
+  @flood_ms 3_000
+  @stall_at_ms 500
+  @threshold 2_000
+  @stall_ms 2_000
+
+  def slow(o) do
+    machine = Bench.machine()
+
+    header =
+      Bench.header("A stalled subscriber in a flood", Bench.command("watchdog.exs"), machine)
+
+    IO.puts(header)
+    rounds = if o.quick, do: 1, else: 3
+
+    runs =
+      for round <- 1..rounds, policy <- [:skip, :evict, :none] do
+        r = stall(policy)
+        IO.puts("round #{round} #{policy}: #{inspect(r)}")
+        {policy, r}
+      end
+
+    rows =
+      for policy <- [:skip, :evict, :none] do
+        rs = for {^policy, r} <- runs, do: r
+        med = fn key -> Bench.median(for r <- rs, do: Map.fetch!(r, key)) end
+        keys = Map.keys(hd(rs)) -- [:evicted]
+        r = Map.new(keys, &{&1, med.(&1)})
+        r = Map.put(r, :evicted, Enum.all?(rs, & &1.evicted))
+
+        [
+          policy_name(policy),
+          Bench.dur(r.producer_ns),
+          Bench.dur(r.producer_ns / r.dispatched),
+          Bench.bytes(r.rss_peak),
+          round(r.mailbox_peak),
+          round(r.dispatched),
+          round(r.received),
+          round(r.missed),
+          r.evicted
+        ]
+      end
+
+    table =
+      Bench.table(
+        "A subscriber stalled #{@stall_ms} ms in a #{@flood_ms} ms flood (medians of #{rounds} rounds)",
+        "policy|producer time in dispatch|per dispatch|VmRSS peak over start|" <>
+          "stalled mailbox peak|dispatched|received by it|missed (gap notices)|evicted",
+        rows,
+        left: 1,
+        note:
+          "one producer dispatching 256-byte binaries at up to #{@rate} a second for " <>
+            "#{@flood_ms} ms to a topic with one fast and one stalled subscriber (threshold " <>
+            "#{@threshold}, poll_ms 50; suspended with :erlang.suspend_process/1 at " <>
+            "#{@stall_at_ms} ms, resumed #{@stall_ms} ms later); producer time is the time " <>
+            "spent in dispatch/2 and sync/0; VmRSS and the mailbox sampled every 10 ms"
+      )
+
+    Bench.write(o.out, "watchdog_slow.md", [header, table])
+  end
+
+  defp policy_name(:none), do: "plain subscribe/1 (no watch)"
+  defp policy_name(policy), do: "on_slow: #{inspect(policy)}"
+
+  defp stall(policy) do
+    topic = "bench:stall:#{policy}:#{System.unique_integer([:positive])}"
+    parent = self()
+    fast = spawn(fn -> sink(topic, parent, &Dispatcher.subscribe/1) end)
+    opts = [on_slow: policy, threshold: @threshold, poll_ms: 50]
+
+    subscribe =
+      if policy == :none,
+        do: &Dispatcher.subscribe/1,
+        else: &Dispatcher.subscribe_with_backpressure(&1, opts)
+
+    slow = spawn(fn -> sink(topic, parent, subscribe) end)
+    for pid <- [fast, slow], do: receive(do: ({:ready, ^pid} -> :ok))
+    :erlang.garbage_collect()
+    rss0 = rss()
+    {sampler, peak} = sample(slow)
+    payload = :binary.copy("x", 256)
+
+    start = System.monotonic_time(:millisecond)
+    # Only the process that suspended it may resume it: a helper does both.
+    spawn(fn ->
+      Process.sleep(@stall_at_ms)
+      suspend_for(slow)
+    end)
+
+    {dispatched, ns} = flood(topic, payload, start, 0, 0)
+    # Once the stall is over, one more message brings the notice, then the counts.
+    Process.sleep(
+      max(0, start + @stall_at_ms + @stall_ms + 500 - System.monotonic_time(:millisecond))
+    )
+
+    :ok = Dispatcher.dispatch(topic, {:line, dispatched + 1, payload})
+    :ok = Dispatcher.sync()
+
+    for pid <- [fast, slow], do: send(pid, {:report, self()})
+    {received, missed, evicted} = receive(do: ({:counts, ^slow, r, m, e} -> {r, m, e}))
+    receive(do: ({:counts, ^fast, _, _, _} -> :ok))
+    send(sampler, {:stop, self()})
+    {rss_peak, mailbox_peak} = receive(do: ({^peak, r, m} -> {r, m}))
+    Dispatcher.unsubscribe(topic)
+    for pid <- [fast, slow], do: Process.exit(pid, :kill)
+
+    %{
+      dispatched: dispatched + 1,
+      producer_ns: ns,
+      rss_peak: rss_peak - rss0,
+      mailbox_peak: mailbox_peak,
+      received: received,
+      missed: missed,
+      evicted: evicted
+    }
+  end
+
+  # Dispatches in steps of 100 at up to @rate a second until @flood_ms have passed;
+  # returns how many and the time spent dispatching (sleeps excluded).
+  defp flood(topic, payload, start, n, ns) do
+    elapsed = System.monotonic_time(:millisecond) - start
+
+    cond do
+      elapsed >= @flood_ms ->
+        {n, ns}
+
+      n > elapsed * div(@rate, 1_000) ->
+        Process.sleep(1)
+        flood(topic, payload, start, n, ns)
+
+      true ->
+        {_, step} =
+          Bench.timed(fn ->
+            for i <- (n + 1)..(n + 100), do: :ok = Dispatcher.dispatch(topic, {:line, i, payload})
+            :ok = Dispatcher.sync()
+          end)
+
+        flood(topic, payload, start, n + 100, ns + step)
+    end
+  end
+
+  defp suspend_for(pid) do
+    true = :erlang.suspend_process(pid)
+    Process.sleep(@stall_ms)
+    true = :erlang.resume_process(pid)
+  end
+
+  defp sink(topic, parent, subscribe) do
+    :ok = subscribe.(topic)
+    send(parent, {:ready, self()})
+    sink_loop(0, 0, false)
+  end
+
+  defp sink_loop(received, missed, evicted) do
+    receive do
+      {:line, _, _} -> sink_loop(received + 1, missed, evicted)
+      {:ex_atlas_fly_gap, _, n} -> sink_loop(received, missed + n, evicted)
+      {:ex_atlas_fly_backpressure_evict, _} -> sink_loop(received, missed, true)
+      {:report, to} -> send(to, {:counts, self(), received, missed, evicted})
+    end
+  end
+
+  # Samples VmRSS and `pid`'s mailbox every 10 ms until told to stop.
+  defp sample(pid) do
+    ref = make_ref()
+    sampler = spawn(fn -> sample_loop(pid, ref, 0, 0) end)
+    {sampler, ref}
+  end
+
+  defp sample_loop(pid, ref, rss, mailbox) do
+    receive do
+      {:stop, to} -> send(to, {ref, rss, mailbox})
+    after
+      10 ->
+        len =
+          case Process.info(pid, :message_queue_len) do
+            {:message_queue_len, len} -> len
+            nil -> 0
+          end
+
+        sample_loop(pid, ref, max(rss, rss()), max(mailbox, len))
+    end
+  end
+
+  defp rss do
+    "/proc/self/status"
+    |> File.read!()
+    |> String.split("\n")
+    |> Enum.find_value(fn
+      "VmRSS:" <> rest ->
+        rest |> String.trim() |> String.trim_trailing(" kB") |> String.to_integer()
+
+      _ ->
+        nil
+    end)
+    |> Kernel.*(1_024)
+  end
+
+  ## Dispatch cost while nobody is skipped
+
+  # Per size: `reps` repetitions of `batch` dispatches; caller time is the dispatch calls,
+  # end to end adds Dispatcher.sync/0 (everything in the subscribers' mailboxes).
+  def cost(o) do
+    reps = if o.quick, do: 5, else: 21
+
+    for {n, batch} <- [{10, 2_000}, {10_000, 20}] do
+      topic = "bench:cost:#{n}"
+      parent = self()
+
+      subs =
+        for _ <- 1..n do
+          spawn(fn ->
+            :ok = Dispatcher.subscribe(topic)
+            send(parent, :ready)
+            drop()
+          end)
+        end
+
+      for _ <- subs, do: receive(do: (:ready -> :ok))
+      _ = run(topic, batch)
+
+      samples = for _ <- 1..reps, do: run(topic, batch)
+      caller = Bench.median(for {c, _} <- samples, do: c) / batch
+      e2e = Bench.median(for {_, e} <- samples, do: e) / batch
+      IO.puts("cost #{n} caller_ns=#{Float.round(caller, 1)} e2e_ns=#{Float.round(e2e, 1)}")
+      Enum.each(subs, &Process.exit(&1, :kill))
+    end
+  end
+
+  defp run(topic, batch) do
+    t0 = System.monotonic_time()
+    for _ <- 1..batch, do: :ok = Dispatcher.dispatch(topic, :tick)
+    t1 = System.monotonic_time()
+    :ok = Dispatcher.sync()
+    t2 = System.monotonic_time()
+    ns = &System.convert_time_unit(&1, :native, :nanosecond)
+    {ns.(t1 - t0), ns.(t2 - t0)}
+  end
+
+  defp drop do
+    receive do
+      _ -> drop()
     end
   end
 end

@@ -60,17 +60,19 @@ defmodule ExAtlas.Test.BufferedSignals do
 
   Options: `off_heap:` (default true) sets `message_queue_data: :off_heap`; `buffered:`
   (default: the value of `off_heap`) forces the buffered signal queue, which the VM only
-  has for off-heap receivers.
+  has for off-heap receivers; `subscribe:` (default `&ExAtlas.Fly.Dispatcher.subscribe/1`)
+  is called with each topic in the subscriber.
   """
   @spec start_subscriber([binary()], keyword()) :: subscriber()
   def start_subscriber(topics, opts \\ []) do
     off_heap = Keyword.get(opts, :off_heap, true)
     buffered = Keyword.get(opts, :buffered, off_heap)
+    subscribe = Keyword.get(opts, :subscribe, &ExAtlas.Fly.Dispatcher.subscribe/1)
     enable_internal_state()
     gate = :atomics.new(1, signed: false)
     parent = self()
     ref = make_ref()
-    pid = spawn_link(fn -> init(parent, ref, topics, off_heap, buffered, gate) end)
+    pid = spawn_link(fn -> init(parent, ref, {topics, subscribe}, off_heap, buffered, gate) end)
 
     receive do
       {^ref, :ready, ^buffered} -> %{pid: pid, gate: gate, buffered: buffered}
@@ -80,12 +82,12 @@ defmodule ExAtlas.Test.BufferedSignals do
     end
   end
 
-  defp init(parent, ref, topics, off_heap, buffered, gate) do
+  defp init(parent, ref, {topics, subscribe}, off_heap, buffered, gate) do
     if off_heap, do: Process.flag(:message_queue_data, :off_heap)
 
     forced = buffered and :erts_debug.set_internal_state(:proc_sig_buffers, true)
 
-    for topic <- topics, do: :ok = ExAtlas.Fly.Dispatcher.subscribe(topic)
+    for topic <- topics, do: :ok = subscribe.(topic)
     send(parent, {ref, :ready, forced})
     loop(gate, [])
   end

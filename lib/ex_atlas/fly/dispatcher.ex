@@ -9,6 +9,7 @@ defmodule ExAtlas.Fly.Dispatcher do
       {:ex_atlas_fly_logs, app, entries}
       {:ex_atlas_fly_deploy, ticket_id, line}
       {:ex_atlas_fly_backpressure_evict, topic}
+      {:ex_atlas_fly_gap, topic, missed}
 
   ## Modes
 
@@ -80,6 +81,8 @@ defmodule ExAtlas.Fly.Dispatcher do
   "Telemetry" section, and `stats/0` gives the registry's figures for pollers:
 
     * `[:ex_atlas, :fly, :dispatcher, :evict]` - the watchdog evicted a slow subscriber;
+    * `[:ex_atlas, :fly, :dispatcher, :skip]` - the watchdog started or stopped skipping
+      a slow subscriber (`on_slow: :skip`);
     * `[:ex_atlas, :fly, :dispatcher, :wait, :start | :stop]` - a producer waited for
       room in a full lane;
     * `[:ex_atlas, :fly, :dispatcher, :cluster, :drop]` - dispatches dropped for a node
@@ -125,6 +128,8 @@ defmodule ExAtlas.Fly.Dispatcher do
           replay_bytes: non_neg_integer(),
           replay_cuts: non_neg_integer(),
           replay_missed: non_neg_integer(),
+          skipping: non_neg_integer(),
+          skipped: non_neg_integer(),
           cluster: %{node() => %{queued: non_neg_integer(), dropped: non_neg_integer()}}
         }
 
@@ -304,7 +309,18 @@ defmodule ExAtlas.Fly.Dispatcher do
       eviction, a non-negative integer (`0`: the first poll above it evicts);
     * `:replay` - as in `subscribe/2` (`0`). The replayed messages are in the mailbox
       when the watch starts: a `:threshold` below their number evicts at the first
-      poll unless the subscriber reads them first.
+      poll unless the subscriber reads them first;
+    * `:on_slow` - `:evict` (the default: as above) or `:skip`.
+
+  With `on_slow: :skip` the subscriber is not evicted. Where it would be, the topic's
+  dispatches are no longer sent to it, and counted; once a poll finds its mailbox at or
+  below half the threshold, the process that sends it its next message on `topic` first
+  sends `{:ex_atlas_fly_gap, topic, missed}`, `missed` being exactly the dispatches it
+  was not sent (once per dispatch, whatever its number of subscriptions). One notice per
+  episode, placed at the gap; order holds on both sides of it (for an off-heap subscriber:
+  per producer, and the notice before the next message of the producer that sent it).
+  Unsubscribing or exiting meanwhile leaves nothing behind. The README's "Slow
+  subscribers that stay" section has the details and a LiveView example.
 
   In the `:phoenix_pubsub` and `{:mfa, _}` modes this is `subscribe/1` plus a warning,
   `[ExAtlas.Fly.Dispatcher] subscribe_with_backpressure/2 only works in :registry mode;

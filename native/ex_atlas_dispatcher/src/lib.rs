@@ -26,6 +26,7 @@ pub mod memory;
 mod nif;
 pub mod registry;
 pub mod route;
+pub mod skip;
 #[cfg(all(test, not(loom)))]
 mod stress_tests;
 pub mod sync;

@@ -11,6 +11,7 @@
 //! * `replay`: `join/4`, `replay/2`, and the history a dispatch records;
 //! * `subscriptions`: `subscribe/3`, `unsubscribe/2,3`, and the cluster relay's hints;
 //! * `introspection`: counts, lists and stats;
+//! * `skip`: `on_slow: :skip`'s state, set by the watchdog, and the send loops' gate;
 //! * `term`, `timeslice`, `kept`: term and environment plumbing, the timeslice each
 //!   call reports, and the messages replay keeps.
 
@@ -20,6 +21,7 @@ mod introspection;
 mod kept;
 mod lanes;
 mod replay;
+mod skip;
 mod subscriptions;
 mod term;
 mod timeslice;

@@ -27,7 +27,7 @@ mod sharded;
 mod tracking;
 mod watches;
 
-pub use shard::{Part, Registry, Removed, Stats, SubscribeError, CHUNK};
+pub use shard::{topic_key, Part, Registry, Removed, Stats, SubscribeError, CHUNK};
 pub use sharded::{partition_of, Cleared, ClosedError, Sharded, Snapshot, STRIPES};
 
 /// An opaque subscriber id (the raw term of a local pid in the NIF).

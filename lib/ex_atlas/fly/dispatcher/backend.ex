@@ -37,6 +37,8 @@ defmodule ExAtlas.Fly.Dispatcher.Backend do
       replay_bytes: 0,
       replay_cuts: 0,
       replay_missed: 0,
+      skipping: 0,
+      skipped: 0,
       cluster: %{}
     }
   end

@@ -130,6 +130,19 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   @spec topics_of(dispatcher(), pid()) :: [binary()]
   def topics_of(_dispatcher, _pid), do: :erlang.nif_error(:nif_not_loaded)
 
+  @spec skip_start(dispatcher(), binary(), pid()) :: :ok
+  def skip_start(_dispatcher, _topic, _pid), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec skip_stop(dispatcher(), binary(), pid()) :: non_neg_integer()
+  def skip_stop(_dispatcher, _topic, _pid), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec skip_clear(dispatcher(), binary(), pid()) :: :ok
+  def skip_clear(_dispatcher, _topic, _pid), do: :erlang.nif_error(:nif_not_loaded)
+
+  @spec skip_stats(dispatcher()) ::
+          {non_neg_integer(), non_neg_integer(), non_neg_integer()}
+  def skip_stats(_dispatcher), do: :erlang.nif_error(:nif_not_loaded)
+
   @spec stats(dispatcher()) :: [{atom(), non_neg_integer()}]
   def stats(_dispatcher), do: :erlang.nif_error(:nif_not_loaded)
 

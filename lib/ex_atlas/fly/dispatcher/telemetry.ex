@@ -28,6 +28,21 @@ defmodule ExAtlas.Fly.Dispatcher.Telemetry do
   end
 
   @doc """
+  `[:ex_atlas, :fly, :dispatcher, :skip]`: the watchdog started (`phase: :start`) or
+  stopped (`phase: :stop`) skipping a slow subscriber's dispatches on `topic`; `skipped`
+  is the dispatches the episode skipped (`0` at its start), `queue_len` the mailbox the
+  poll found.
+  """
+  @spec skip(:start | :stop, binary(), pid(), non_neg_integer(), non_neg_integer()) :: :ok
+  def skip(phase, topic, pid, queue_len, skipped) do
+    execute([:skip], %{queue_len: queue_len, skipped: skipped}, %{
+      topic: topic,
+      subscriber: pid,
+      phase: phase
+    })
+  end
+
+  @doc """
   `[:ex_atlas, :fly, :dispatcher, :wait, :start]`: a producer starts waiting for room in
   a full lane (`reason: :full`, the only reason there is). Returns what `wait_stop/1`
   needs.

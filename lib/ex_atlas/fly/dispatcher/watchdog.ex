@@ -15,7 +15,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   #     a group exists only while it holds a watch, and so does its timer.
   #   * `subscribers`: pid => {monitor ref, %{topic => true}}; one monitor per watched pid,
   #     never a link, so neither side's crash takes the other down.
-  #   * an ETS table {{pid, topic}, poll_ms, threshold, cooldown_ms}: every watch with its
+  #   * an ETS table {{pid, topic}, poll_ms, threshold, cooldown_ms, on_slow}: every watch with its
   #     options, the index that finds a watch's group, and what `unsubscribed/1` reads in
   #     the caller so unwatched callers of `unsubscribe/1` never message this process.
   #     Our supervisor creates and owns it (`create_table/0`), so it outlives a crash of
@@ -31,6 +31,14 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   #
   # Eviction calls `Native.unsubscribe_pid/3`: a normal-scheduler NIF whose work grows with
   # that one pid's subscriptions, not with the registry.
+  #
+  # `on_slow: :skip` watches are not evicted: where an `:evict` watch would be, the NIF's
+  # skip table is told to skip the subscription (`Backend.Registry.skip(:start, ...)`), and
+  # once a poll finds the mailbox at or below half the threshold, to stop (`:stop`); the
+  # next process that sends the subscriber a message on the topic sends the gap notice
+  # first. The watchdog never sends the notice. A watch that ends (unsubscribe, exit)
+  # clears the subscription's entry; a restarted watchdog stops every skip it inherits
+  # (the next message brings the notice) and starts again from its polls.
 
   use GenServer
 
@@ -44,21 +52,22 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   # The number of watches, in an :atomics published once per watchdog start, so callers of
   # unsubscribe/1 skip the ETS lookup while nothing is watched.
   @count_key {__MODULE__, :watches}
-  @defaults [threshold: 10_000, poll_ms: 1_000, cooldown_ms: 0]
+  @defaults [threshold: 10_000, poll_ms: 1_000, cooldown_ms: 0, on_slow: :evict]
   # `:erlang.start_timer/3` refuses times near 2^62 ms; a poll every 2^32 - 1 ms (49 days)
   # is already far past any useful interval.
   @max_poll_ms 4_294_967_295
 
   @typedoc """
   Validated options, each present once and in this order: replay, threshold, poll_ms,
-  cooldown_ms. The watchdog matches the last three in that order, once `subscribe/2`
-  has taken replay out.
+  cooldown_ms, on_slow. The watchdog matches the last four in that order, once
+  `subscribe/2` has taken replay out.
   """
   @type options :: [
           replay: non_neg_integer(),
           threshold: pos_integer(),
           poll_ms: pos_integer(),
-          cooldown_ms: non_neg_integer()
+          cooldown_ms: non_neg_integer(),
+          on_slow: :evict | :skip
         ]
 
   ## Caller side
@@ -165,6 +174,8 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
       :cooldown_ms -> bad!(:cooldown_ms, "a non-negative integer", value)
       :replay when is_integer(value) and value >= 0 -> :ok
       :replay -> bad!(:replay, "a non-negative integer", value)
+      :on_slow when value in [:evict, :skip] -> :ok
+      :on_slow -> bad!(:on_slow, ":evict or :skip", value)
       _ -> unknown!(key)
     end
 
@@ -196,7 +207,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   defp unknown!(key) do
     raise ArgumentError,
           "unknown subscribe_with_backpressure/2 option #{inspect(key)}; " <>
-            "expected :threshold, :poll_ms, :cooldown_ms or :replay"
+            "expected :threshold, :poll_ms, :cooldown_ms, :on_slow or :replay"
   end
 
   defp not_started do
@@ -250,8 +261,11 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
 
   # A watch left by an earlier watchdog: monitor its subscriber again (a dead one sends
   # :DOWN at once) and put it back in its poll group.
-  defp resume({{pid, topic} = key, poll_ms, threshold, cooldown_ms}, state) do
-    watch = %{threshold: threshold, cooldown_ms: cooldown_ms, above_since: nil}
+  defp resume({{pid, topic} = key, poll_ms, threshold, cooldown_ms, on_slow}, state) do
+    # A skip the earlier watchdog started would never be stopped: stop it (the next
+    # message brings its notice), and let the polls start it again if need be.
+    :ok = end_skip(on_slow, true, :stop, {pid, topic})
+    watch = new_watch(threshold, cooldown_ms, on_slow, nil)
 
     state
     |> add_subscriber(pid, topic)
@@ -260,14 +274,16 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
 
   @impl true
   def handle_call({:watch, pid, topic, opts}, _from, state) do
-    [threshold: threshold, poll_ms: poll_ms, cooldown_ms: cooldown_ms] = opts
+    [threshold: threshold, poll_ms: poll_ms, cooldown_ms: cooldown_ms, on_slow: on_slow] = opts
     key = {pid, topic}
 
     # A second watch of the same subscription keeps its cooldown, takes the new options.
     {above_since, state} =
       case :ets.lookup(state.table, key) do
-        [{^key, old_poll, _threshold, _cooldown_ms}] ->
+        [{^key, old_poll, _threshold, _cooldown_ms, old_on_slow}] ->
           watch = state.groups[old_poll].watches[key]
+          # Skipping no more (now `:evict`) or from a fresh poll: stop, the notice follows.
+          :ok = end_skip(old_on_slow, watch.skipping, :stop, key)
           {watch.above_since, drop_from_group(state, old_poll, key)}
 
         [] ->
@@ -275,8 +291,8 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
           {nil, add_subscriber(state, pid, topic)}
       end
 
-    watch = %{threshold: threshold, cooldown_ms: cooldown_ms, above_since: above_since}
-    :ets.insert(state.table, {key, poll_ms, threshold, cooldown_ms})
+    watch = new_watch(threshold, cooldown_ms, on_slow, above_since)
+    :ets.insert(state.table, {key, poll_ms, threshold, cooldown_ms, on_slow})
     {:reply, :ok, put_in_group(state, poll_ms, key, watch)}
   end
 
@@ -287,7 +303,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   def handle_call({:watch_info, key}, _from, state) do
     info =
       case :ets.lookup(state.table, key) do
-        [{^key, poll_ms, _threshold, _cooldown_ms}] ->
+        [{^key, poll_ms, _threshold, _cooldown_ms, _on_slow}] ->
           group = state.groups[poll_ms]
           watch = group.watches[key]
 
@@ -295,6 +311,8 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
             threshold: watch.threshold,
             poll_ms: poll_ms,
             cooldown_ms: watch.cooldown_ms,
+            on_slow: watch.on_slow,
+            skipping: watch.skipping,
             above_threshold: watch.above_since != nil,
             polls: group.polls
           }
@@ -347,7 +365,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   defp poll(state, poll_ms, group) do
     now = System.monotonic_time(:millisecond)
 
-    {watches, evict} =
+    {watches, actions} =
       :maps.fold(
         fn key, watch, acc -> check(key, watch, now, acc) end,
         {group.watches, []},
@@ -356,22 +374,42 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
 
     group = %{group | watches: watches, timer: arm(poll_ms), polls: group.polls + 1}
     state = %{state | groups: Map.put(state.groups, poll_ms, group)}
-    Enum.reduce(evict, state, &evict/2)
+    Enum.reduce(actions, state, &act/2)
   end
 
-  defp check({pid, _topic} = key, watch, now, {watches, evict} = acc) do
+  defp check({pid, _topic} = key, watch, now, {watches, actions} = acc) do
     case Process.info(pid, :message_queue_len) do
       {:message_queue_len, len} when len > watch.threshold ->
         since = watch.above_since || now
 
         cond do
-          now - since >= watch.cooldown_ms -> {watches, [{key, len, watch.threshold} | evict]}
-          watch.above_since == since -> acc
-          true -> {Map.put(watches, key, %{watch | above_since: since}), evict}
+          watch.skipping ->
+            acc
+
+          now - since >= watch.cooldown_ms and watch.on_slow == :skip ->
+            watch = %{watch | skipping: true}
+            {Map.put(watches, key, watch), [{:skip, key, len} | actions]}
+
+          now - since >= watch.cooldown_ms ->
+            {watches, [{:evict, key, len, watch.threshold} | actions]}
+
+          watch.above_since == since ->
+            acc
+
+          true ->
+            {Map.put(watches, key, %{watch | above_since: since}), actions}
         end
 
+      # The hysteresis: skipping stops at half the threshold, not just below it.
+      {:message_queue_len, len} when watch.skipping and len * 2 <= watch.threshold ->
+        watch = %{watch | skipping: false, above_since: nil}
+        {Map.put(watches, key, watch), [{:resume, key, len} | actions]}
+
+      {:message_queue_len, _len} when watch.skipping ->
+        acc
+
       {:message_queue_len, _len} when watch.above_since != nil ->
-        {Map.put(watches, key, %{watch | above_since: nil}), evict}
+        {Map.put(watches, key, %{watch | above_since: nil}), actions}
 
       # At or below the threshold, or the process is gone (its :DOWN is on the way).
       _ ->
@@ -379,7 +417,46 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
     end
   end
 
-  defp evict({{pid, topic} = key, len, threshold}, state) do
+  defp new_watch(threshold, cooldown_ms, on_slow, above_since) do
+    %{
+      threshold: threshold,
+      cooldown_ms: cooldown_ms,
+      on_slow: on_slow,
+      above_since: above_since,
+      skipping: false
+    }
+  end
+
+  defp act({:evict, key, len, threshold}, state), do: evict(key, len, threshold, state)
+
+  defp act({:skip, {pid, topic}, len}, state) do
+    _started = skip(:start, topic, pid)
+    Telemetry.skip(:start, topic, pid, len, 0)
+    state
+  end
+
+  defp act({:resume, {pid, topic}, len}, state) do
+    skipped = skip(:stop, topic, pid)
+    Telemetry.skip(:stop, topic, pid, len, skipped)
+    state
+  end
+
+  # Stops (`:stop`) or forgets (`:clear`) the skip of a `:skip` watch, when `now?`.
+  defp end_skip(:skip, true, action, {pid, topic}) do
+    _skipped = skip(action, topic, pid)
+    :ok
+  end
+
+  defp end_skip(_on_slow, _now?, _action, _key), do: :ok
+
+  defp skip(action, topic, pid) do
+    Backend.Registry.skip(action, topic, pid)
+  rescue
+    # No registry runs (it is being restarted): its skip table went with it.
+    ArgumentError -> 0
+  end
+
+  defp evict({pid, topic} = key, len, threshold, state) do
     # Zero removed: the subscriber left the topic on its own (its unsubscribe is on the
     # way to us) or the registry was restarted; there is nothing to evict.
     if remove_entries(topic, pid) > 0 do
@@ -409,8 +486,9 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
 
   defp unwatch(state, {pid, topic} = key) do
     case :ets.take(state.table, key) do
-      [{^key, poll_ms, _threshold, _cooldown_ms}] ->
+      [{^key, poll_ms, _threshold, _cooldown_ms, on_slow}] ->
         :atomics.sub(state.count, 1, 1)
+        :ok = end_skip(on_slow, true, :clear, key)
 
         state
         |> drop_from_group(poll_ms, key)

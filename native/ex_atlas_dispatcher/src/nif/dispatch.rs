@@ -8,6 +8,7 @@ use super::atoms;
 use super::dispatcher::Dispatcher;
 use super::lanes::hand_over;
 use super::replay::record;
+use super::skip::{gate, refused};
 use super::term::{decode_or_undefined, pid_to_raw, Outgoing};
 use super::timeslice::{send_within, Timeslice, TIMESLICE};
 use crate::fanout::{Refused, Reservation};
@@ -281,8 +282,16 @@ fn proceed<'a>(
         hand_over(env, dispatcher, lane, part, start, message);
     }
     while let Some((part, start)) = work.inline.first_mut() {
-        let sent = send_within(env, part.pids_from(*start), message, slice, INLINE_SLICE);
-        dispatcher.activity.delivered(sent);
+        let gate = gate(dispatcher, part);
+        let sent = send_within(
+            env,
+            part.pids_from(*start),
+            message,
+            slice,
+            INLINE_SLICE,
+            gate.as_ref(),
+        );
+        dispatcher.activity.delivered(sent - refused(&gate));
         *start += sent;
         if *start < part.len() {
             return Progress::OutOfTime;

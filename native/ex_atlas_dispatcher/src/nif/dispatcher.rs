@@ -16,6 +16,7 @@ use crate::fanout::Lanes;
 use crate::handoff::Handoff;
 use crate::history::History;
 use crate::registry::Sharded;
+use crate::skip::Skips;
 use crate::sync::lock;
 use rustler::{Env, LocalPid, Monitor, Resource, ResourceArc};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -50,6 +51,8 @@ pub(super) struct Dispatcher {
     pub(super) history: Option<Mutex<History<Kept, Joining>>>,
     /// Dispatches and deliveries so far, for `stats/1`.
     pub(super) activity: crate::activity::Activity,
+    /// `on_slow: :skip`'s subscriptions being skipped or owing their gap notice.
+    pub(super) skips: Skips,
 }
 
 impl Dispatcher {
@@ -144,6 +147,7 @@ fn new(
         monitored_senders: Mutex::new(Vec::new()),
         history: (replay > 0).then(|| Mutex::new(History::new(replay, replay_memory))),
         activity: crate::activity::Activity::new(),
+        skips: Skips::new(),
     }))
 }
 

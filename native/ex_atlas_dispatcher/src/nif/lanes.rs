@@ -6,6 +6,7 @@
 use super::atoms;
 use super::dispatch::granting;
 use super::dispatcher::Dispatcher;
+use super::skip::{gate, refused};
 use super::term::{current_process_alive, pid_from_raw, pid_to_raw, send_from, Outgoing};
 use super::timeslice::{send_within, Timeslice, TIMESLICE};
 use crate::handoff::{Handed, Installed, Tracked};
@@ -144,15 +145,17 @@ fn advance(env: Env<'_>, batch: &ResourceArc<Batch>, next: usize) -> bool {
 fn deliver<'a>(env: Env<'a>, batch: ResourceArc<Batch>, message: Term<'a>) -> Atom {
     let mut slice = Timeslice::new(env);
     let start = batch.cursor.load(Ordering::Acquire);
+    let gate = gate(&batch.dispatcher, &batch.part);
     let sent = send_within(
         env,
         batch.part.pids_from(start),
         message,
         &mut slice,
         DELIVER_SLICE,
+        gate.as_ref(),
     );
     slice.finish();
-    batch.dispatcher.activity.delivered(sent);
+    batch.dispatcher.activity.delivered(sent - refused(&gate));
     if advance(env, &batch, start + sent) {
         atoms::ok()
     } else {
@@ -164,7 +167,12 @@ fn deliver<'a>(env: Env<'a>, batch: ResourceArc<Batch>, message: Term<'a>) -> At
 fn deliver_dirty<'a>(env: Env<'a>, batch: ResourceArc<Batch>, message: Term<'a>) -> Atom {
     let start = batch.cursor.load(Ordering::Acquire);
     let mut sent = 0;
+    let gate = gate(&batch.dispatcher, &batch.part);
     for pid in batch.part.pids_from(start).take(DIRTY_SLICE) {
+        if gate.as_ref().is_some_and(|gate| !gate.admit(env, pid)) {
+            sent += 1;
+            continue;
+        }
         // A failed send is normally a subscriber that is gone. But a sender killed
         // while on a dirty scheduler runs on to the end of the call, and what it can
         // no longer send must not pass for delivered: stop, and its monitor counts
@@ -174,7 +182,7 @@ fn deliver_dirty<'a>(env: Env<'a>, batch: ResourceArc<Batch>, message: Term<'a>)
         }
         sent += 1;
     }
-    batch.dispatcher.activity.delivered(sent);
+    batch.dispatcher.activity.delivered(sent - refused(&gate));
     if advance(env, &batch, start + sent) {
         atoms::ok()
     } else {

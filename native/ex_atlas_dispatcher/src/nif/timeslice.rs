@@ -2,6 +2,7 @@
 //! to the VM (`enif_consume_timeslice`), so that a process calling us is preempted on
 //! time, as a plain `send/2` loop would be, whatever the message size.
 
+use super::skip::Gate;
 use super::term::send_from;
 use rustler::{Env, Term};
 use std::time::{Duration, Instant};
@@ -97,13 +98,14 @@ impl<'a> Timeslice<'a> {
 /// once), and at least every 16 sends. The count runs over the whole call, so a
 /// small dispatch split over two lanes reads the clock no more often than one on a
 /// single lane. Never after the call's last send, which `Timeslice::finish` accounts
-/// for.
+/// for. `gate` (while some subscription is skipped) says which sends to skip.
 pub(super) fn send_within(
     env: Env<'_>,
     pids: impl Iterator<Item = u64>,
     message: Term<'_>,
     slice: &mut Timeslice<'_>,
     budget: Duration,
+    gate: Option<&Gate<'_>>,
 ) -> usize {
     let mut sent_here = 0;
     for pid in pids {
@@ -125,7 +127,9 @@ pub(super) fn send_within(
             slice.last = (slice.sent, slice.elapsed);
         }
         // A dead receiver is not an error: its monitor removes it shortly.
-        let _ = send_from(env, pid, message);
+        if gate.is_none_or(|gate| gate.admit(env, pid)) {
+            let _ = send_from(env, pid, message);
+        }
         slice.sent += 1;
         sent_here += 1;
     }

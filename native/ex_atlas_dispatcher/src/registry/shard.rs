@@ -28,9 +28,37 @@ type Chunk = Arc<Vec<Pid>>;
 pub struct Part {
     chunks: Arc<Vec<Chunk>>,
     len: usize,
+    /// [`topic_key`] of the topic's name, fixed when the topic is created.
+    topic: u64,
+    /// Which dispatch this snapshot is of ([`Part::mark`]); 0 for the registry's own copy.
+    serial: u64,
+}
+
+/// The key of a topic's name in the skip table (`crate::skip`): a 64-bit hash, kept in
+/// each [`Part`] so that a send loop knows its topic without the name.
+pub fn topic_key(name: &[u8]) -> u64 {
+    let mut hasher = rustc_hash::FxHasher::default();
+    std::hash::Hasher::write(&mut hasher, name);
+    std::hash::Hasher::finish(&hasher)
 }
 
 impl Part {
+    /// [`topic_key`] of this part's topic.
+    pub fn topic(&self) -> u64 {
+        self.topic
+    }
+
+    /// The dispatch this snapshot is of, as set by [`Part::mark`].
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// Tags this snapshot with its dispatch's serial, so that the skip table counts a
+    /// subscriber with several subscriptions once per dispatch.
+    pub fn mark(&mut self, serial: u64) {
+        self.serial = serial;
+    }
+
     /// Number of subscriptions in this part.
     pub fn len(&self) -> usize {
         self.len
@@ -328,7 +356,10 @@ impl<M> Registry<M> {
         let name: Arc<[u8]> = Arc::from(topic);
         let entry = Topic {
             name: name.clone(),
-            part: Part::default(),
+            part: Part {
+                topic: topic_key(topic),
+                ..Part::default()
+            },
         };
         let id = match self.free_ids.pop() {
             Some(id) => {

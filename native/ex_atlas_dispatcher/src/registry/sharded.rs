@@ -76,6 +76,25 @@ pub struct Sharded<M> {
 #[repr(align(128))]
 pub(super) struct Padded<T>(pub(super) T);
 
+/// A serial for one snapshot, unique over the process's life and never 0: each thread
+/// counts its own (no shared counter on the dispatch path), its index in the low bits.
+fn dispatch_serial() -> u64 {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static THREADS: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static NEXT: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    }
+    NEXT.with(|next| {
+        let (mut thread, count) = next.get();
+        if thread == 0 {
+            thread = THREADS.fetch_add(1, Ordering::Relaxed) & 0xFFFF;
+        }
+        next.set((thread, count + 1));
+        ((count + 1) << 16) | thread
+    })
+}
+
 /// A 64-bit finaliser: two multiply-xorshift rounds, so that every input bit reaches
 /// every output bit.
 pub(super) fn mix(mut x: u64) -> u64 {
@@ -270,12 +289,15 @@ impl<M> Sharded<M> {
     pub fn snapshot(&self, topic: &[u8]) -> Result<Snapshot, ClosedError> {
         let stripe = self.stripe_of(topic);
         let mut snapshot = Snapshot::new();
+        let mut serial = None;
         for lane in 0..=self.lanes {
             let shard = self.shard(lane, stripe);
             if shard.closed {
                 return Err(ClosedError);
             }
-            if let Some(part) = shard.registry.snapshot(topic) {
+            if let Some(mut part) = shard.registry.snapshot(topic) {
+                serial = serial.or_else(|| Some(dispatch_serial()));
+                part.mark(serial.unwrap_or_default());
                 snapshot.push((lane, part));
             }
         }

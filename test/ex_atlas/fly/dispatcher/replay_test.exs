@@ -184,7 +184,7 @@ defmodule ExAtlas.Fly.Dispatcher.ReplayTest do
       assert :ok = Dispatcher.subscribe_with_backpressure(topic, replay: 2, threshold: 50)
       assert mailbox() == [{:m, 2}, {:m, 3}]
 
-      assert [{{_, ^topic}, _poll_ms, 50, _cooldown_ms}] =
+      assert [{{_, ^topic}, _poll_ms, 50, _cooldown_ms, :evict}] =
                :ets.lookup(ExAtlas.Fly.Dispatcher.Watchdog, {self(), topic})
     end
   end

@@ -25,6 +25,8 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
     :replay_bytes,
     :replay_cuts,
     :replay_missed,
+    :skipping,
+    :skipped,
     :cluster
   ]
 
@@ -46,6 +48,8 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
     replay_bytes: 0,
     replay_cuts: 0,
     replay_missed: 0,
+    skipping: 0,
+    skipped: 0,
     cluster: %{}
   }
 

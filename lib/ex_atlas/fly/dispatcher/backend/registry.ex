@@ -299,7 +299,25 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
 
   @doc "Every figure the NIF reports, internal ones included."
   @spec stats() :: %{atom() => non_neg_integer()}
-  def stats, do: Map.new(Native.stats(dispatcher!()))
+  def stats do
+    dispatcher = dispatcher!()
+    {skipping, skipped, entries} = Native.skip_stats(dispatcher)
+    skips = %{skipping: skipping, skipped: skipped, skip_entries: entries}
+    dispatcher |> Native.stats() |> Map.new() |> Map.merge(skips)
+  end
+
+  @doc """
+  `on_slow: :skip`, for the watchdog: starts skipping `pid`'s dispatches on `topic`
+  (`:start`); stops, returning how many were skipped, which the next message to `pid` on
+  `topic` is preceded by a gap notice of (`:stop`); forgets it, notice owed included
+  (`:clear`). Raises `ArgumentError` when no registry runs.
+  """
+  @spec skip(:start | :stop | :clear, binary(), pid()) :: non_neg_integer()
+  def skip(:start, topic, pid), do: ok_zero(Native.skip_start(dispatcher!(), topic, pid))
+  def skip(:stop, topic, pid), do: Native.skip_stop(dispatcher!(), topic, pid)
+  def skip(:clear, topic, pid), do: ok_zero(Native.skip_clear(dispatcher!(), topic, pid))
+
+  defp ok_zero(:ok), do: 0
 
   @doc """
   The running dispatcher resource. When none runs but the `:ex_atlas` application does,
