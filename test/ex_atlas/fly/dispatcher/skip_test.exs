@@ -7,12 +7,14 @@ defmodule ExAtlas.Fly.Dispatcher.SkipTest do
   # (single) watchdog and skip table hold, so it runs alone.
   use ExUnit.Case, async: false
 
+  import ExAtlas.Test.Commanded
   import ExAtlas.Test.FlyEnv
 
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
   alias ExAtlas.Fly.Dispatcher.Watchdog
   alias ExAtlas.Test.BufferedSignals
+  alias ExAtlas.Test.LogForwarder
   alias ExAtlas.Test.TelemetryStandIn
 
   @moduletag :capture_log
@@ -29,33 +31,10 @@ defmodule ExAtlas.Fly.Dispatcher.SkipTest do
 
   # A subscriber that only runs the test's commands, so its mailbox grows meanwhile.
   defp spawn_slow(topics, opts) do
-    parent = self()
-
-    pid =
-      spawn(fn ->
-        for topic <- List.wrap(topics),
-            do: :ok = Dispatcher.subscribe_with_backpressure(topic, opts)
-
-        send(parent, {:watching, self()})
-        command_loop(parent)
-      end)
-
-    assert_receive {:watching, ^pid}, 5_000
-    pid
-  end
-
-  defp command_loop(parent) do
-    receive do
-      {:run, fun} ->
-        send(parent, {:ran, self(), fun.()})
-        command_loop(parent)
-    end
-  end
-
-  defp run_in(pid, fun) do
-    send(pid, {:run, fun})
-    assert_receive {:ran, ^pid, result}, 10_000
-    result
+    spawn_commanded(fn ->
+      for topic <- List.wrap(topics),
+          do: :ok = Dispatcher.subscribe_with_backpressure(topic, opts)
+    end)
   end
 
   # Everything in the caller's mailbox, in order.
@@ -371,7 +350,7 @@ defmodule ExAtlas.Fly.Dispatcher.SkipTest do
 
     test "{:mfa, _} and :phoenix_pubsub: a plain subscribe and the warning" do
       id = :"skip_test_#{System.unique_integer([:positive])}"
-      :ok = :logger.add_handler(id, __MODULE__.LogForwarder, %{config: %{to: self()}})
+      :ok = :logger.add_handler(id, LogForwarder, %{config: %{to: self()}})
       on_exit(fn -> :logger.remove_handler(id) end)
 
       # The warning comes once per start of the application: forget the ones said so far.
@@ -400,11 +379,5 @@ defmodule ExAtlas.Fly.Dispatcher.SkipTest do
       assert [{pid, _}] = Registry.lookup(:skip_test_pubsub, topic)
       assert pid == self()
     end
-  end
-
-  defmodule LogForwarder do
-    @moduledoc false
-    @spec log(:logger.log_event(), :logger.handler_config()) :: term()
-    def log(event, %{config: %{to: pid}}), do: send(pid, {:log, event})
   end
 end

@@ -9,6 +9,7 @@ defmodule ExAtlas.Fly.Dispatcher.TelemetryTest do
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Cluster.Link
   alias ExAtlas.Fly.Dispatcher.Server
+  alias ExAtlas.Test.LogForwarder
   alias ExAtlas.Test.TelemetryStandIn
 
   @moduletag :capture_log
@@ -195,13 +196,6 @@ defmodule ExAtlas.Fly.Dispatcher.TelemetryTest do
     assert_receive {:telemetry, @drop, %{count: count}, %{node: ^node}}, 5_000
     assert count in 1..left
     await_drops(node, left - count)
-  end
-
-  defmodule LogForwarder do
-    @moduledoc false
-    # A `:logger` handler that sends every event at warning level or above to a test.
-    @spec log(:logger.log_event(), :logger.handler_config()) :: term()
-    def log(event, %{config: %{to: pid}}), do: send(pid, {:log, event})
   end
 
   # Our processes log from themselves: forward their warnings and errors here.

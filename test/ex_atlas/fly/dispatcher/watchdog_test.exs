@@ -5,24 +5,19 @@ defmodule ExAtlas.Fly.Dispatcher.WatchdogTest do
   # so the module runs alone.
   use ExUnit.Case, async: false
 
+  import ExAtlas.Test.Commanded
   import ExAtlas.Test.FlyEnv
 
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
   alias ExAtlas.Fly.Dispatcher.Watchdog
+  alias ExAtlas.Test.LogForwarder
 
   @moduletag :capture_log
 
   @evict_text "[ExAtlas.Fly.Dispatcher] evicting slow subscriber"
   @fallback_text "[ExAtlas.Fly.Dispatcher] subscribe_with_backpressure/2 only works in " <>
                    ":registry mode; falling back to plain subscribe/1"
-
-  defmodule LogForwarder do
-    @moduledoc false
-    # A `:logger` handler that sends every event at warning level or above to a test.
-    @spec log(:logger.log_event(), :logger.handler_config()) :: term()
-    def log(event, %{config: %{to: pid}}), do: send(pid, {:log, event})
-  end
 
   defmodule Sink do
     @moduledoc false
@@ -60,36 +55,7 @@ defmodule ExAtlas.Fly.Dispatcher.WatchdogTest do
   # A subscriber that only reacts to the test's commands, so its mailbox grows while it
   # waits. It watches `topic` with `opts` and reports `{:watching, pid}`.
   defp spawn_watched(topic, opts) do
-    parent = self()
-
-    pid =
-      spawn(fn ->
-        :ok = Dispatcher.subscribe_with_backpressure(topic, opts)
-        send(parent, {:watching, self()})
-        command_loop(parent)
-      end)
-
-    assert_receive {:watching, ^pid}, 5_000
-    pid
-  end
-
-  defp command_loop(parent) do
-    receive do
-      {:run, fun} ->
-        send(parent, {:ran, self(), fun.()})
-        command_loop(parent)
-
-      :stop ->
-        :ok
-    end
-  end
-
-  # Runs `fun` inside `pid` (after everything already in its mailbox, in a selective
-  # receive) and returns the result.
-  defp run_in(pid, fun) do
-    send(pid, {:run, fun})
-    assert_receive {:ran, ^pid, result}, 10_000
-    result
+    spawn_commanded(fn -> :ok = Dispatcher.subscribe_with_backpressure(topic, opts) end)
   end
 
   defp flood(topic, count) do
