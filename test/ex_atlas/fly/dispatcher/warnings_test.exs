@@ -46,7 +46,8 @@ defmodule ExAtlas.Fly.Dispatcher.WarningsTest do
   describe "once per start" do
     test "{:mfa, _}: replay and backpressure warn once, again after a restart" do
       mode = [dispatcher: {:mfa, {__MODULE__, :sink, [make_ref()]}}]
-      put_fly(mode)
+      # A start of its own: other tests may have said these warnings in the current one.
+      restart_app(mode)
 
       log = misuse(5)
       assert occurrences(log, @no_replay) == 1
@@ -66,6 +67,7 @@ defmodule ExAtlas.Fly.Dispatcher.WarningsTest do
     test ":phoenix_pubsub: replay and backpressure warn once" do
       pubsub = :"ExAtlas.Test.PubSub#{System.unique_integer([:positive])}"
       define_phoenix_pubsub(pubsub)
+      restart_app()
       put_fly(dispatcher: :phoenix_pubsub, pubsub: pubsub)
 
       log = misuse(5)
@@ -75,7 +77,9 @@ defmodule ExAtlas.Fly.Dispatcher.WarningsTest do
     end
 
     test ":phoenix_pubsub without its server or module falls back to :registry, said once" do
-      # No Phoenix.PubSub loaded here (setup removed it).
+      # No Phoenix.PubSub loaded here (setup removed it). A start of its own: other tests
+      # may have said these warnings in the current one.
+      restart_app()
       put_fly(dispatcher: :phoenix_pubsub, pubsub: :"Missing#{System.unique_integer()}")
 
       log =
