@@ -332,7 +332,8 @@ fn mutate(
                 }
                 assert_eq!(removed.count, expected, "unsubscribe pid {pid} topic {t}");
                 let last = expected > 0 && expected == held;
-                assert_eq!(removed.released, last.then(|| monitor_of(pid)));
+                let want: Vec<u64> = last.then(|| monitor_of(pid)).into_iter().collect();
+                assert_eq!(removed.released, want);
                 held_by.insert(pid, held - expected);
             }
             8 => {

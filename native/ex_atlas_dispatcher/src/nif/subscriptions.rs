@@ -104,8 +104,8 @@ fn remove(
             removed
         }
     };
-    if let Some(monitor) = removed.released {
-        release_monitor(env, dispatcher, &monitor, &dispatcher.subscriber_monitors);
+    for monitor in &removed.released {
+        release_monitor(env, dispatcher, monitor, &dispatcher.subscriber_monitors);
     }
     if let Some(joining) = &joining {
         release_monitor(

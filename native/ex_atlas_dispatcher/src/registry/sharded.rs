@@ -2,7 +2,7 @@
 //! stripes, each stripe one [`Registry`] behind its own lock; each subscriber's monitor
 //! is in the [`Watches`], not in the shards.
 
-use super::shard::{Registry, Removed, Stats, SubscribeError};
+use super::shard::{Registry, Stats, SubscribeError};
 use super::watches::Watches;
 use super::{Part, Pid};
 use rustc_hash::FxHashMap;
@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// each with its shard index.
 pub type Snapshot = SmallVec<[(usize, Part); 4]>;
 
-/// What [`Sharded::remove_subscriber`] undid: the subscriptions that went, and the
-/// monitors to release.
+/// What [`Sharded::unsubscribe`] or [`Sharded::remove_subscriber`] undid: the
+/// subscriptions that went, and the monitors to release.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Cleared<M> {
     /// How many subscriptions went.
@@ -234,12 +234,14 @@ impl<M> Sharded<M> {
         Ok(result)
     }
 
-    /// Removes every subscription of `pid` to `topic`; `released` is `pid`'s monitor when
-    /// that was its last subscription.
-    pub fn unsubscribe(&self, topic: &[u8], pid: Pid) -> Removed<M> {
-        let mut total = Removed {
+    /// Removes every subscription of `pid` to `topic`; `released` holds `pid`'s monitor
+    /// when that was its last subscription, or two: the partitions are visited one at a
+    /// time, so another caller may subscribe `pid` again behind the walk (a new monitor)
+    /// and this walk then takes that subscription too. Nothing may be lost.
+    pub fn unsubscribe(&self, topic: &[u8], pid: Pid) -> Cleared<M> {
+        let mut total = Cleared {
             count: 0,
-            released: None,
+            released: Vec::new(),
         };
         for partition in self.partitions_of(pid) {
             let mut shard = self.shard_in(partition, topic);
@@ -248,9 +250,7 @@ impl<M> Sharded<M> {
             if removed.released.is_some() {
                 // At most one shard lets the last record go; the watch hands the monitor
                 // back only then.
-                if let Some(monitor) = self.watches.unwatch(pid) {
-                    total.released = Some(monitor);
-                }
+                total.released.extend(self.watches.unwatch(pid));
             }
         }
         total
@@ -516,7 +516,7 @@ mod tests {
         // Unsubscribing removes the subscriber's subscriptions in both partitions, and
         // hands its monitor back once, when the last one goes.
         let removed = reg.unsubscribe(b"t", 1);
-        assert_eq!((removed.count, removed.released), (2, Some(10)));
+        assert_eq!((removed.count, removed.released), (2, vec![10]));
         let cleared = reg.remove_subscriber(2);
         assert_eq!((cleared.count, cleared.released), (2, vec![20]));
         assert_eq!(reg.count(b"t") + reg.count(b"u"), 0);
@@ -559,12 +559,11 @@ mod tests {
         for (lane, part) in &snapshot {
             assert!(part.pids().all(|pid| partition_of(pid, 3) == *lane));
         }
-        let removed = |count, released| Removed { count, released };
-        // The monitor goes with the last subscription, whichever stripe that is in.
-        assert_eq!(reg.unsubscribe(&a, 4), removed(1, None));
-        assert_eq!(reg.unsubscribe(far, 4), removed(1, None));
-        assert_eq!(reg.unsubscribe(near, 4), removed(1, Some(4)));
         let cleared = |count, released| Cleared { count, released };
+        // The monitor goes with the last subscription, whichever stripe that is in.
+        assert_eq!(reg.unsubscribe(&a, 4), cleared(1, vec![]));
+        assert_eq!(reg.unsubscribe(far, 4), cleared(1, vec![]));
+        assert_eq!(reg.unsubscribe(near, 4), cleared(1, vec![4]));
         assert_eq!(reg.remove_subscriber(6), cleared(3, vec![6]));
         assert_eq!(reg.remove_subscriber(6), cleared(0, vec![]));
         let mut topics = reg.topics_of(8);
