@@ -23,12 +23,6 @@ defmodule ExAtlas.Fly.Dispatcher.SkipTest do
   @fallback_text "[ExAtlas.Fly.Dispatcher] subscribe_with_backpressure/2 only works in " <>
                    ":registry mode; falling back to plain subscribe/1"
 
-  defmodule Sink do
-    @moduledoc false
-    @spec drop(binary(), term()) :: :ok
-    def drop(_topic, _message), do: :ok
-  end
-
   # A subscriber that only runs the test's commands, so its mailbox grows meanwhile.
   defp spawn_slow(topics, opts) do
     spawn_commanded(fn ->
@@ -355,7 +349,7 @@ defmodule ExAtlas.Fly.Dispatcher.SkipTest do
 
       # The warning comes once per start of the application: forget the ones said so far.
       true = :ets.delete_all_objects(ExAtlas.Fly.Dispatcher.Warnings)
-      put_fly(dispatcher: {:mfa, {Sink, :drop, []}})
+      put_fly(dispatcher: {:mfa, {ExAtlas.Test.Sink, :drop, []}})
       topic = unique_topic("skip_mfa")
       assert :ok = Dispatcher.subscribe_with_backpressure(topic, on_slow: :skip)
       assert_receive {:log, %{level: :warning, meta: %{topic: ^topic}} = event}, 5_000

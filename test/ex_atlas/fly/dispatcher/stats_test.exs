@@ -53,11 +53,6 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
     cluster: %{}
   }
 
-  defmodule Sink do
-    @moduledoc false
-    def drop(_topic, _message), do: :ok
-  end
-
   setup do
     remove_phoenix_pubsub()
     on_exit(&remove_phoenix_pubsub/0)
@@ -155,7 +150,7 @@ defmodule ExAtlas.Fly.Dispatcher.StatsTest do
 
   describe "modes without a registry" do
     test "{:mfa, _}: every figure zero and no cluster" do
-      put_fly(dispatcher: {:mfa, {Sink, :drop, []}})
+      put_fly(dispatcher: {:mfa, {ExAtlas.Test.Sink, :drop, []}})
       assert Dispatcher.stats() == @zero
     end
 

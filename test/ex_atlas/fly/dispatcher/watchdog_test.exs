@@ -19,14 +19,6 @@ defmodule ExAtlas.Fly.Dispatcher.WatchdogTest do
   @fallback_text "[ExAtlas.Fly.Dispatcher] subscribe_with_backpressure/2 only works in " <>
                    ":registry mode; falling back to plain subscribe/1"
 
-  defmodule Sink do
-    @moduledoc false
-    @spec drop(binary(), term()) :: :ok
-    def drop(_topic, _message), do: :ok
-    @spec drop(binary(), term(), reference()) :: :ok
-    def drop(_topic, _message, _tag), do: :ok
-  end
-
   # Forwards warnings logged anywhere in the VM (the watchdog logs from its own process)
   # to the test process as {:log, event}.
   defp forward_logs(_context) do
@@ -403,7 +395,7 @@ defmodule ExAtlas.Fly.Dispatcher.WatchdogTest do
 
     test "{:mfa, _}: a plain subscribe/1 and the fallback warning" do
       # A mode of its own: the warning comes once per start and mode.
-      put_fly(dispatcher: {:mfa, {Sink, :drop, [make_ref()]}})
+      put_fly(dispatcher: {:mfa, {ExAtlas.Test.Sink, :drop, [make_ref()]}})
       topic = unique_topic("mfa")
 
       assert :ok = Dispatcher.subscribe_with_backpressure(topic, threshold: 5)
