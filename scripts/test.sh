@@ -28,6 +28,11 @@ grep -E '^test result:' "$logs/cargo.log" || echo "cargo test: no result line"
 echo "mix test: exit status $mix_status"
 grep -E '^[0-9]+ (doctests?|tests?|propert(y|ies))(, [0-9]+ (doctests?|tests?|propert(y|ies)))*, [0-9]+ failures?' "$logs/mix.log" ||
   echo "mix test: no result line"
+# The failures' headings and first lines, so that a CI log cut to its tail still names them.
+if grep -qE '^ +[0-9]+\) (test|doctest|property)' "$logs/mix.log"; then
+  echo "mix test failures:"
+  grep -A12 -E '^ +[0-9]+\) (test|doctest|property)' "$logs/mix.log" | cut -c1-200
+fi
 
 if [ "$cargo_status" -ne 0 ] || [ "$mix_status" -ne 0 ]; then
   echo "FAILED"
