@@ -272,6 +272,13 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
       # again. Nobody calls the bridge meanwhile: a call to the deleted module would load
       # it on its own (interactive mode) and race the load below, and concurrent loads of
       # a module with @on_load can hang the code server in OTP 25 (erlang/otp#7466).
+      # The server is held still until the old dispatcher has been tried: its periodic
+      # check of lost deliveries calls the bridge too, crashes on the old dispatcher, and
+      # its restart makes a new one that the calls below would accept (seen on a slow
+      # machine).
+      server = Process.whereis(ExAtlas.Fly.Dispatcher.Registry)
+      :ok = :sys.suspend(server)
+
       quietly(fn ->
         :code.purge(Native)
         true = :code.delete(Native)
@@ -286,6 +293,8 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.LifecycleTest do
       Process.sleep(100)
       outcomes = stop_workers(workers)
       assert outcomes.other == 0 and outcomes.ok == 0, inspect(outcomes)
+      assert Process.whereis(ExAtlas.Fly.Dispatcher.Registry) == server
+      quietly(fn -> :ok = :sys.resume(server) end)
 
       # The old registry's monitors still fire into the old library's code, which stays
       # mapped: a subscriber of it dying must not take the VM down.
