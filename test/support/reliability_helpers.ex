@@ -15,7 +15,7 @@ defmodule ExAtlas.Test.Reliability do
   Calls `fun` until it returns a truthy value and returns that value; flunks with
   `what` after `timeout` ms. Only a guard against effects that never happen.
   """
-  @spec eventually(String.t(), (() -> term()), non_neg_integer()) :: term()
+  @spec eventually(String.t() | (() -> String.t()), (() -> term()), non_neg_integer()) :: term()
   def eventually(what, fun, timeout \\ 10_000) do
     deadline = System.monotonic_time(:millisecond) + timeout
     poll(what, fun, deadline)
@@ -27,6 +27,7 @@ defmodule ExAtlas.Test.Reliability do
         result
 
       System.monotonic_time(:millisecond) > deadline ->
+        what = if is_function(what, 0), do: what.(), else: what
         ExUnit.Assertions.flunk("still not true after the timeout: #{what}")
 
       true ->
@@ -39,7 +40,11 @@ defmodule ExAtlas.Test.Reliability do
   @spec await_empty_registry(non_neg_integer()) :: %{atom() => non_neg_integer()}
   def await_empty_registry(timeout \\ 30_000) do
     eventually(
-      "registry empty (subscriptions, subscribers and monitors 0)",
+      fn ->
+        # What is left, so that a failure says what leaked.
+        left = Map.take(stats(), [:subscriptions, :subscribers, :monitors, :topics])
+        "registry empty (subscriptions, subscribers and monitors 0); left: #{inspect(left)}"
+      end,
       fn ->
         stats = stats()
         stats.subscriptions == 0 and stats.subscribers == 0 and stats.monitors == 0 and stats

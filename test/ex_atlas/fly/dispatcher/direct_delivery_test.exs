@@ -29,7 +29,7 @@ defmodule ExAtlas.Fly.Dispatcher.DirectDeliveryTest do
           relay(parent)
         end)
 
-      assert_receive {:ready, ^pid}
+      assert_receive {:ready, ^pid}, 5_000
       pid
     end
   end
