@@ -310,7 +310,7 @@ defmodule ExAtlas.Fly.Dispatcher do
     * `:replay` - as in `subscribe/2` (`0`). The replayed messages are in the mailbox
       when the watch starts: a `:threshold` below their number evicts at the first
       poll unless the subscriber reads them first;
-    * `:on_slow` - `:evict` (the default: as above) or `:skip`.
+    * `:on_slow` - `:evict` (the default: as above), `:skip` or `:catch_up`.
 
   With `on_slow: :skip` the subscriber is not evicted. Where it would be, the topic's
   dispatches are no longer sent to it, and counted; once a poll finds its mailbox at or
@@ -322,6 +322,17 @@ defmodule ExAtlas.Fly.Dispatcher do
   Unsubscribing or exiting meanwhile leaves nothing behind. The README's "Slow
   subscribers that stay" section has the details and a LiveView example.
 
+  With `on_slow: :catch_up` (only with `replay` configured: `config :ex_atlas, :fly,
+  replay: n`, else `ArgumentError`) the subscriber is not evicted either. Where it would
+  be, it is *parked*: its subscriptions to `topic` leave the registry, and the topic's
+  later dispatches wait for it in the history, within replay's bounds (`replay_memory`
+  and its caps per joiner). Once a poll finds its mailbox at or below half the
+  threshold, the watchdog sends it `{:ex_atlas_fly_behind, topic}`, and it calls
+  `catch_up/1`: it then receives, in order and once each, what was dispatched to `topic`
+  while it was parked, with `{:ex_atlas_fly_gap, topic, missed}` in place of what the
+  history no longer held, and is subscribed again (with one subscription). Until it calls
+  `catch_up/1` it receives nothing on `topic`.
+
   In the `:phoenix_pubsub` and `{:mfa, _}` modes this is `subscribe/1` plus a warning,
   `[ExAtlas.Fly.Dispatcher] subscribe_with_backpressure/2 only works in :registry mode;
   falling back to plain subscribe/1`, logged once per start of the `:ex_atlas`
@@ -331,6 +342,36 @@ defmodule ExAtlas.Fly.Dispatcher do
   def subscribe_with_backpressure(topic, opts \\ []) do
     check_topic!(topic)
     ExAtlas.Fly.Dispatcher.Watchdog.subscribe(topic, opts)
+  end
+
+  @doc """
+  For a subscriber parked by `subscribe_with_backpressure(topic, on_slow: :catch_up)`,
+  which was sent `{:ex_atlas_fly_behind, topic}`: sends the caller what was dispatched to
+  `topic` while it was parked, oldest first, then subscribes it again. Call it from the
+  subscriber itself (a LiveView's `handle_info/2`).
+
+  The guarantee: every dispatch to `topic` reaches the caller exactly once, either as the
+  message or inside the `missed` count of a `{:ex_atlas_fly_gap, topic, missed}` notice
+  placed where it would have been; and the messages of each producer arrive in the order
+  it dispatched them, across the parking (for a subscriber with an off-heap message queue
+  too). Before sending anything it waits, in a plain `receive`, until the dispatches from
+  before it was parked have been delivered to it: at most as long as the lanes take to
+  send what they hold, unless a producer is suspended in the middle of such a dispatch.
+  Like a replay, it costs the caller, not the producers: nobody waits for it, and if it
+  falls further behind while it catches up, it is cut and told, as a joiner is.
+
+  Returns `:ok`; at once when the caller is not parked on `topic` (a notice it already
+  acted on, or a subscription that ended), and in the `:phoenix_pubsub` and `{:mfa, _}`
+  modes. Raises `ArgumentError` when `topic` is not a binary.
+  """
+  @spec catch_up(topic()) :: :ok
+  def catch_up(topic) do
+    check_topic!(topic)
+
+    case Config.backend() do
+      {Backend.Registry, _} -> Backend.Registry.unpark(topic)
+      _other_mode -> :ok
+    end
   end
 
   @doc """

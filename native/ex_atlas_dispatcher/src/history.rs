@@ -31,9 +31,11 @@
 
 mod joiners;
 mod log;
+mod parked;
 
 use joiners::Joiner;
 use log::{Log, Slot};
+pub use parked::{InFlight, Track, Unpark};
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 use std::mem::size_of;
@@ -104,6 +106,8 @@ pub enum Take<M, J> {
     /// It is not joining the topic (any more): removed (`remove`, `leave`), or the
     /// history was cleared.
     Removed,
+    /// It is parked (`park`): it takes nothing until it unparks.
+    Parked,
 }
 
 /// Figures for `stats`.
@@ -120,6 +124,8 @@ pub struct Stats {
     /// before it has been told), and the dispatches they skipped.
     pub cuts: u64,
     pub missed: u64,
+    /// Joiners parked (`on_slow: :catch_up`) now.
+    pub parked: usize,
 }
 
 /// Everything `clear` took out: the joiners' data (to release) and the messages (to free
@@ -204,6 +210,7 @@ impl<M, J> History<M, J> {
             joiners: self.joining.values().map(Vec::len).sum(),
             cuts: self.cuts,
             missed: self.missed,
+            parked: self.parked(),
         }
     }
 
@@ -445,6 +452,9 @@ impl<M, J> History<M, J> {
             overhead += Self::TOPIC_BYTES + name.len();
             overhead += log.joiners.len() * Self::JOINER_BYTES;
             overhead += log.departures.len() * Self::DEPARTURE_BYTES;
+            if log.inflight.is_some() {
+                overhead += Self::INFLIGHT_BYTES;
+            }
             if log.live < log.base || log.live > log.end() {
                 return Err(format!("{name:?}: live {} outside the log", log.live));
             }
@@ -535,7 +545,7 @@ mod tests {
                     h.give_back(topic, pid, entries.len(), missed > 0).unwrap();
                 }
                 Take::CaughtUp { data, .. } => return (got, Some(data)),
-                Take::Removed => return (got, None),
+                Take::Removed | Take::Parked => return (got, None),
             }
             h.check_invariants().unwrap();
         }
@@ -727,7 +737,7 @@ mod tests {
                 false
             }
             Take::CaughtUp { .. } => true,
-            Take::Removed => panic!(),
+            Take::Removed | Take::Parked => panic!(),
         };
         // Two dispatches for each message it delivers, for a while.
         for _ in 0..1_000 {
@@ -1127,7 +1137,7 @@ mod tests {
                             assert_eq!(m.at, sent[m.topic].len(), "caught up short");
                             caught_up += 1;
                         }
-                        Take::Removed => panic!("joiner lost"),
+                        Take::Removed | Take::Parked => panic!("joiner lost"),
                     }
                 }
                 9..=11 if !joiners.is_empty() => {

@@ -20,6 +20,7 @@ mod dispatcher;
 mod introspection;
 mod kept;
 mod lanes;
+mod parking;
 mod replay;
 mod skip;
 mod subscriptions;
@@ -65,11 +66,16 @@ mod atoms {
         ex_atlas_interest = "$ex_atlas_interest",
         plain,
         removed,
+        parked,
+        not_parked,
+        joining,
+        not_subscribed,
         gap,
         ex_atlas_fly_gap,
         replay_messages,
         replay_bytes,
         replay_joiners,
+        replay_parked,
         replay_retained_bytes,
         replay_cuts,
         replay_missed,

@@ -72,11 +72,28 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
           :ok
           | :more
           | {:gap, pos_integer()}
+          | :parked
           | :removed
           | :not_alive
           | :closed
           | :too_many_topics
   def replay(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
+
+  @doc """
+  One more (`true`) or one fewer `on_slow: :catch_up` watch on `topic`; `:plain` when no
+  history is kept.
+  """
+  @spec watch_parking(dispatcher(), binary(), boolean()) :: :ok | :plain
+  def watch_parking(_dispatcher, _topic, _more), do: :erlang.nif_error(:nif_not_loaded)
+
+  @doc "Parks `pid` on `topic` (`on_slow: :catch_up`): its dispatches wait in the history."
+  @spec park(dispatcher(), binary(), pid(), boolean()) ::
+          :ok | :parked | :not_subscribed | :joining | :plain | :not_alive | :closed
+  def park(_dispatcher, _topic, _pid, _direct), do: :erlang.nif_error(:nif_not_loaded)
+
+  @doc "The caller, parked on `topic`, asks to catch up; then `replay/2` until `:ok`."
+  @spec unpark(dispatcher(), binary()) :: :ok | :wait | :not_parked
+  def unpark(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
 
   @spec unsubscribe(dispatcher(), binary()) :: :ok
   def unsubscribe(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)

@@ -31,14 +31,23 @@ defmodule ExAtlas.Fly.Dispatcher.Telemetry do
   `[:ex_atlas, :fly, :dispatcher, :skip]`: the watchdog started (`phase: :start`) or
   stopped (`phase: :stop`) skipping a slow subscriber's dispatches on `topic`; `skipped`
   is the dispatches the episode skipped (`0` at its start), `queue_len` the mailbox the
-  poll found.
+  poll found. `on_slow` in the metadata: `:skip`, or `:catch_up` (the subscriber was
+  parked; `skipped` is `0`, as what it skipped waits for it in the history).
   """
-  @spec skip(:start | :stop, binary(), pid(), non_neg_integer(), non_neg_integer()) :: :ok
-  def skip(phase, topic, pid, queue_len, skipped) do
+  @spec skip(
+          :start | :stop,
+          binary(),
+          pid(),
+          non_neg_integer(),
+          non_neg_integer(),
+          :skip | :catch_up
+        ) :: :ok
+  def skip(phase, topic, pid, queue_len, skipped, on_slow \\ :skip) do
     execute([:skip], %{queue_len: queue_len, skipped: skipped}, %{
       topic: topic,
       subscriber: pid,
-      phase: phase
+      phase: phase,
+      on_slow: on_slow
     })
   end
 

@@ -67,7 +67,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
           threshold: pos_integer(),
           poll_ms: pos_integer(),
           cooldown_ms: non_neg_integer(),
-          on_slow: :evict | :skip
+          on_slow: :evict | :skip | :catch_up
         ]
 
   ## Caller side
@@ -87,8 +87,20 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
         # before subscribing, so a failure leaves no unwatched subscription behind.
         _ = Backend.Registry.dispatcher!()
         watchdog = GenServer.whereis(__MODULE__) || raise not_started()
-        :ok = Backend.Registry.subscribe_replay(topic, replay)
-        watch(watchdog, topic, opts)
+        catch_up? = opts[:on_slow] == :catch_up
+        # Counted before the subscription exists, so that every dispatch that can reach
+        # it is tracked (see Backend.Registry.unpark/1); raises without a history.
+        if catch_up?, do: :ok = Backend.Registry.watch_parking(topic, true)
+
+        try do
+          :ok = Backend.Registry.subscribe_replay(topic, replay)
+          watch(watchdog, topic, opts)
+        rescue
+          error ->
+            # No watch holds the count: give it back.
+            if catch_up?, do: :ok = Backend.Registry.watch_parking(topic, false)
+            reraise error, __STACKTRACE__
+        end
 
       {backend, arg} = mode ->
         :ok = backend.subscribe(topic, arg)
@@ -174,8 +186,8 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
       :cooldown_ms -> bad!(:cooldown_ms, "a non-negative integer", value)
       :replay when is_integer(value) and value >= 0 -> :ok
       :replay -> bad!(:replay, "a non-negative integer", value)
-      :on_slow when value in [:evict, :skip] -> :ok
-      :on_slow -> bad!(:on_slow, ":evict or :skip", value)
+      :on_slow when value in [:evict, :skip, :catch_up] -> :ok
+      :on_slow -> bad!(:on_slow, ":evict, :skip or :catch_up", value)
       _ -> unknown!(key)
     end
 
@@ -284,6 +296,9 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
           watch = state.groups[old_poll].watches[key]
           # Skipping no more (now `:evict`) or from a fresh poll: stop, the notice follows.
           :ok = end_skip(old_on_slow, watch.skipping, :stop, key)
+          # Each `:catch_up` watch holds one count, taken by its caller: the new one holds
+          # its own.
+          if old_on_slow == :catch_up, do: :ok = unwatch_parking(topic)
           {watch.above_since, drop_from_group(state, old_poll, key)}
 
         [] ->
@@ -386,9 +401,9 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
           watch.skipping ->
             acc
 
-          now - since >= watch.cooldown_ms and watch.on_slow == :skip ->
+          now - since >= watch.cooldown_ms and watch.on_slow != :evict ->
             watch = %{watch | skipping: true}
-            {Map.put(watches, key, watch), [{:skip, key, len} | actions]}
+            {Map.put(watches, key, watch), [{:skip, key, len, watch.on_slow} | actions]}
 
           now - since >= watch.cooldown_ms ->
             {watches, [{:evict, key, len, watch.threshold} | actions]}
@@ -403,7 +418,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
       # The hysteresis: skipping stops at half the threshold, not just below it.
       {:message_queue_len, len} when watch.skipping and len * 2 <= watch.threshold ->
         watch = %{watch | skipping: false, above_since: nil}
-        {Map.put(watches, key, watch), [{:resume, key, len} | actions]}
+        {Map.put(watches, key, watch), [{:resume, key, len, watch.on_slow} | actions]}
 
       {:message_queue_len, _len} when watch.skipping ->
         acc
@@ -429,25 +444,71 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
 
   defp act({:evict, key, len, threshold}, state), do: evict(key, len, threshold, state)
 
-  defp act({:skip, {pid, topic}, len}, state) do
+  defp act({:skip, {pid, topic}, len, :skip}, state) do
     _started = skip(:start, topic, pid)
-    Telemetry.skip(:start, topic, pid, len, 0)
+    Telemetry.skip(:start, topic, pid, len, 0, :skip)
     state
   end
 
-  defp act({:resume, {pid, topic}, len}, state) do
+  # Parked: its dispatches on the topic wait in the history for it (within replay's
+  # bounds) until it calls catch_up/1, which the notice at its recovery asks it to.
+  defp act({:skip, {pid, topic} = key, len, :catch_up}, state) do
+    if park(topic, pid) do
+      Telemetry.skip(:start, topic, pid, len, 0, :catch_up)
+      state
+    else
+      # Not parked (catching up, or not subscribed): not skipping either, so that a later
+      # poll tries again rather than wait for a recovery that may never come.
+      not_skipping(state, key)
+    end
+  end
+
+  defp act({:resume, {pid, topic}, len, :skip}, state) do
     skipped = skip(:stop, topic, pid)
-    Telemetry.skip(:stop, topic, pid, len, skipped)
+    Telemetry.skip(:stop, topic, pid, len, skipped, :skip)
     state
   end
 
-  # Stops (`:stop`) or forgets (`:clear`) the skip of a `:skip` watch, when `now?`.
+  defp act({:resume, {pid, topic}, len, :catch_up}, state) do
+    send(pid, {:ex_atlas_fly_behind, topic})
+    Telemetry.skip(:stop, topic, pid, len, 0, :catch_up)
+    state
+  end
+
+  # Stops (`:stop`) or forgets (`:clear`) the skip of a `:skip` watch, when `now?`. A
+  # `:catch_up` watch that stops while its subscriber may be parked (the watch replaced,
+  # or a restarted watchdog) tells it to catch up, as its recovery would (catch_up/1 does
+  # nothing when it is not parked); one that ends (`:clear`) gives back its count, its
+  # subscriber's parking having gone with the subscription (unsubscribe/1, exit).
   defp end_skip(:skip, true, action, {pid, topic}) do
     _skipped = skip(action, topic, pid)
     :ok
   end
 
+  defp end_skip(:catch_up, now?, :stop, {pid, topic}) do
+    if now?, do: send(pid, {:ex_atlas_fly_behind, topic})
+    :ok
+  end
+
+  defp end_skip(:catch_up, _now?, :clear, {_pid, topic}) do
+    unwatch_parking(topic)
+  end
+
   defp end_skip(_on_slow, _now?, _action, _key), do: :ok
+
+  defp park(topic, pid) do
+    Backend.Registry.park(topic, pid)
+  rescue
+    # No registry runs (it is being restarted): the subscription went with it.
+    ArgumentError -> false
+  end
+
+  defp unwatch_parking(topic) do
+    Backend.Registry.watch_parking(topic, false)
+  rescue
+    # No registry runs, or none with a history: the count went with it.
+    ArgumentError -> :ok
+  end
 
   defp skip(action, topic, pid) do
     Backend.Registry.skip(action, topic, pid)
@@ -493,6 +554,17 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
         state
         |> drop_from_group(poll_ms, key)
         |> drop_subscriber(pid, topic)
+
+      [] ->
+        state
+    end
+  end
+
+  defp not_skipping(state, key) do
+    case :ets.lookup(state.table, key) do
+      [{^key, poll_ms, _threshold, _cooldown_ms, _on_slow}] ->
+        watch = %{state.groups[poll_ms].watches[key] | skipping: false, above_since: nil}
+        put_in_group(state, poll_ms, key, watch)
 
       [] ->
         state

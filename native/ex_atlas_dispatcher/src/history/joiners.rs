@@ -32,6 +32,9 @@ pub(super) struct Joiner<J> {
     /// end first, so that it catches up as soon as it takes between two dispatches.
     pub(super) closing: bool,
     taken: Option<Taken>,
+    /// Parked (`on_slow: :catch_up`) since the topic's dispatch of this number: it takes
+    /// nothing until it unparks (see `parked`).
+    pub(super) parked: Option<u64>,
     pub(super) data: J,
 }
 
@@ -105,6 +108,7 @@ impl<M, J> History<M, J> {
             lag: end - next + JOIN_SLACK,
             closing: false,
             taken: None,
+            parked: None,
             data,
         });
         self.overhead += Self::JOINER_BYTES;
@@ -126,6 +130,9 @@ impl<M, J> History<M, J> {
         };
         let end = log.end();
         let joiner = &mut log.joiners[at];
+        if joiner.parked.is_some() {
+            return Take::Parked;
+        }
         if joiner.closing && joiner.taken.is_none() && joiner.next < end {
             let cut = joiner.cut(end, 0);
             self.count_cut(cut);

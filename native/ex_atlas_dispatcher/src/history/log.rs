@@ -2,6 +2,7 @@
 //! joiners catching up on it, and the processes that left it (see `history`).
 
 use super::joiners::Joiner;
+use super::parked::InFlight;
 use super::{Entry, Pid};
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
@@ -33,6 +34,12 @@ pub(super) struct Log<M, J> {
     /// dispatched before may still be on its way to them from their subscription.
     pub(super) departed: FxHashMap<Pid, u64>,
     pub(super) departures: VecDeque<(u64, Pid)>,
+    /// Dispatches recorded or skipped, ever: the next one's number (see `parked`).
+    pub(super) dispatched: u64,
+    /// `:catch_up` watches on the topic; while any, its dispatches are tracked in
+    /// `inflight`.
+    pub(super) watchers: usize,
+    pub(super) inflight: Option<Arc<InFlight>>,
 }
 
 impl<M, J> Log<M, J> {
@@ -45,6 +52,9 @@ impl<M, J> Log<M, J> {
             joiners: Vec::new(),
             departed: FxHashMap::default(),
             departures: VecDeque::new(),
+            dispatched: 0,
+            watchers: 0,
+            inflight: None,
         }
     }
 
@@ -84,6 +94,9 @@ impl<M, J> Log<M, J> {
     }
 
     pub(super) fn is_idle(&self) -> bool {
-        self.slots.is_empty() && self.joiners.is_empty() && self.departed.is_empty()
+        self.slots.is_empty()
+            && self.joiners.is_empty()
+            && self.departed.is_empty()
+            && self.watchers == 0
     }
 }

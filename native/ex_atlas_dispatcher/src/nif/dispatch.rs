@@ -12,12 +12,13 @@ use super::skip::{gate, refused};
 use super::term::{decode_or_undefined, pid_to_raw, Outgoing};
 use super::timeslice::{send_within, Timeslice, TIMESLICE};
 use crate::fanout::{Refused, Reservation};
+use crate::history::Track;
 use crate::route::{self, Work};
 use crate::sync::lock;
 use rustler::{Atom, Binary, Encoder, Env, Resource, ResourceArc, Term};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// A dispatch to at most this many subscriptions in the lanes is sent by the caller
@@ -43,6 +44,9 @@ pub(super) struct Pending {
     work: Mutex<Work>,
     /// 1 + the lane of a credit granted and not used yet; 0 when none.
     granted: AtomicUsize,
+    /// The dispatch's handle while its topic has a `:catch_up` watch, let go once the
+    /// caller has handed over and sent everything (see `history::parked`).
+    track: Mutex<Option<Arc<Track>>>,
 }
 
 /// How far a dispatch got.
@@ -214,13 +218,14 @@ fn dispatch_to<'a>(
     message: Term<'a>,
 ) -> Term<'a> {
     let mut slice = Timeslice::new(env);
-    let snapshot = match &dispatcher.history {
-        None => dispatcher.registry.snapshot(topic),
+    let recorded = match &dispatcher.history {
+        None => dispatcher.registry.snapshot(topic).map(|s| (s, None)),
         Some(history) => record(env, dispatcher, history, topic, message, &mut slice),
     };
-    let Ok(snapshot) = snapshot else {
+    let Ok((snapshot, track)) = recorded else {
         return atoms::closed().encode(env);
     };
+    let track = track.map(Arc::new);
     dispatcher.activity.dispatched();
     let mut producer = None;
     let mut work = route::route(
@@ -237,6 +242,7 @@ fn dispatch_to<'a>(
         dispatcher,
         &mut work,
         message,
+        track.as_ref(),
         &mut slice,
         |lane| match dispatcher.lanes.try_reserve(lane) {
             Ok(()) => Ok(true),
@@ -255,6 +261,7 @@ fn dispatch_to<'a>(
         dispatcher: dispatcher.clone(),
         work: Mutex::new(work),
         granted: AtomicUsize::new(0),
+        track: Mutex::new(track),
     });
     (tag, pending).encode(env)
 }
@@ -267,6 +274,7 @@ fn proceed<'a>(
     dispatcher: &ResourceArc<Dispatcher>,
     work: &mut Work,
     message: Term<'a>,
+    track: Option<&Arc<Track>>,
     slice: &mut Timeslice<'a>,
     mut reserve: impl FnMut(usize) -> Result<bool, ()>,
 ) -> Progress {
@@ -279,7 +287,7 @@ fn proceed<'a>(
         }
         // At most one entry per lane: the shift is a few words.
         let (lane, part, start) = work.hand_over.remove(0);
-        hand_over(env, dispatcher, lane, part, start, message);
+        hand_over(env, dispatcher, lane, part, start, message, track);
     }
     while let Some((part, start)) = work.inline.first_mut() {
         let gate = gate(dispatcher, part);
@@ -323,29 +331,44 @@ fn resume<'a>(env: Env<'a>, pending: ResourceArc<Pending>, message: Term<'a>) ->
     let dispatcher = &pending.dispatcher;
     let mut slice = Timeslice::new(env);
     let mut work = lock(&pending.work);
-    let progress = proceed(env, dispatcher, &mut work, message, &mut slice, |lane| {
-        let granted = pending
-            .granted
-            .compare_exchange(lane + 1, 0, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if granted {
-            return Ok(true);
-        }
-        let waiter = Waiter {
-            pid: pid_to_raw(&env.pid()),
-            pending: pending.clone(),
-        };
-        match dispatcher
-            .lanes
-            .reserve_or_queue(lane, waiter, granting(env, lane))
-        {
-            Ok(Reservation::Taken) => Ok(true),
-            Ok(Reservation::Queued) => Ok(false),
-            Err(_) => Err(()),
-        }
-    });
+    let track = lock(&pending.track).clone();
+    let progress = proceed(
+        env,
+        dispatcher,
+        &mut work,
+        message,
+        track.as_ref(),
+        &mut slice,
+        |lane| {
+            let granted = pending
+                .granted
+                .compare_exchange(lane + 1, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+            if granted {
+                return Ok(true);
+            }
+            let waiter = Waiter {
+                pid: pid_to_raw(&env.pid()),
+                pending: pending.clone(),
+            };
+            match dispatcher
+                .lanes
+                .reserve_or_queue(lane, waiter, granting(env, lane))
+            {
+                Ok(Reservation::Taken) => Ok(true),
+                Ok(Reservation::Queued) => Ok(false),
+                Err(_) => Err(()),
+            }
+        },
+    );
     drop(work);
     slice.finish();
+    if matches!(progress, Progress::Done | Progress::Closed) {
+        // Nothing more will be sent for it: let go now, not when the caller's heap
+        // drops `pending`.
+        let released = lock(&pending.track).take();
+        drop((track, released));
+    }
     match progress {
         Progress::Done => atoms::ok(),
         Progress::NoRoom => atoms::wait(),

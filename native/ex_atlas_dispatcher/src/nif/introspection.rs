@@ -83,6 +83,7 @@ fn stats(dispatcher: ResourceArc<Dispatcher>) -> Vec<(Atom, u64)> {
     stats.push((atoms::replay_messages(), kept.messages as u64));
     stats.push((atoms::replay_bytes(), kept.bytes as u64));
     stats.push((atoms::replay_joiners(), kept.joiners as u64));
+    stats.push((atoms::replay_parked(), kept.parked as u64));
     stats.push((atoms::replay_retained_bytes(), kept.retained as u64));
     stats.push((atoms::replay_cuts(), kept.cuts));
     stats.push((atoms::replay_missed(), kept.missed));

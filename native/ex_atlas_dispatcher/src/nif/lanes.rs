@@ -10,10 +10,12 @@ use super::skip::{gate, refused};
 use super::term::{current_process_alive, pid_from_raw, pid_to_raw, send_from, Outgoing};
 use super::timeslice::{send_within, Timeslice, TIMESLICE};
 use crate::handoff::{Handed, Installed, Tracked};
+use crate::history::Track;
 use crate::registry::Part;
 use crate::sync::lock;
 use rustler::{Atom, Encoder, Env, LocalPid, Resource, ResourceArc, Term};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Longest a `deliver` call sends before it returns and lets the sender be preempted:
@@ -37,6 +39,9 @@ pub(super) struct Batch {
     producer: u64,
     cursor: AtomicUsize,
     done: AtomicBool,
+    /// Its dispatch's handle while the topic has a `:catch_up` watch: let go once the
+    /// batch will send nothing more (see `history::parked`).
+    track: Mutex<Option<Arc<Track>>>,
 }
 
 impl Tracked for Batch {
@@ -65,12 +70,21 @@ impl Batch {
     /// step): counts the deliveries it had not made as lost and gives its credit back,
     /// to the first waiting producer if any.
     pub(super) fn give_back_undelivered(&self, env: Env<'_>) {
+        self.let_go();
         let lost = self
             .part
             .len()
             .saturating_sub(self.cursor.load(Ordering::Acquire));
         let grant = granting(env, self.lane);
         self.dispatcher.lanes.give_back(self.lane, lost, grant);
+    }
+}
+
+impl Batch {
+    /// It will send nothing more: its dispatch no longer waits for it.
+    fn let_go(&self) {
+        let track = lock(&self.track).take();
+        drop(track);
     }
 }
 
@@ -104,6 +118,7 @@ pub(super) fn hand_over<'a>(
     part: Part,
     start: usize,
     message: Term<'a>,
+    track: Option<&Arc<Track>>,
 ) {
     let batch = ResourceArc::new(Batch {
         dispatcher: dispatcher.clone(),
@@ -112,6 +127,7 @@ pub(super) fn hand_over<'a>(
         producer: pid_to_raw(&env.pid()),
         cursor: AtomicUsize::new(start),
         done: AtomicBool::new(false),
+        track: Mutex::new(track.cloned()),
     });
     let handed = dispatcher.senders[lane].hand(
         batch.clone(),
@@ -129,6 +145,7 @@ fn advance(env: Env<'_>, batch: &ResourceArc<Batch>, next: usize) -> bool {
     batch.cursor.store(next, Ordering::Release);
     let done = next >= batch.part.len();
     if done && !batch.done.swap(true, Ordering::AcqRel) {
+        batch.let_go();
         let dispatcher = &batch.dispatcher;
         dispatcher.senders[batch.lane].finish(batch);
         dispatcher

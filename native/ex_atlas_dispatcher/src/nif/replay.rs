@@ -10,7 +10,7 @@ use super::kept::{Kept, Scratch};
 use super::subscriptions::subscribe_in;
 use super::term::{pid_to_raw, send_from};
 use super::timeslice::Timeslice;
-use crate::history::{Entry, Evicted, History, JoinRefused, NotJoining, Take};
+use crate::history::{Entry, Evicted, History, JoinRefused, NotJoining, Take, Track};
 use crate::registry::{ClosedError, Snapshot};
 use crate::sync::lock;
 use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, ResourceArc, Term};
@@ -28,7 +28,7 @@ const REPLAY_CHUNK_BYTES: usize = 1 << 20;
 /// registry or released then), and whether it goes to the direct partition.
 pub(super) struct Joining {
     pub(super) monitor: Monitor,
-    direct: bool,
+    pub(super) direct: bool,
 }
 
 /// Starts subscribing the caller to `topic` with the `n` most recent messages kept
@@ -93,6 +93,7 @@ fn replay<'a>(env: Env<'a>, dispatcher: ResourceArc<Dispatcher>, topic: Binary<'
     let chunk_bytes = locked.chunk_bytes().min(REPLAY_CHUNK_BYTES);
     let (missed, entries) = match locked.take(name, raw, REPLAY_CHUNK, chunk_bytes) {
         Take::Removed => return removed(&dispatcher).encode(env),
+        Take::Parked => return atoms::parked().encode(env),
         Take::CaughtUp { data, freed } => {
             return enter(env, &dispatcher, locked, name, raw, data, freed).encode(env);
         }
@@ -205,7 +206,7 @@ pub(super) fn record(
     topic: &[u8],
     message: Term<'_>,
     slice: &mut Timeslice<'_>,
-) -> Result<Snapshot, ClosedError> {
+) -> Result<(Snapshot, Option<Track>), ClosedError> {
     slice.start();
     let kept = Kept::of(env, message);
     let mut history = lock(history);
@@ -217,9 +218,10 @@ pub(super) fn record(
         // Closed while this dispatch was under way.
         return Err(ClosedError);
     };
+    let track = history.track(topic);
     let snapshot = dispatcher.registry.snapshot(topic);
     drop(history);
     // Freed after the lock.
     drop(evicted);
-    snapshot
+    Ok((snapshot?, track))
 }

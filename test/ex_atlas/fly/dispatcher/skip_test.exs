@@ -257,14 +257,14 @@ defmodule ExAtlas.Fly.Dispatcher.SkipTest do
       fill_until_skipping(pid, topic, 1..12)
 
       assert_receive {:telemetry, @skip_event, %{queue_len: 12, skipped: 0}, meta}, 5_000
-      assert meta == %{topic: topic, subscriber: pid, phase: :start}
+      assert meta == %{topic: topic, subscriber: pid, phase: :start, on_slow: :skip}
       assert Dispatcher.stats().skipping == before.skipping + 1
       dispatch_range(topic, 13..16)
       assert Dispatcher.stats().skipped == before.skipped + 4
       drain_until_resumed(pid, topic)
 
       assert_receive {:telemetry, @skip_event, %{queue_len: 0, skipped: 4}, meta}, 5_000
-      assert meta == %{topic: topic, subscriber: pid, phase: :stop}
+      assert meta == %{topic: topic, subscriber: pid, phase: :stop, on_slow: :skip}
       assert Dispatcher.stats().skipping == before.skipping
       Process.exit(pid, :kill)
     end
@@ -320,10 +320,10 @@ defmodule ExAtlas.Fly.Dispatcher.SkipTest do
   end
 
   describe "bad values and the other modes" do
-    test "on_slow must be :evict or :skip; the error names the value" do
+    test "on_slow must be :evict, :skip or :catch_up; the error names the value" do
       topic = unique_topic("skip_bad")
 
-      for bad <- [:skipp, "skip", nil, {:skip}, :catch_up] do
+      for bad <- [:skipp, "skip", nil, {:skip}, :catchup] do
         error =
           assert_raise ArgumentError, fn ->
             Dispatcher.subscribe_with_backpressure(topic, on_slow: bad)

@@ -103,6 +103,75 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
     end
   end
 
+  @doc """
+  `ExAtlas.Fly.Dispatcher.catch_up/1`: the caller, parked on `topic` by the watchdog
+  (`on_slow: :catch_up`), sends itself what was kept for it, then is back in the registry.
+  It first waits (in a plain `receive`, a millisecond or more at a time) while dispatches
+  from before it was parked are still being sent to it: one of them would otherwise reach
+  it after a later one of the same producer. `:ok` at once when it is not parked.
+  """
+  @spec unpark(binary()) :: :ok
+  def unpark(topic) do
+    dispatcher = dispatcher!()
+    unpark(dispatcher, topic, 1)
+  end
+
+  defp unpark(dispatcher, topic, pause) do
+    case Native.unpark(dispatcher, topic) do
+      :ok ->
+        # What those sent it is fetched before anything it sends itself.
+        fetch_signals()
+
+        case catch_up(dispatcher, topic) do
+          :closed -> not_running!(:call)
+          :too_many_topics -> raise ArgumentError, "the registry holds too many topics (2^32)"
+          # :ok, or removed or exiting meanwhile, as subscribe_replay/2 answers.
+          _ -> :ok
+        end
+
+      :wait ->
+        receive do
+        after
+          pause -> unpark(dispatcher, topic, min(pause * 2, 16))
+        end
+
+      :not_parked ->
+        :ok
+    end
+  end
+
+  @doc """
+  For the watchdog: one more (`true`) or one fewer `on_slow: :catch_up` watch on `topic`.
+  Raises `ArgumentError` when the registry keeps no history (`replay: 0`), which
+  `:catch_up` needs, or when no registry runs.
+  """
+  @spec watch_parking(binary(), boolean()) :: :ok
+  def watch_parking(topic, more) do
+    case Native.watch_parking(dispatcher!(), topic, more) do
+      :ok ->
+        :ok
+
+      :plain ->
+        raise ArgumentError,
+              "on_slow: :catch_up needs the registry to keep recent dispatches, and it " <>
+                "keeps none: set `config :ex_atlas, :fly, replay: n` (n > 0, with " <>
+                "`replay_memory:` as its bound), or use on_slow: :skip"
+    end
+  end
+
+  @doc """
+  For the watchdog: parks `pid` on `topic` (`on_slow: :catch_up`). True when it is parked
+  now (by this call or an earlier one); false when it could not be: it has no
+  subscription to `topic`, or it is catching up on it (not yet back in the registry; a
+  later poll parks it, if it is still behind then). Raises `ArgumentError` when no
+  registry runs.
+  """
+  @spec park(binary(), pid()) :: boolean()
+  def park(topic, pid) do
+    direct = Process.info(pid, :message_queue_data) == {:message_queue_data, :off_heap}
+    Native.park(dispatcher!(), topic, pid, direct) in [:ok, :parked]
+  end
+
   defp fetch_signals do
     ref = make_ref()
 
@@ -302,8 +371,10 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   def stats do
     dispatcher = dispatcher!()
     {skipping, skipped, entries} = Native.skip_stats(dispatcher)
-    skips = %{skipping: skipping, skipped: skipped, skip_entries: entries}
-    dispatcher |> Native.stats() |> Map.new() |> Map.merge(skips)
+    stats = dispatcher |> Native.stats() |> Map.new()
+    # Parked `:catch_up` subscriptions are skipped too, until they catch up.
+    skipping = skipping + Map.get(stats, :replay_parked, 0)
+    Map.merge(stats, %{skipping: skipping, skipped: skipped, skip_entries: entries})
   end
 
   @doc """

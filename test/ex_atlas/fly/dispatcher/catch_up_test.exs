@@ -1,0 +1,427 @@
+defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
+  # subscribe_with_backpressure/2 with `on_slow: :catch_up`: a subscriber that is behind is
+  # parked, what is dispatched meanwhile waits in the history, and catch_up/1 delivers it
+  # in order, once, with a gap notice only for what the history no longer held. The slow
+  # state is forced as in skip_test.exs (the watchdog suspended while the mailbox fills);
+  # the property test runs producers throughout. The module restarts the application with
+  # its own settings, so it runs alone.
+  use ExUnit.Case, async: false
+
+  import ExAtlas.Test.Commanded
+  import ExAtlas.Test.FlyEnv
+  import ExAtlas.Test.Replay, only: [account: 3, split_gaps: 1]
+
+  alias ExAtlas.Fly.Dispatcher
+  alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
+  alias ExAtlas.Fly.Dispatcher.Native
+  alias ExAtlas.Fly.Dispatcher.Watchdog
+  alias ExAtlas.Test.BufferedSignals
+  alias ExAtlas.Test.LogForwarder
+
+  @moduletag :capture_log
+  @moduletag timeout: 300_000
+
+  setup do
+    restart_app(replay: 100_000, replay_memory: 256 * 1024 * 1024)
+    :ok
+  end
+
+  defp spawn_slow(topic, opts) do
+    spawn_commanded(fn -> :ok = Dispatcher.subscribe_with_backpressure(topic, opts) end)
+  end
+
+  defp drain(acc \\ []) do
+    receive do
+      message -> drain([message | acc])
+    after
+      0 -> Enum.reverse(acc)
+    end
+  end
+
+  defp dispatch_range(topic, range) do
+    for n <- range, do: :ok = Dispatcher.dispatch(topic, {:n, n})
+    :ok = Dispatcher.sync()
+  end
+
+  defp fill_until_parked(pid, topic, range) do
+    dog = Process.whereis(Watchdog)
+    :ok = :sys.suspend(dog)
+    dispatch_range(topic, range)
+    :ok = :sys.resume(dog)
+    eventually(fn -> Watchdog.watch_info(pid, topic).skipping end)
+    eventually(fn -> RegistryBackend.stats().replay_parked == 1 end)
+  end
+
+  # Runs in the subscriber: waits for the watchdog's notice, catches up, returns its
+  # mailbox (the notice left out).
+  defp catch_up_on_notice(topic) do
+    receive do
+      {:ex_atlas_fly_behind, ^topic} -> :ok
+    after
+      5_000 -> raise "no {:ex_atlas_fly_behind, #{inspect(topic)}}"
+    end
+
+    :ok = Dispatcher.catch_up(topic)
+    drain()
+  end
+
+  defp idle_subscribers(topic, count) do
+    parent = self()
+
+    for _ <- 1..count//1 do
+      pid =
+        spawn_link(fn ->
+          :ok = Dispatcher.subscribe(topic)
+          send(parent, {:idle, self()})
+          idle()
+        end)
+
+      assert_receive {:idle, ^pid}, 5_000
+      pid
+    end
+  end
+
+  defp idle do
+    receive do
+      _ -> idle()
+    end
+  end
+
+  defp figures do
+    Map.take(RegistryBackend.stats(), [
+      :skipping,
+      :replay_joiners,
+      :replay_parked,
+      :replay_monitors,
+      :monitors,
+      :subscriptions
+    ])
+  end
+
+  describe "in :registry mode" do
+    for {path, extra} <- [inline: 0, lanes: 20] do
+      test "#{path}: parked, it misses nothing, and catch_up/1 brings it all, in order" do
+        topic = unique_topic("catch_up_#{unquote(path)}")
+        idle_subscribers(topic, unquote(extra))
+        pid = spawn_slow(topic, on_slow: :catch_up, threshold: 20, poll_ms: 10)
+        assert Dispatcher.count(topic) == unquote(extra) + 1
+
+        fill_until_parked(pid, topic, 1..30)
+        # Parked: out of the registry; what follows waits in the history.
+        assert Dispatcher.count(topic) == unquote(extra)
+        assert RegistryBackend.stats().skipping == 1
+        dispatch_range(topic, 31..80)
+
+        # It reads its mailbox (the 30 from before), recovers, is told, and catches up.
+        assert run_in(pid, fn -> drain() end) == for(n <- 1..30, do: {:n, n})
+        assert run_in(pid, fn -> catch_up_on_notice(topic) end) == for(n <- 31..80, do: {:n, n})
+        assert Dispatcher.count(topic) == unquote(extra) + 1
+        assert %{skipping: 0, replay_parked: 0, replay_joiners: 0} = figures()
+
+        # Live again, and a second episode works the same.
+        dispatch_range(topic, 81..90)
+        assert run_in(pid, fn -> drain() end) == for(n <- 81..90, do: {:n, n})
+        fill_until_parked(pid, topic, 91..115)
+        dispatch_range(topic, 116..120)
+        assert run_in(pid, fn -> drain() end) == for(n <- 91..115, do: {:n, n})
+
+        assert run_in(pid, fn -> catch_up_on_notice(topic) end) ==
+                 for(n <- 116..120, do: {:n, n})
+
+        Process.exit(pid, :kill)
+      end
+    end
+
+    test "what the history no longer holds is told, exactly, in its place" do
+      # 64 KiB of history: a joiner may hold a sixteenth of it, so most of what a parked
+      # subscriber misses goes, and is told; the newest stay.
+      restart_app(replay: 100_000, replay_memory: 64 * 1024)
+      topic = unique_topic("catch_up_cut")
+      pid = spawn_slow(topic, on_slow: :catch_up, threshold: 10, poll_ms: 10)
+      fill_until_parked(pid, topic, 1..11)
+      dispatch_range(topic, 12..2_000)
+      assert length(run_in(pid, fn -> drain() end)) == 11
+      got = run_in(pid, fn -> catch_up_on_notice(topic) end)
+      {gaps, messages} = split_gaps(got)
+      assert [_ | _] = gaps, "64 KiB cannot keep 1 989 messages for it"
+      assert Enum.sum(gaps) + length(messages) == 2_000 - 11
+      numbers = for {:n, n} <- messages, do: n
+      assert numbers == Enum.sort(numbers) and List.last(numbers) == 2_000
+      # Each notice sits at its gap: the numbers around it differ by what it tells.
+      assert hd(got) == {:ex_atlas_fly_gap, topic, hd(numbers) - 12}
+      Process.exit(pid, :kill)
+    end
+
+    test "catch_up/1 waits for what was dispatched before the park, still in a lane" do
+      # The lanes' senders hold a dispatch from before the park (suspended); the
+      # subscriber asks to catch up meanwhile: it must not send itself the later dispatch
+      # first, as that would put one producer's messages out of order.
+      topic = unique_topic("catch_up_barrier")
+      idle_subscribers(topic, 20)
+      pid = spawn_slow(topic, on_slow: :catch_up, threshold: 1_000, poll_ms: 1_000)
+      senders = Native.senders(RegistryBackend.dispatcher!())
+      for sender <- senders, do: :ok = :sys.suspend(sender)
+      :ok = Dispatcher.dispatch(topic, {:n, 1})
+      assert RegistryBackend.park(topic, pid)
+      :ok = Dispatcher.dispatch(topic, {:n, 2})
+
+      send(pid, {:run, fn -> {Dispatcher.catch_up(topic), drain()} end})
+      refute_receive {:ran, ^pid, _}, 200
+      for sender <- senders, do: :ok = :sys.resume(sender)
+      assert_receive {:ran, ^pid, {:ok, [{:n, 1}, {:n, 2}]}}, 5_000
+      Process.exit(pid, :kill)
+    end
+
+    test "unsubscribing or exiting while parked leaves nothing behind" do
+      topic = unique_topic("catch_up_leave")
+      before = figures()
+
+      for leave <- [:unsubscribe, :exit] do
+        pid = spawn_slow(topic, on_slow: :catch_up, threshold: 10, poll_ms: 10)
+        fill_until_parked(pid, topic, 1..11)
+        dispatch_range(topic, 12..20)
+
+        case leave do
+          :unsubscribe -> run_in(pid, fn -> Dispatcher.unsubscribe(topic) end)
+          :exit -> Process.exit(pid, :kill)
+        end
+
+        eventually(fn -> figures() == before end)
+        eventually(fn -> Watchdog.watch_info(pid, topic) == nil end)
+        if leave == :unsubscribe, do: assert(run_in(pid, fn -> drain() end) |> length() == 11)
+        Process.exit(pid, :kill)
+      end
+
+      # The topic tracks nothing more: its log went with its last watch.
+      dispatch_range(topic, 21..30)
+      assert Dispatcher.count(topic) == 0
+    end
+
+    test "catch_up/1 when not parked returns :ok and changes nothing" do
+      topic = unique_topic("catch_up_idle")
+      assert Dispatcher.catch_up(topic) == :ok
+      :ok = Dispatcher.subscribe_with_backpressure(topic, on_slow: :catch_up)
+      assert Dispatcher.catch_up(topic) == :ok
+      dispatch_range(topic, 1..3)
+      assert drain() == [{:n, 1}, {:n, 2}, {:n, 3}]
+      :ok = Dispatcher.unsubscribe(topic)
+    end
+
+    test "bad values" do
+      assert_raise ArgumentError, ~r/:on_slow.*:evict, :skip or :catch_up.*:later/, fn ->
+        Dispatcher.subscribe_with_backpressure("t", on_slow: :later)
+      end
+
+      assert_raise ArgumentError, ~r/expected a binary topic|topic/, fn ->
+        Dispatcher.catch_up(:not_a_binary)
+      end
+
+      # Without a history there is nothing to catch up from: refused, and said why, with
+      # no subscription or watch left behind.
+      restart_app(replay: 0)
+      topic = unique_topic("catch_up_no_history")
+
+      assert_raise ArgumentError, ~r/on_slow: :catch_up needs the registry to keep/, fn ->
+        Dispatcher.subscribe_with_backpressure(topic, on_slow: :catch_up)
+      end
+
+      assert Dispatcher.count(topic) == 0
+      assert Watchdog.watch_info(self(), topic) == nil
+    end
+
+    test "under producers, parked and caught up again and again (property)" do
+      numtests = String.to_integer(System.get_env("EX_ATLAS_PROPER_NUMTESTS", "12"))
+
+      # The first fault is kept: a shrunk case need not fail the same way again.
+      property =
+        :proper.forall(catch_up_case(), fn params ->
+          # PropEr 1.4 cannot report an exception on OTP 25 (it calls
+          # erlang:get_stacktrace/0): one is a fault like any other.
+          fault =
+            try do
+              check_case(run_case(params), params)
+            rescue
+              error -> Exception.format(:error, error, __STACKTRACE__)
+            end
+
+          if fault, do: Process.put(:first_fault, Process.get(:first_fault) || {params, fault})
+          fault == nil
+        end)
+
+      result = :proper.quickcheck(property, [:quiet, {:numtests, numtests}])
+
+      if result != true do
+        {params, fault} = Process.get(:first_fault)
+        flunk("catch-up case failed: #{inspect(params)}\n#{fault}")
+      end
+    end
+  end
+
+  describe "in the other modes" do
+    test "a plain subscription with the fallback warning, and catch_up/1 does nothing" do
+      id = :"catch_up_test_#{System.unique_integer([:positive])}"
+      :ok = :logger.add_handler(id, LogForwarder, %{config: %{to: self()}})
+      on_exit(fn -> :logger.remove_handler(id) end)
+      # The warning comes once per start of the application: forget the ones said so far.
+      true = :ets.delete_all_objects(ExAtlas.Fly.Dispatcher.Warnings)
+
+      put_fly(dispatcher: {:mfa, {ExAtlas.Test.Sink, :drop, []}})
+      topic = unique_topic("catch_up_mfa")
+      assert :ok = Dispatcher.subscribe_with_backpressure(topic, on_slow: :catch_up)
+      assert_receive {:log, %{level: :warning, meta: %{topic: ^topic}} = event}, 5_000
+      assert :unicode.characters_to_binary(elem(event.msg, 1)) =~ "only works in :registry mode"
+      assert Watchdog.watch_info(self(), topic) == nil
+      assert Dispatcher.catch_up(topic) == :ok
+
+      define_phoenix_pubsub(:catch_up_test_pubsub)
+      put_fly(dispatcher: :phoenix_pubsub, pubsub: :catch_up_test_pubsub)
+      topic = unique_topic("catch_up_pubsub")
+      assert :ok = Dispatcher.subscribe_with_backpressure(topic, on_slow: :catch_up)
+      assert_receive {:log, %{level: :warning, meta: %{topic: ^topic}}}, 5_000
+      assert [{pid, _}] = Registry.lookup(:catch_up_test_pubsub, topic)
+      assert pid == self()
+      assert Dispatcher.catch_up(topic) == :ok
+      :ok = Dispatcher.dispatch(topic, :hello)
+      assert_receive :hello
+    end
+  end
+
+  # Property test: producers dispatch numbered messages until the subscriber has been
+  # parked and caught up `episodes` times; it stalls after subscribing and after each
+  # catch-up, so that its mailbox goes past the threshold again. Paced producers send a
+  # burst, then sleep a millisecond: the subscriber, catching up, outruns them, and must
+  # get everything. Producers at full speed can outrun it while it catches up (it is cut
+  # then, as any joiner, and told): what it gets must still add up exactly.
+  defp catch_up_case do
+    :proper_types.tuple([
+      # producers, threshold, stall in ms, episodes, idle subscribers (0: inline sends;
+      # 20: the lanes), off-heap (forced buffered) subscriber, burst (nil: full speed)
+      :proper_types.range(1, 3),
+      :proper_types.range(5, 60),
+      :proper_types.range(5, 40),
+      :proper_types.range(1, 3),
+      :proper_types.oneof([:proper_types.exactly(0), :proper_types.exactly(20)]),
+      :proper_types.boolean(),
+      :proper_types.oneof([:proper_types.range(1, 20), :proper_types.exactly(nil)])
+    ])
+  end
+
+  defp run_case({producers, threshold, stall, episodes, extra, off_heap, burst}) do
+    topic = unique_topic("catch_up_prop")
+    idle = idle_subscribers(topic, extra)
+    if off_heap, do: BufferedSignals.enable_internal_state()
+    parent = self()
+    opts = [on_slow: :catch_up, threshold: threshold, poll_ms: 5]
+
+    subscriber =
+      spawn_link(fn ->
+        if off_heap do
+          Process.flag(:message_queue_data, :off_heap)
+          :erts_debug.set_internal_state(:proc_sig_buffers, true)
+        end
+
+        :ok = Dispatcher.subscribe_with_backpressure(topic, opts)
+        send(parent, {:subscribed, self()})
+        fall_behind(threshold, stall)
+        receive_loop(parent, topic, {threshold, stall}, [])
+      end)
+
+    assert_receive {:subscribed, ^subscriber}, 5_000
+    producer_pids = for p <- 1..producers, do: start_producer(topic, p, burst)
+
+    for _ <- 1..episodes do
+      receive do
+        {:episode, ^subscriber} -> :ok
+      after
+        10_000 ->
+          info = Process.info(subscriber, [:current_stacktrace, :message_queue_len])
+          watch = Watchdog.watch_info(subscriber, topic)
+          flunk("not parked and caught up: #{inspect(info)}, watch #{inspect(watch)}")
+      end
+    end
+
+    lasts = for pid <- producer_pids, do: stop_producer(pid)
+    send(subscriber, {:collect, self()})
+    assert_receive {:got, ^subscriber, got}, 10_000
+    for pid <- idle, do: Process.unlink(pid) && Process.exit(pid, :kill)
+    {got, lasts}
+  end
+
+  # Reads nothing until its mailbox is past the threshold, and then for `stall` ms more,
+  # so that a poll sees it there; gives up after a second (the producers stopped).
+  defp fall_behind(threshold, stall, waited \\ 0) do
+    case Process.info(self(), :message_queue_len) do
+      {:message_queue_len, n} when n > threshold ->
+        Process.sleep(stall)
+
+      _ when waited >= 1_000 ->
+        :ok
+
+      _ ->
+        Process.sleep(1)
+        fall_behind(threshold, stall, waited + 1)
+    end
+  end
+
+  defp receive_loop(parent, topic, {threshold, stall} = slow, got) do
+    receive do
+      {:ex_atlas_fly_behind, ^topic} ->
+        :ok = Dispatcher.catch_up(topic)
+        send(parent, {:episode, self()})
+        fall_behind(threshold, stall)
+        receive_loop(parent, topic, slow, got)
+
+      {:collect, from} ->
+        # Whatever is still kept for it comes now; no producer runs any more.
+        :ok = Dispatcher.catch_up(topic)
+        rest = Enum.reject(drain(), &match?({:ex_atlas_fly_behind, _}, &1))
+        send(from, {:got, self(), Enum.reverse(got, rest)})
+
+      message ->
+        receive_loop(parent, topic, slow, [message | got])
+    end
+  end
+
+  # Every number of every producer, exactly once or inside the count of a notice at its
+  # place, in order. The history is large enough to keep everything: with paced
+  # producers, no gap is allowed.
+  defp check_case({got, lasts}, params) do
+    {gaps, _messages} = split_gaps(got)
+
+    cond do
+      fault = account(got, lasts, Enum.map(lasts, fn _ -> 1 end)) ->
+        "#{fault} in #{inspect(got, limit: 30)}"
+
+      gaps != [] and elem(params, 6) != nil ->
+        "gap notices #{inspect(gaps, limit: 10)} with everything kept, paced producers"
+
+      true ->
+        nil
+    end
+  end
+
+  defp start_producer(topic, p, burst) do
+    parent = self()
+    spawn_link(fn -> produce(parent, topic, p, 1, burst) end)
+  end
+
+  defp produce(parent, topic, p, n, burst) do
+    receive do
+      :stop ->
+        :ok = Dispatcher.sync()
+        send(parent, {:last, self(), n - 1})
+    after
+      0 ->
+        count = burst || 1
+        for i <- n..(n + count - 1), do: :ok = Dispatcher.dispatch(topic, {:seq, p, i, nil})
+        if burst, do: Process.sleep(1)
+        produce(parent, topic, p, n + count, burst)
+    end
+  end
+
+  defp stop_producer(pid) do
+    send(pid, :stop)
+    assert_receive {:last, ^pid, last}, 30_000
+    last
+  end
+end
