@@ -95,6 +95,13 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
   @spec unpark(dispatcher(), binary()) :: :ok | :wait | :not_parked
   def unpark(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
 
+  @doc """
+  Cluster mode: whether this node wants `topic`'s dispatches (a subscription, or a
+  subscriber catching up on it or parked on it).
+  """
+  @spec wanted(dispatcher(), binary()) :: boolean()
+  def wanted(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
+
   @spec unsubscribe(dispatcher(), binary()) :: :ok
   def unsubscribe(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
 

@@ -164,6 +164,23 @@ impl<M, J> History<M, J> {
         })
     }
 
+    /// True when a subscriber is catching up on `topic` or parked on it: in cluster mode
+    /// the node still wants the topic's dispatches, though the registry may hold none.
+    pub fn has_joiners(&self, topic: &[u8]) -> bool {
+        self.topics
+            .get(topic)
+            .is_some_and(|log| !log.joiners.is_empty())
+    }
+
+    /// The topics with a joiner (see `has_joiners`).
+    pub fn joined_topics(&self) -> Vec<Arc<[u8]>> {
+        self.topics
+            .iter()
+            .filter(|(_, log)| !log.joiners.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Subscribers parked now, over all topics.
     pub(super) fn parked(&self) -> usize {
         self.topics
@@ -229,6 +246,8 @@ mod tests {
         assert!(matches!(h.take(b"t", 1, 3, usize::MAX), Take::Parked));
         assert_eq!(h.stats().parked, 1);
         assert!(h.is_parked(b"t", 1) && !h.is_parked(b"t", 2));
+        assert!(h.has_joiners(b"t") && !h.has_joiners(b"u"));
+        assert_eq!(h.joined_topics(), vec![Arc::<[u8]>::from(&b"t"[..])]);
         assert_eq!(h.unpark(b"t", 1), Unpark::Ready);
         assert!(!h.is_parked(b"t", 1), "a joiner catching up is not parked");
         assert_eq!(h.stats().parked, 0);

@@ -28,15 +28,30 @@ fn subscribers(dispatcher: ResourceArc<Dispatcher>, topic: Binary<'_>) -> Vec<Lo
         .collect()
 }
 
-/// Every topic with a local subscription, once each.
+/// Cluster mode: true while this node wants `topic`'s dispatches: it has a subscription
+/// to it, or a subscriber catching up on it or parked on it (`on_slow: :catch_up`), whom
+/// the history keeps the topic's dispatches for.
+#[rustler::nif]
+fn wanted(dispatcher: ResourceArc<Dispatcher>, topic: Binary<'_>) -> bool {
+    let topic = topic.as_slice();
+    dispatcher.registry.count(topic) > 0
+        || dispatcher
+            .history
+            .as_ref()
+            .is_some_and(|history| lock(history).has_joiners(topic))
+}
+
+/// Every topic this node wants (see `wanted/2`), once each.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn topics<'a>(env: Env<'a>, dispatcher: ResourceArc<Dispatcher>) -> Vec<Term<'a>> {
-    dispatcher
-        .registry
-        .topic_names()
-        .iter()
-        .map(|name| binary_term(env, name))
-        .collect()
+    let mut names = dispatcher.registry.topic_names();
+    if let Some(history) = &dispatcher.history {
+        let joined = lock(history).joined_topics();
+        names.extend(joined);
+        names.sort_unstable();
+        names.dedup();
+    }
+    names.iter().map(|name| binary_term(env, name)).collect()
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]

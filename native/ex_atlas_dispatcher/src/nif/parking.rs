@@ -85,6 +85,9 @@ fn park(
             &dispatcher.joiner_monitors,
         );
     }
+    // In cluster mode the relay checks the topic again: a parked subscriber still wants
+    // it (`wanted/2`), though the registry may hold no subscription to it any more.
+    dispatcher.tell_relay(env, raw, Some(topic));
     answer
 }
 

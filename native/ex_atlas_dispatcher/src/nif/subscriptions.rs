@@ -14,7 +14,7 @@ impl Dispatcher {
     /// Tells the relay (cluster mode) about each topic that `pid`'s last change (to
     /// `topic`, or to all its topics for `None`) created or emptied in its shard, with
     /// `{:"$ex_atlas_interest", topic}`: a hint, which the relay checks against
-    /// `count/2`, so hints from several processes may arrive in any order.
+    /// `wanted/2`, so hints from several processes may arrive in any order.
     pub(super) fn tell_relay(&self, env: Env<'_>, pid: u64, topic: Option<&[u8]>) {
         let relay = self.relay.load(Ordering::Acquire);
         if relay == 0 {

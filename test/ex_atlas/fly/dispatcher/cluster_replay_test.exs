@@ -60,6 +60,27 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterReplayTest do
         end
       end
 
+      # A subscriber with `on_slow: :catch_up` whose watchdog never acts on its own (the
+      # test parks it): `{ref, :subscribed}`; on `{ref, :park}` it is parked,
+      # `{ref, :parked, true}`; on `{ref, :catch_up}` it catches up and sends
+      # `{ref, :got, what it got}`.
+      @doc false
+      def parking_subscriber(parent, ref, topic) do
+        opts = [on_slow: :catch_up, threshold: 1_000_000, poll_ms: 3_600_000]
+        :ok = Dispatcher.subscribe_with_backpressure(topic, opts)
+        send(parent, {ref, :subscribed})
+
+        receive do
+          {^ref, :park} -> send(parent, {ref, :parked, RegistryBackend.park(topic, self())})
+        end
+
+        receive do
+          {^ref, :catch_up} ->
+            :ok = Dispatcher.catch_up(topic)
+            send(parent, {ref, :got, Replay.drain()})
+        end
+      end
+
       # Dispatches `{:seq, p, n, payload}` to `topic` for each n of `range`, then sends
       # `{:produced, p, sync(:cluster)}` to `parent`.
       @doc false
@@ -146,6 +167,32 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterReplayTest do
     assert received(c) - before[c] == 0
     # c keeps a history, but this node sent it nothing to keep.
     assert Peers.report(Peers.replay_subscriber(c, topic, 1_000_000)) == []
+  end
+
+  test "replay off here: a subscriber parked on b keeps b's interest and catches up on all",
+       %{b: b, c: c} do
+    # This node forwards only to nodes with interest. b's only subscriber is parked
+    # (on_slow: :catch_up): out of b's registry, but b still wants the topic, for it.
+    restart_app(cluster: true, replay: 0)
+    eventually(fn -> Enum.sort(Cluster.peers()) == Enum.sort([b, c]) end, 10_000)
+    topic = unique_topic("replay:parked")
+    ref = make_ref()
+    sub = Node.spawn(b, OnPeer, :parking_subscriber, [self(), ref, topic])
+    assert_receive {^ref, :subscribed}, 10_000
+    Peers.await_visible(node(), topic, [b])
+    send(sub, {ref, :park})
+    assert_receive {^ref, :parked, true}, 10_000
+    assert :erpc.call(b, Dispatcher, :count, [topic]) == 0
+    # b's relay was told, and stays in the topic's group.
+    Process.sleep(200)
+    Peers.await_visible(node(), topic, [b])
+
+    for seq <- 1..100, do: :ok = Dispatcher.dispatch(topic, {:p, :a, seq})
+    assert :ok = Dispatcher.sync(:cluster)
+    send(sub, {ref, :catch_up})
+    assert_receive {^ref, :got, got}, 10_000
+    assert got == messages(:a, 1..100)
+    assert Cluster.stats()[b].dropped == 0
   end
 
   test "subscribers joining another node mid-stream get a contiguous run up to the last dispatch",

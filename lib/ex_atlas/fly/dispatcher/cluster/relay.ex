@@ -5,7 +5,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
   #   * interest: it is a member of the `:pg` group of every topic with a local
   #     subscriber, in our own scope, so other nodes know where to send. The NIF tells
   #     it about topics created or emptied on this node (`{:"$ex_atlas_interest", topic}`,
-  #     a hint it checks against `count/2`), and it reads every topic when it starts;
+  #     a hint it checks against `wanted/2`), and it reads every topic when it starts;
   #   * receiving: dispatches from other nodes' links arrive in order per sender and go
   #     through the local fan-out (`Backend.Registry.dispatch_local/2`, with its bounds
   #     and the local watchdog). It counts them per sending node (over that node's
@@ -212,7 +212,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Relay do
   # Joins or leaves the topic's group as the local registry says now, whatever order the
   # hints came in.
   defp reconcile(state, topic) do
-    wanted = Native.count(state.dispatcher, topic) > 0
+    wanted = Native.wanted(state.dispatcher, topic)
     joined = MapSet.member?(state.joined, topic)
 
     cond do
