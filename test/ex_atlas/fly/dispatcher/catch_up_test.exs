@@ -17,9 +17,12 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
   alias ExAtlas.Fly.Dispatcher.Watchdog
   alias ExAtlas.Test.BufferedSignals
   alias ExAtlas.Test.LogForwarder
+  alias ExAtlas.Test.TelemetryStandIn
 
   @moduletag :capture_log
   @moduletag timeout: 300_000
+
+  @skip_event [:ex_atlas, :fly, :dispatcher, :skip]
 
   setup do
     restart_app(replay: 100_000, replay_memory: 256 * 1024 * 1024)
@@ -195,6 +198,27 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
       # The topic tracks nothing more: its log went with its last watch.
       dispatch_range(topic, 21..30)
       assert Dispatcher.count(topic) == 0
+    end
+
+    test "telemetry at the park and at the notice; stats/0 counts it skipping meanwhile" do
+      define_telemetry()
+      TelemetryStandIn.capture([@skip_event])
+      topic = unique_topic("catch_up_telemetry")
+      pid = spawn_slow(topic, on_slow: :catch_up, threshold: 10, poll_ms: 10)
+      fill_until_parked(pid, topic, 1..12)
+
+      assert_receive {:telemetry, @skip_event, %{queue_len: 12, skipped: 0}, meta}
+      assert meta == %{topic: topic, subscriber: pid, phase: :start, on_slow: :catch_up}
+      assert Dispatcher.stats().skipping == 1
+      assert length(run_in(pid, fn -> drain() end)) == 12
+
+      assert_receive {:telemetry, @skip_event, %{queue_len: 0, skipped: 0}, meta}
+      assert meta == %{topic: topic, subscriber: pid, phase: :stop, on_slow: :catch_up}
+      # Told, not yet caught up: still parked.
+      assert Dispatcher.stats().skipping == 1
+      assert run_in(pid, fn -> catch_up_on_notice(topic) end) == []
+      assert Dispatcher.stats().skipping == 0
+      Process.exit(pid, :kill)
     end
 
     test "catch_up/1 when not parked returns :ok and changes nothing" do
