@@ -295,6 +295,9 @@ defmodule SlowBench do
   @stall_at_ms 500
   @threshold 2_000
   @stall_ms 2_000
+  @policies [:skip, :evict, :none, :catch_up]
+  @replay 1_000_000
+  @replay_memory 256 * 1024 * 1024
 
   def slow(o) do
     machine = Bench.machine()
@@ -306,14 +309,14 @@ defmodule SlowBench do
     rounds = if o.quick, do: 1, else: 3
 
     runs =
-      for round <- 1..rounds, policy <- [:skip, :evict, :none] do
-        r = stall(policy)
+      for round <- 1..rounds, policy <- @policies do
+        r = with_replay(policy, fn -> stall(policy) end)
         IO.puts("round #{round} #{policy}: #{inspect(r)}")
         {policy, r}
       end
 
     rows =
-      for policy <- [:skip, :evict, :none] do
+      for policy <- @policies do
         rs = for {^policy, r} <- runs, do: r
         med = fn key -> Bench.median(for r <- rs, do: Map.fetch!(r, key)) end
         keys = Map.keys(hd(rs)) -- [:evicted]
@@ -345,10 +348,34 @@ defmodule SlowBench do
             "#{@flood_ms} ms to a topic with one fast and one stalled subscriber (threshold " <>
             "#{@threshold}, poll_ms 50; suspended with :erlang.suspend_process/1 at " <>
             "#{@stall_at_ms} ms, resumed #{@stall_ms} ms later); producer time is the time " <>
-            "spent in dispatch/2 and sync/0; VmRSS and the mailbox sampled every 10 ms"
+            "spent in dispatch/2 and sync/0; VmRSS and the mailbox sampled every 10 ms. " <>
+            ":catch_up runs with `replay: #{@replay}, replay_memory: #{@replay_memory}` (its " <>
+            "history is part of its VmRSS, and its producer time includes keeping every " <>
+            "dispatch), the others with replay off; its received include what catch_up/1 " <>
+            "brought, its missed what the history no longer held for it"
       )
 
     Bench.write(o.out, "watchdog_slow.md", [header, table])
+  end
+
+  # :catch_up needs a history: the registry is restarted with one for its rounds only.
+  defp with_replay(:catch_up, fun) do
+    restart(replay: @replay, replay_memory: @replay_memory)
+
+    try do
+      fun.()
+    after
+      restart(replay: 0)
+    end
+  end
+
+  defp with_replay(_policy, fun), do: fun.()
+
+  defp restart(settings) do
+    :ok = Application.stop(:ex_atlas)
+    fly = Keyword.merge(Application.get_env(:ex_atlas, :fly, []), settings)
+    :ok = Application.put_env(:ex_atlas, :fly, fly)
+    {:ok, _} = Application.ensure_all_started(:ex_atlas)
   end
 
   defp policy_name(:none), do: "plain subscribe/1 (no watch)"
@@ -439,16 +466,34 @@ defmodule SlowBench do
 
   defp sink(topic, parent, subscribe) do
     :ok = subscribe.(topic)
+    Process.put(:topic, topic)
     send(parent, {:ready, self()})
     sink_loop(0, 0, false)
   end
 
   defp sink_loop(received, missed, evicted) do
     receive do
-      {:line, _, _} -> sink_loop(received + 1, missed, evicted)
-      {:ex_atlas_fly_gap, _, n} -> sink_loop(received, missed + n, evicted)
-      {:ex_atlas_fly_backpressure_evict, _} -> sink_loop(received, missed, true)
-      {:report, to} -> send(to, {:counts, self(), received, missed, evicted})
+      {:line, _, _} ->
+        sink_loop(received + 1, missed, evicted)
+
+      {:ex_atlas_fly_gap, _, n} ->
+        sink_loop(received, missed + n, evicted)
+
+      {:ex_atlas_fly_backpressure_evict, _} ->
+        sink_loop(received, missed, true)
+
+      {:ex_atlas_fly_behind, topic} ->
+        :ok = Dispatcher.catch_up(topic)
+        sink_loop(received, missed, evicted)
+
+      {:report, to} ->
+        # Still parked (:catch_up): what waits for it comes now, and is counted.
+        :ok = Dispatcher.catch_up(Process.get(:topic))
+        send(self(), {:final, to})
+        sink_loop(received, missed, evicted)
+
+      {:final, to} ->
+        send(to, {:counts, self(), received, missed, evicted})
     end
   end
 

@@ -132,6 +132,7 @@ defmodule Bench do
   def rate(r), do: sig(r / 1_000_000) <> " M"
 
   # Bytes as `96 B`, `12.5 KiB`, `3.20 MiB`.
+  def bytes(b) when b < 0, do: "-" <> bytes(-b)
   def bytes(b) when b < 1_024, do: "#{round(b)} B"
   def bytes(b) when b < 1_048_576, do: sig(b / 1_024) <> " KiB"
   def bytes(b), do: sig(b / 1_048_576) <> " MiB"
