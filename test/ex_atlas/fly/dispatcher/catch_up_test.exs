@@ -9,7 +9,8 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
 
   import ExAtlas.Test.Commanded
   import ExAtlas.Test.FlyEnv
-  import ExAtlas.Test.Replay, only: [account: 3, split_gaps: 1]
+  import ExAtlas.Test.SlowSubscribers
+  import ExAtlas.Test.Replay, only: [account: 3, drain: 0, split_gaps: 1]
 
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
@@ -33,25 +34,8 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
     spawn_commanded(fn -> :ok = Dispatcher.subscribe_with_backpressure(topic, opts) end)
   end
 
-  defp drain(acc \\ []) do
-    receive do
-      message -> drain([message | acc])
-    after
-      0 -> Enum.reverse(acc)
-    end
-  end
-
-  defp dispatch_range(topic, range) do
-    for n <- range, do: :ok = Dispatcher.dispatch(topic, {:n, n})
-    :ok = Dispatcher.sync()
-  end
-
   defp fill_until_parked(pid, topic, range) do
-    dog = Process.whereis(Watchdog)
-    :ok = :sys.suspend(dog)
-    dispatch_range(topic, range)
-    :ok = :sys.resume(dog)
-    eventually(fn -> Watchdog.watch_info(pid, topic).skipping end)
+    fill_until_skipping(pid, topic, range)
     eventually(fn -> RegistryBackend.stats().replay_parked == 1 end)
   end
 
@@ -66,28 +50,6 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
 
     :ok = Dispatcher.catch_up(topic)
     drain()
-  end
-
-  defp idle_subscribers(topic, count) do
-    parent = self()
-
-    for _ <- 1..count//1 do
-      pid =
-        spawn_link(fn ->
-          :ok = Dispatcher.subscribe(topic)
-          send(parent, {:idle, self()})
-          idle()
-        end)
-
-      assert_receive {:idle, ^pid}, 5_000
-      pid
-    end
-  end
-
-  defp idle do
-    receive do
-      _ -> idle()
-    end
   end
 
   defp figures do

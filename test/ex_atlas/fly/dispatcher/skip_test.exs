@@ -9,6 +9,8 @@ defmodule ExAtlas.Fly.Dispatcher.SkipTest do
 
   import ExAtlas.Test.Commanded
   import ExAtlas.Test.FlyEnv
+  import ExAtlas.Test.SlowSubscribers
+  import ExAtlas.Test.Replay, only: [drain: 0]
 
   alias ExAtlas.Fly.Dispatcher
   alias ExAtlas.Fly.Dispatcher.Backend.Registry, as: RegistryBackend
@@ -31,15 +33,6 @@ defmodule ExAtlas.Fly.Dispatcher.SkipTest do
     end)
   end
 
-  # Everything in the caller's mailbox, in order.
-  defp drain(acc \\ []) do
-    receive do
-      message -> drain([message | acc])
-    after
-      0 -> Enum.reverse(acc)
-    end
-  end
-
   defp take(0), do: []
 
   defp take(count) do
@@ -53,21 +46,6 @@ defmodule ExAtlas.Fly.Dispatcher.SkipTest do
     eventually(fn -> Watchdog.watch_info(pid, topic).polls >= start + more end)
   end
 
-  defp dispatch_range(topic, range) do
-    for n <- range, do: :ok = Dispatcher.dispatch(topic, {:n, n})
-    :ok = Dispatcher.sync()
-  end
-
-  # Fills `pid`'s mailbox with `range` while the watchdog cannot poll, then lets it poll
-  # and waits until it started skipping `pid` on `topic`.
-  defp fill_until_skipping(pid, topic, range) do
-    dog = Process.whereis(Watchdog)
-    :ok = :sys.suspend(dog)
-    dispatch_range(topic, range)
-    :ok = :sys.resume(dog)
-    eventually(fn -> Watchdog.watch_info(pid, topic).skipping end)
-  end
-
   # Empties `pid`'s mailbox (returning it) and waits until the watchdog stopped skipping.
   defp drain_until_resumed(pid, topic) do
     messages = run_in(pid, fn -> drain() end)
@@ -76,30 +54,6 @@ defmodule ExAtlas.Fly.Dispatcher.SkipTest do
   end
 
   defp skip_stats, do: Map.take(RegistryBackend.stats(), [:skipping, :skipped, :skip_entries])
-
-  # Subscribers that take and drop everything: with them a topic has more than the 16
-  # subscriptions a producer sends itself, so its dispatches go through the lanes' senders.
-  defp idle_subscribers(topic, count) do
-    parent = self()
-
-    for _ <- 1..count//1 do
-      pid =
-        spawn_link(fn ->
-          :ok = Dispatcher.subscribe(topic)
-          send(parent, {:idle, self()})
-          idle()
-        end)
-
-      assert_receive {:idle, ^pid}, 5_000
-      pid
-    end
-  end
-
-  defp idle do
-    receive do
-      _ -> idle()
-    end
-  end
 
   describe "in :registry mode" do
     for {path, extra} <- [inline: 0, lanes: 20] do
