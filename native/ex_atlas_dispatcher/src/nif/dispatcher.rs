@@ -153,24 +153,30 @@ fn new(
 
 /// Closes the dispatcher for good: every later call answers `:closed`, every monitor
 /// is released, every waiting producer is woken (its `resume/2` answers `:closed`).
-/// Returns the subscribers it held, one pid each, so the caller can tell them.
+/// Returns the subscribers it held, one pid each, so the caller can tell them: those
+/// in the registry, and those catching up or parked (`on_slow: :catch_up`), which are
+/// not in the registry but whose subscription ends too.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn close(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>) -> Vec<LocalPid> {
-    let subscribers = dispatcher.registry.close();
-    for (_, monitor) in &subscribers {
+    let mut subscribers: Vec<u64> = Vec::new();
+    for (pid, monitor) in &dispatcher.registry.close() {
         release_monitor(env, &dispatcher, monitor, &dispatcher.subscriber_monitors);
+        subscribers.push(*pid);
     }
     if let Some(history) = &dispatcher.history {
         let cleared = lock(history).clear();
-        for (_, joining) in &cleared.joiners {
+        for (pid, joining) in &cleared.joiners {
             release_monitor(
                 env,
                 &dispatcher,
                 &joining.monitor,
                 &dispatcher.joiner_monitors,
             );
+            subscribers.push(*pid);
         }
         drop(cleared);
+        subscribers.sort_unstable();
+        subscribers.dedup();
     }
     let waiters = dispatcher.lanes.close();
     for waiter in &waiters {
@@ -181,8 +187,5 @@ fn close(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>) -> Vec<LocalPid> {
     // flight: dropped (an undelivered one is counted as lost when freed).
     let cleared: Vec<_> = dispatcher.senders.iter().map(|slot| slot.clear()).collect();
     drop(cleared);
-    subscribers
-        .into_iter()
-        .map(|(pid, _)| pid_from_raw(pid))
-        .collect()
+    subscribers.into_iter().map(pid_from_raw).collect()
 }

@@ -39,17 +39,31 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
     eventually(fn -> RegistryBackend.stats().replay_parked == 1 end)
   end
 
-  # Runs in the subscriber: waits for the watchdog's notice, catches up, returns its
-  # mailbox (the notice left out).
-  defp catch_up_on_notice(topic) do
-    receive do
-      {:ex_atlas_fly_behind, ^topic} -> :ok
-    after
-      5_000 -> raise "no {:ex_atlas_fly_behind, #{inspect(topic)}}"
-    end
+  # Waits in `pid` for the watchdog's notice, then has it catch up and returns its
+  # mailbox. The watchdog is held meanwhile: what catch_up/1 brings may put the mailbox
+  # past the threshold until it is read, and a poll then would park it again.
+  defp catch_up_on_notice(pid, topic) do
+    notice =
+      run_in(pid, fn ->
+        receive do
+          {:ex_atlas_fly_behind, ^topic} -> :ok
+        after
+          5_000 -> :no_notice
+        end
+      end)
 
-    :ok = Dispatcher.catch_up(topic)
-    drain()
+    assert notice == :ok
+    dog = Process.whereis(Watchdog)
+    :ok = :sys.suspend(dog)
+
+    try do
+      run_in(pid, fn ->
+        :ok = Dispatcher.catch_up(topic)
+        drain()
+      end)
+    after
+      :ok = :sys.resume(dog)
+    end
   end
 
   defp figures do
@@ -79,7 +93,7 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
 
         # It reads its mailbox (the 30 from before), recovers, is told, and catches up.
         assert run_in(pid, fn -> drain() end) == for(n <- 1..30, do: {:n, n})
-        assert run_in(pid, fn -> catch_up_on_notice(topic) end) == for(n <- 31..80, do: {:n, n})
+        assert catch_up_on_notice(pid, topic) == for(n <- 31..80, do: {:n, n})
         assert Dispatcher.count(topic) == unquote(extra) + 1
         assert %{skipping: 0, replay_parked: 0, replay_joiners: 0} = figures()
 
@@ -90,7 +104,7 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
         dispatch_range(topic, 116..120)
         assert run_in(pid, fn -> drain() end) == for(n <- 91..115, do: {:n, n})
 
-        assert run_in(pid, fn -> catch_up_on_notice(topic) end) ==
+        assert catch_up_on_notice(pid, topic) ==
                  for(n <- 116..120, do: {:n, n})
 
         Process.exit(pid, :kill)
@@ -106,7 +120,7 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
       fill_until_parked(pid, topic, 1..11)
       dispatch_range(topic, 12..2_000)
       assert length(run_in(pid, fn -> drain() end)) == 11
-      got = run_in(pid, fn -> catch_up_on_notice(topic) end)
+      got = catch_up_on_notice(pid, topic)
       {gaps, messages} = split_gaps(got)
       assert [_ | _] = gaps, "64 KiB cannot keep 1 989 messages for it"
       assert Enum.sum(gaps) + length(messages) == 2_000 - 11
@@ -178,9 +192,47 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
       assert meta == %{topic: topic, subscriber: pid, phase: :stop, on_slow: :catch_up}
       # Told, not yet caught up: still parked.
       assert Dispatcher.stats().skipping == 1
-      assert run_in(pid, fn -> catch_up_on_notice(topic) end) == []
+      assert catch_up_on_notice(pid, topic) == []
       assert Dispatcher.stats().skipping == 0
       Process.exit(pid, :kill)
+    end
+
+    test "a watchdog killed while a subscriber is parked: its successor tells it to catch up" do
+      topic = unique_topic("catch_up_dog_killed")
+      pid = spawn_slow(topic, on_slow: :catch_up, threshold: 10, poll_ms: 10)
+      fill_until_parked(pid, topic, 1..11)
+      dispatch_range(topic, 12..20)
+      dog = Process.whereis(Watchdog)
+      Process.exit(dog, :kill)
+      eventually(fn -> Process.whereis(Watchdog) not in [nil, dog] end)
+
+      # The notice comes from the new watchdog (at once: it cannot know whether the old
+      # one had parked it). Read first, so that what catch_up/1 brings stays below the
+      # threshold and no poll parks it again.
+      read_on_notice = fn ->
+        receive do
+          {:ex_atlas_fly_behind, ^topic} -> drain()
+        after
+          5_000 -> :no_notice
+        end
+      end
+
+      assert run_in(pid, read_on_notice) == for(n <- 1..11, do: {:n, n})
+
+      assert run_in(pid, fn -> {Dispatcher.catch_up(topic), drain()} end) ==
+               {:ok, for(n <- 12..20, do: {:n, n})}
+
+      assert Dispatcher.count(topic) == 1
+      Process.exit(pid, :kill)
+    end
+
+    test "the registry closing while a subscriber is parked tells it, as it tells subscribers" do
+      topic = unique_topic("catch_up_closed")
+      pid = spawn_slow(topic, on_slow: :catch_up, threshold: 10, poll_ms: 10)
+      fill_until_parked(pid, topic, 1..11)
+      ref = Process.monitor(pid)
+      stop_app()
+      assert_receive {:DOWN, ^ref, :process, ^pid, {:shutdown, :ex_atlas_dispatcher_closed}}
     end
 
     test "catch_up/1 when not parked returns :ok and changes nothing" do
