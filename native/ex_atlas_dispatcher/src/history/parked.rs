@@ -181,6 +181,20 @@ impl<M, J> History<M, J> {
             .collect()
     }
 
+    /// The processes parked on some topic, once each.
+    pub fn parked_pids(&self) -> Vec<Pid> {
+        let mut pids: Vec<Pid> = self
+            .topics
+            .values()
+            .flat_map(|log| &log.joiners)
+            .filter(|joiner| joiner.parked.is_some())
+            .map(|joiner| joiner.pid)
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
     /// Subscribers parked now, over all topics.
     pub(super) fn parked(&self) -> usize {
         self.topics
@@ -247,6 +261,7 @@ mod tests {
         assert_eq!(h.stats().parked, 1);
         assert!(h.is_parked(b"t", 1) && !h.is_parked(b"t", 2));
         assert!(h.has_joiners(b"t") && !h.has_joiners(b"u"));
+        assert_eq!(h.parked_pids(), vec![1]);
         assert_eq!(h.joined_topics(), vec![Arc::<[u8]>::from(&b"t"[..])]);
         assert_eq!(h.unpark(b"t", 1), Unpark::Ready);
         assert!(!h.is_parked(b"t", 1), "a joiner catching up is not parked");

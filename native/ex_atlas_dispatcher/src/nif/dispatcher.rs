@@ -154,8 +154,9 @@ fn new(
 /// Closes the dispatcher for good: every later call answers `:closed`, every monitor
 /// is released, every waiting producer is woken (its `resume/2` answers `:closed`).
 /// Returns the subscribers it held, one pid each, so the caller can tell them: those
-/// in the registry, and those catching up or parked (`on_slow: :catch_up`), which are
-/// not in the registry but whose subscription ends too.
+/// in the registry, and those parked (`on_slow: :catch_up`), which are not in the
+/// registry but whose subscription ends too. (One catching up on a replay learns it
+/// from its next `replay/2`, which answers `:closed`: its `subscribe/2` raises.)
 #[rustler::nif(schedule = "DirtyCpu")]
 fn close(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>) -> Vec<LocalPid> {
     let mut subscribers: Vec<u64> = Vec::new();
@@ -164,15 +165,17 @@ fn close(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>) -> Vec<LocalPid> {
         subscribers.push(*pid);
     }
     if let Some(history) = &dispatcher.history {
-        let cleared = lock(history).clear();
-        for (pid, joining) in &cleared.joiners {
+        let mut locked = lock(history);
+        subscribers.extend(locked.parked_pids());
+        let cleared = locked.clear();
+        drop(locked);
+        for (_, joining) in &cleared.joiners {
             release_monitor(
                 env,
                 &dispatcher,
                 &joining.monitor,
                 &dispatcher.joiner_monitors,
             );
-            subscribers.push(*pid);
         }
         drop(cleared);
         subscribers.sort_unstable();

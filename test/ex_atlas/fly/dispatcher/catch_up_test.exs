@@ -235,6 +235,43 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
       assert_receive {:DOWN, ^ref, :process, ^pid, {:shutdown, :ex_atlas_dispatcher_closed}}
     end
 
+    test "each :catch_up watch's count is given back, however the watch ends" do
+      # A topic is tracked while it has :catch_up watches, and its log (and tracking)
+      # stays while tracked: replay_bytes shows whether a count was left behind.
+      bytes = fn -> RegistryBackend.stats().replay_bytes end
+      empty = bytes.()
+      topic = unique_topic("catch_up_counts")
+      opts = [on_slow: :catch_up, threshold: 1_000_000]
+
+      # Subscribed twice (the second watch replaces the first), then unsubscribed.
+      :ok = Dispatcher.subscribe_with_backpressure(topic, opts)
+      assert bytes.() > empty
+      :ok = Dispatcher.subscribe_with_backpressure(topic, opts)
+      :ok = Dispatcher.unsubscribe(topic)
+      eventually(fn -> bytes.() == empty end)
+
+      # Replaced by a :skip watch.
+      :ok = Dispatcher.subscribe_with_backpressure(topic, opts)
+      :ok = Dispatcher.subscribe_with_backpressure(topic, on_slow: :skip)
+      eventually(fn -> bytes.() == empty end)
+      :ok = Dispatcher.unsubscribe(topic)
+
+      # The subscriber exits, and across a watchdog killed meanwhile.
+      for kill_dog? <- [false, true] do
+        pid = spawn_slow(topic, opts)
+        assert bytes.() > empty
+
+        if kill_dog? do
+          dog = Process.whereis(Watchdog)
+          Process.exit(dog, :kill)
+          eventually(fn -> Process.whereis(Watchdog) not in [nil, dog] end)
+        end
+
+        Process.exit(pid, :kill)
+        eventually(fn -> bytes.() == empty end)
+      end
+    end
+
     test "catch_up/1 when not parked returns :ok and changes nothing" do
       topic = unique_topic("catch_up_idle")
       assert Dispatcher.catch_up(topic) == :ok
