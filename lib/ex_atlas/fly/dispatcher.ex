@@ -10,6 +10,7 @@ defmodule ExAtlas.Fly.Dispatcher do
       {:ex_atlas_fly_deploy, ticket_id, line}
       {:ex_atlas_fly_backpressure_evict, topic}
       {:ex_atlas_fly_gap, topic, missed}
+      {:ex_atlas_fly_behind, topic}
 
   ## Modes
 
