@@ -23,6 +23,9 @@ const SHARDS: usize = 16;
 /// subscriptions to the topic (several sends per dispatch) is counted once per dispatch
 /// even while that many dispatches interleave their sends to it.
 const RECENT: usize = 8;
+/// Counters of entries by topic key: a send loop on a topic whose counter is zero skips
+/// the look-ups even while other topics have entries.
+const TOPIC_BUCKETS: usize = 256;
 
 /// What a send loop does with one send.
 #[derive(Debug, PartialEq, Eq)]
@@ -65,6 +68,8 @@ pub struct Stats {
 pub struct Skips {
     /// Entries in the table, `Skipping` or `Owed`: zero lets the send loops skip the look-up.
     entries: AtomicUsize,
+    /// Entries per bucket of topic keys (see `bucket`).
+    buckets: Box<[AtomicUsize]>,
     skipping: AtomicUsize,
     skipped: AtomicU64,
     shards: Box<[Shard]>,
@@ -80,6 +85,7 @@ impl Skips {
     pub fn new() -> Self {
         Skips {
             entries: AtomicUsize::new(0),
+            buckets: (0..TOPIC_BUCKETS).map(|_| AtomicUsize::new(0)).collect(),
             skipping: AtomicUsize::new(0),
             skipped: AtomicU64::new(0),
             shards: (0..SHARDS)
@@ -93,10 +99,35 @@ impl Skips {
         &self.shards[(mixed >> 60) as usize % SHARDS]
     }
 
-    /// True when some entry exists: only then need a send loop ask [`Skips::admit`].
+    /// True when some entry exists.
     #[inline]
     pub fn any(&self) -> bool {
         self.entries.load(Ordering::Acquire) != 0
+    }
+
+    /// True when an entry may exist for `topic_key`: only then need a send loop on that
+    /// topic ask [`Skips::admit`]. While nothing is skipped anywhere, one atomic load.
+    #[inline]
+    pub fn any_for(&self, topic_key: u64) -> bool {
+        self.any() && self.bucket(topic_key).load(Ordering::Acquire) != 0
+    }
+
+    fn bucket(&self, topic_key: u64) -> &AtomicUsize {
+        // Topic keys are hashes already; the top bits of a multiplicative mix spread
+        // keys that differ only in their low bits too.
+        let mixed = topic_key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56;
+        &self.buckets[mixed as usize % TOPIC_BUCKETS]
+    }
+
+    /// One entry more (`true`) or fewer for `topic_key`, in both counts.
+    fn count_entry(&self, topic_key: u64, more: bool) {
+        if more {
+            self.bucket(topic_key).fetch_add(1, Ordering::Release);
+            self.entries.fetch_add(1, Ordering::Release);
+        } else {
+            self.entries.fetch_sub(1, Ordering::Release);
+            self.bucket(topic_key).fetch_sub(1, Ordering::Release);
+        }
     }
 
     /// Starts (or goes on) skipping `pid` on `topic` (`topic_key` its key). An entry
@@ -120,7 +151,7 @@ impl Skips {
                 };
                 shard.insert((topic_key, pid), entry);
                 self.skipping.fetch_add(1, Ordering::Relaxed);
-                self.entries.fetch_add(1, Ordering::Release);
+                self.count_entry(topic_key, true);
             }
         }
     }
@@ -140,7 +171,7 @@ impl Skips {
         let missed = entry.missed;
         if missed == 0 {
             shard.remove(&key);
-            self.entries.fetch_sub(1, Ordering::Release);
+            self.count_entry(topic_key, false);
         }
         missed
     }
@@ -153,7 +184,7 @@ impl Skips {
             if entry.state == State::Skipping {
                 self.skipping.fetch_sub(1, Ordering::Relaxed);
             }
-            self.entries.fetch_sub(1, Ordering::Release);
+            self.count_entry(topic_key, false);
         }
     }
 
@@ -187,7 +218,7 @@ impl Skips {
             State::Owed => {
                 notify(&entry.topic, entry.missed);
                 shard.remove(&key);
-                self.entries.fetch_sub(1, Ordering::Release);
+                self.count_entry(topic_key, false);
                 Admit::Send
             }
         }
@@ -211,6 +242,29 @@ mod tests {
         skips.admit(7, serial, pid, |topic, missed| {
             notices.push((topic.to_vec(), missed))
         })
+    }
+
+    #[test]
+    fn only_the_topics_of_a_bucket_with_entries_ask() {
+        let skips = Skips::new();
+        // A key whose bucket differs from key 7's.
+        let other = (8..)
+            .find(|&k| !std::ptr::eq(skips.bucket(k), skips.bucket(7)))
+            .unwrap();
+        assert!(!skips.any_for(7) && !skips.any_for(other));
+        skips.start(b"t", 7, 5);
+        assert!(skips.any_for(7), "the skipped topic asks");
+        assert!(!skips.any_for(other), "another bucket's topic does not");
+        let mut notices = vec![];
+        assert_eq!(admit(&skips, 1, 5, &mut notices), Admit::Skip);
+        assert_eq!(skips.stop(7, 5), 1);
+        assert!(skips.any_for(7), "a notice is owed: still asks");
+        assert_eq!(admit(&skips, 2, 5, &mut notices), Admit::Send);
+        assert_eq!(notices, vec![(b"t".to_vec(), 1)]);
+        assert!(!skips.any_for(7) && !skips.any());
+        skips.start(b"t", 7, 6);
+        skips.clear(7, 6);
+        assert!(!skips.any_for(7) && !skips.any());
     }
 
     #[test]

@@ -20,11 +20,12 @@ pub(super) struct Gate<'a> {
     refused: Cell<usize>,
 }
 
-/// The gate for sending `part`, or `None` (the fast path: one atomic load) while no
-/// subscription is skipped or owes a notice.
+/// The gate for sending `part`, or `None` (the fast path: one atomic load while no
+/// subscription is skipped or owes a notice, two while none of `part`'s topic's bucket
+/// is).
 #[inline]
 pub(super) fn gate<'a>(dispatcher: &'a Dispatcher, part: &Part) -> Option<Gate<'a>> {
-    dispatcher.skips.any().then(|| Gate {
+    dispatcher.skips.any_for(part.topic()).then(|| Gate {
         skips: &dispatcher.skips,
         topic: part.topic(),
         serial: part.serial(),
