@@ -6,6 +6,7 @@
 #     MIX_ENV=prod mix run bench/watchdog.exs [--quick] [--subscribers N] [--seconds S]
 #                                             [--rounds R] [--designs | --no-designs] [--out DIR]
 #                                             [--part all | idle | slow | cost]
+#                                             [--skipping-elsewhere] (with --part cost)
 #
 # `--part cost` uses only API that predates on_slow, so the same file can be run from a
 # checkout of an older commit (`mix run /path/to/this/bench/watchdog.exs --part cost`)
@@ -27,14 +28,29 @@ defmodule WatchdogBench do
       seconds: :float,
       rounds: :integer,
       designs: :boolean,
-      part: :string
+      part: :string,
+      skipping_elsewhere: :boolean
     ]
 
     o =
       Bench.options(argv, "watchdog", switches, fn quick ->
         if quick,
-          do: %{subscribers: 1_000, seconds: 1.5, rounds: 1, designs: false, part: "all"},
-          else: %{subscribers: 10_000, seconds: 10.0, rounds: 3, designs: true, part: "all"}
+          do: %{
+            subscribers: 1_000,
+            seconds: 1.5,
+            rounds: 1,
+            designs: false,
+            part: "all",
+            skipping_elsewhere: false
+          },
+          else: %{
+            subscribers: 10_000,
+            seconds: 10.0,
+            rounds: 3,
+            designs: true,
+            part: "all",
+            skipping_elsewhere: false
+          }
       end)
 
     case o.part do
@@ -539,6 +555,9 @@ defmodule SlowBench do
   # end to end adds Dispatcher.sync/0 (everything in the subscribers' mailboxes).
   def cost(o) do
     reps = if o.quick, do: 5, else: 21
+    # --skipping-elsewhere: one subscriber of another topic is being skipped meanwhile
+    # (on_slow: :skip; so this needs a checkout that has it).
+    if o.skipping_elsewhere, do: skip_elsewhere()
 
     for {n, batch} <- [{10, 2_000}, {10_000, 20}] do
       topic = "bench:cost:#{n}"
@@ -562,6 +581,21 @@ defmodule SlowBench do
       IO.puts("cost #{n} caller_ns=#{Float.round(caller, 1)} e2e_ns=#{Float.round(e2e, 1)}")
       Enum.each(subs, &Process.exit(&1, :kill))
     end
+  end
+
+  defp skip_elsewhere do
+    parent = self()
+    topic = "bench:cost:elsewhere"
+
+    pid =
+      spawn(fn ->
+        :ok = Dispatcher.subscribe(topic)
+        send(parent, :ready)
+        drop()
+      end)
+
+    receive(do: (:ready -> :ok))
+    ExAtlas.Fly.Dispatcher.Backend.Registry.skip(:start, topic, pid)
   end
 
   defp run(topic, batch) do

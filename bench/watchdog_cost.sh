@@ -5,11 +5,13 @@
 #
 #   git worktree add /tmp/before f613d48   # main before on_slow
 #   bash bench/watchdog_cost.sh /tmp/before 10
+#   bash bench/watchdog_cost.sh /tmp/other 10 --skipping-elsewhere   # more arguments go to the bench
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 before="$(cd "${1:?usage: bench/watchdog_cost.sh BEFORE_CHECKOUT [PAIRS]}" && pwd)"
 pairs="${2:-10}"
+extra=("${@:3}")
 # shellcheck source=../scripts/env.sh
 . "$here/scripts/env.sh"
 out="$(mktemp)"
@@ -20,7 +22,7 @@ for i in $(seq 1 "$pairs"); do
   for side in before after; do
     if [ "$side" = before ]; then dir="$before"; else dir="$here"; fi
     echo "## $side $i" | tee -a "$out"
-    (cd "$dir" && MIX_ENV=prod mix run "$here/bench/watchdog.exs" --part cost | grep '^cost') |
+    (cd "$dir" && MIX_ENV=prod mix run "$here/bench/watchdog.exs" --part cost "${extra[@]}" | grep '^cost') |
       tee -a "$out"
   done
 done
