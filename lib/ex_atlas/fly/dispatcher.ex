@@ -351,6 +351,14 @@ defmodule ExAtlas.Fly.Dispatcher do
   `topic` while it was parked, oldest first, then subscribes it again. Call it from the
   subscriber itself (a LiveView's `handle_info/2`).
 
+  Options:
+
+    * `:max` - a positive integer, or `:infinity` (the default). With a number, it sends
+      the caller at most that many messages; if more are kept, it stays parked and sends
+      itself `{:ex_atlas_fly_behind, topic}` after them, so that it comes back for more
+      once it has handled those. A subscriber that is behind is then never sent more
+      than it asked for at once.
+
   The guarantee: every dispatch to `topic` reaches the caller exactly once, either as the
   message or inside the `missed` count of a `{:ex_atlas_fly_gap, topic, missed}` notice
   placed where it would have been; and the messages of each producer arrive in the order
@@ -363,16 +371,40 @@ defmodule ExAtlas.Fly.Dispatcher do
 
   Returns `:ok`; at once when the caller is not parked on `topic` (a notice it already
   acted on, or a subscription that ended), and in the `:phoenix_pubsub` and `{:mfa, _}`
-  modes. Raises `ArgumentError` when `topic` is not a binary.
+  modes. Raises `ArgumentError` when `topic` is not a binary or an option is bad.
   """
-  @spec catch_up(topic()) :: :ok
-  def catch_up(topic) do
+  @spec catch_up(topic(), keyword()) :: :ok
+  def catch_up(topic, opts \\ []) do
     check_topic!(topic)
+    max = catch_up_max!(opts)
 
     case Config.backend() do
-      {Backend.Registry, _} -> Backend.Registry.unpark(topic)
+      {Backend.Registry, _} -> Backend.Registry.unpark(topic, max)
       _other_mode -> :ok
     end
+  end
+
+  defp catch_up_max!(opts) when is_list(opts) do
+    case opts do
+      [] ->
+        :infinity
+
+      [max: max] when (is_integer(max) and max > 0) or max == :infinity ->
+        max
+
+      [max: max] ->
+        raise ArgumentError,
+              "expected :max to be a positive integer or :infinity, got: #{inspect(max)}"
+
+      _ ->
+        raise ArgumentError,
+              "expected catch_up/2 options to be [] or [max: n], got: #{inspect(opts)}"
+    end
+  end
+
+  defp catch_up_max!(opts) do
+    raise ArgumentError,
+          "expected catch_up/2 options to be a keyword list, got: #{inspect(opts)}"
   end
 
   @doc """

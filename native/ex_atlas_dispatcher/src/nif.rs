@@ -68,6 +68,7 @@ mod atoms {
         removed,
         parked,
         not_parked,
+        not_joining,
         joining,
         not_subscribed,
         gap,

@@ -91,6 +91,22 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
           :ok | :parked | :not_subscribed | :joining | :plain | :not_alive | :closed
   def park(_dispatcher, _topic, _pid, _direct), do: :erlang.nif_error(:nif_not_loaded)
 
+  @doc "`replay/2` sending at most `max` messages: `{:more, sent}`, `{:gap, missed, sent}`."
+  @spec replay_up_to(dispatcher(), binary(), pos_integer()) ::
+          :ok
+          | {:more, non_neg_integer()}
+          | {:gap, pos_integer(), non_neg_integer()}
+          | :parked
+          | :removed
+          | :not_alive
+          | :closed
+          | :too_many_topics
+  def replay_up_to(_dispatcher, _topic, _max), do: :erlang.nif_error(:nif_not_loaded)
+
+  @doc "The caller, catching up on `topic` after `unpark/2`, is parked again where it is."
+  @spec repark(dispatcher(), binary()) :: :ok | :not_joining
+  def repark(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)
+
   @doc "The caller, parked on `topic`, asks to catch up; then `replay/2` until `:ok`."
   @spec unpark(dispatcher(), binary()) :: :ok | :wait | :not_parked
   def unpark(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)

@@ -152,7 +152,32 @@ impl<M, J> History<M, J> {
         }
         joiner.parked = None;
         joiner.lag = end.saturating_sub(joiner.next) + JOIN_SLACK;
+        // A new start: one cut while it caught up before does not make it skip to the
+        // end now.
+        joiner.closing = false;
         Unpark::Ready
+    }
+
+    /// `pid`, catching up on `topic` after `unpark`, stops for now where it is (it took
+    /// as much as it wanted): parked again, kept waiting for, until it unparks. False
+    /// when it is not catching up on `topic` (it was removed, or never joined).
+    pub fn repark(&mut self, topic: &[u8], pid: Pid) -> bool {
+        let joiner = self
+            .topics
+            .get_mut(topic)
+            .and_then(|log| log.joiners.iter_mut().find(|j| j.pid == pid));
+        let Some(joiner) = joiner else {
+            return false;
+        };
+        if joiner.parked.is_some() {
+            // Parked still (never unparked): its wait for earlier dispatches stands.
+            return true;
+        }
+        // Nothing of its subscription's can still be on its way (it left the registry
+        // when it was first parked): no dispatch to wait for when it unparks.
+        joiner.parked = Some(0);
+        joiner.lag = u64::MAX;
+        true
     }
 
     /// True when `pid` is parked on `topic`.
@@ -354,6 +379,32 @@ mod tests {
         assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
         assert_eq!(got.last(), Some(&199), "the newest are still kept");
         h.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn reparked_part_way_it_goes_on_later_from_where_it_stopped() {
+        let mut h = H::new(10_000, 1 << 20);
+        h.watch(b"t", true);
+        drop(dispatch(&mut h, 0, 2));
+        drop(h.park(b"t", 1, "p").unwrap());
+        drop(dispatch(&mut h, 2, 10));
+        assert_eq!(h.unpark(b"t", 1), Unpark::Ready);
+        let Take::Chunk { entries, .. } = h.take(b"t", 1, 4, usize::MAX) else {
+            panic!("a chunk")
+        };
+        let first: Vec<u32> = entries.iter().map(|e| e.message).collect();
+        drop(entries);
+        drop(h.give_back(b"t", 1, 4, false).unwrap());
+        assert!(h.repark(b"t", 1));
+        assert!(h.is_parked(b"t", 1));
+        // Dispatches go on meanwhile; a tracked one out does not hold the next unpark.
+        let out = dispatch(&mut h, 12, 3);
+        assert_eq!(h.unpark(b"t", 1), Unpark::Ready);
+        let (rest, missed) = deliver(&mut h, 1);
+        assert_eq!(missed, 0);
+        assert_eq!([first, rest].concat(), (2..15).collect::<Vec<_>>());
+        drop(out);
+        assert!(!h.repark(b"t", 1), "caught up: no longer a joiner");
     }
 
     #[test]

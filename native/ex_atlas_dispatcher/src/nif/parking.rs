@@ -107,3 +107,19 @@ fn unpark(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>, topic: Binary<'_>) 
         Unpark::NotParked => atoms::not_parked(),
     }
 }
+
+/// The caller, catching up on `topic` after `unpark/2`, stops for now (`catch_up/2` with
+/// `:max`): parked again where it is, until its next `unpark/2`. `:ok`, or
+/// `:not_joining` when it is not catching up on `topic`.
+#[rustler::nif]
+fn repark(env: Env<'_>, dispatcher: ResourceArc<Dispatcher>, topic: Binary<'_>) -> Atom {
+    let Some(history) = &dispatcher.history else {
+        return atoms::not_joining();
+    };
+    let raw = pid_to_raw(&env.pid());
+    if lock(history).repark(topic.as_slice(), raw) {
+        atoms::ok()
+    } else {
+        atoms::not_joining()
+    }
+}

@@ -83,19 +83,64 @@ fn join<'a>(
 /// closed, `:not_alive` and `:too_many_topics` as `subscribe/3`.
 #[rustler::nif]
 fn replay<'a>(env: Env<'a>, dispatcher: ResourceArc<Dispatcher>, topic: Binary<'a>) -> Term<'a> {
+    match replay_chunk(env, &dispatcher, topic, REPLAY_CHUNK) {
+        Ok(Chunk {
+            told: true, missed, ..
+        }) => (atoms::gap(), missed).encode(env),
+        Ok(_) => atoms::more().encode(env),
+        Err(answer) => answer,
+    }
+}
+
+/// `replay/2` sending at most `max` messages (at least 1, at most a chunk): `{:more, sent}`
+/// or `{:gap, missed, sent}`, and otherwise as `replay/2`. For `catch_up/2` with `:max`.
+#[rustler::nif]
+fn replay_up_to<'a>(
+    env: Env<'a>,
+    dispatcher: ResourceArc<Dispatcher>,
+    topic: Binary<'a>,
+    max: usize,
+) -> Term<'a> {
+    match replay_chunk(env, &dispatcher, topic, max.clamp(1, REPLAY_CHUNK)) {
+        Ok(Chunk {
+            told: true,
+            missed,
+            sent,
+        }) => (atoms::gap(), missed, sent).encode(env),
+        Ok(Chunk { sent, .. }) => (atoms::more(), sent).encode(env),
+        Err(answer) => answer,
+    }
+}
+
+/// What one call of `replay/2` sent: `sent` messages, after a gap notice of `missed`
+/// when `told`.
+struct Chunk {
+    missed: u64,
+    sent: usize,
+    told: bool,
+}
+
+/// Takes the caller's next chunk of at most `max` messages and sends it; `Err` with the
+/// answer when there was none to take (caught up and entered, removed, parked, closed).
+fn replay_chunk<'a>(
+    env: Env<'a>,
+    dispatcher: &ResourceArc<Dispatcher>,
+    topic: Binary<'a>,
+    max: usize,
+) -> Result<Chunk, Term<'a>> {
     let Some(history) = &dispatcher.history else {
-        return atoms::removed().encode(env);
+        return Err(atoms::removed().encode(env));
     };
     let name = topic.as_slice();
     let pid = env.pid();
     let raw = pid_to_raw(&pid);
     let mut locked = lock(history);
     let chunk_bytes = locked.chunk_bytes().min(REPLAY_CHUNK_BYTES);
-    let (missed, entries) = match locked.take(name, raw, REPLAY_CHUNK, chunk_bytes) {
-        Take::Removed => return removed(&dispatcher).encode(env),
-        Take::Parked => return atoms::parked().encode(env),
+    let (missed, entries) = match locked.take(name, raw, max, chunk_bytes) {
+        Take::Removed => return Err(removed(dispatcher).encode(env)),
+        Take::Parked => return Err(atoms::parked().encode(env)),
         Take::CaughtUp { data, freed } => {
-            return enter(env, &dispatcher, locked, name, raw, data, freed).encode(env);
+            return Err(enter(env, dispatcher, locked, name, raw, data, freed).encode(env));
         }
         Take::Chunk { missed, entries } => (missed, entries),
     };
@@ -105,13 +150,9 @@ fn replay<'a>(env: Env<'a>, dispatcher: ResourceArc<Dispatcher>, topic: Binary<'
     let given = lock(history).give_back(name, raw, sent, told);
     match given {
         Ok(freed) => drop(freed),
-        Err(NotJoining) => return removed(&dispatcher).encode(env),
+        Err(NotJoining) => return Err(removed(dispatcher).encode(env)),
     }
-    if told {
-        (atoms::gap(), missed).encode(env)
-    } else {
-        atoms::more().encode(env)
-    }
+    Ok(Chunk { missed, sent, told })
 }
 
 /// What `replay/2` answers a caller that is not joining (any more): `:closed` once

@@ -111,6 +111,50 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
       end
     end
 
+    test "catch_up/2 with :max: that many at a time, each batch followed by its notice" do
+      topic = unique_topic("catch_up_max")
+      pid = spawn_slow(topic, on_slow: :catch_up, threshold: 10, poll_ms: 10)
+      fill_until_parked(pid, topic, 1..11)
+      dispatch_range(topic, 12..111)
+      assert length(run_in(pid, fn -> drain() end)) == 11
+      dog = Process.whereis(Watchdog)
+
+      # The first notice from the watchdog; then each batch brings the next, until the
+      # last brings none and it is back in the registry. The watchdog is held while it
+      # reads, so that no poll parks it again meanwhile.
+      assert run_in(pid, fn ->
+               receive do
+                 {:ex_atlas_fly_behind, ^topic} -> :ok
+               end
+             end) == :ok
+
+      :ok = :sys.suspend(dog)
+
+      batches =
+        try do
+          Enum.map(1..5, fn _ ->
+            run_in(pid, fn -> {Dispatcher.catch_up(topic, max: 30), drain()} end)
+          end)
+        after
+          :ok = :sys.resume(dog)
+        end
+
+      behind = {:ex_atlas_fly_behind, topic}
+
+      assert batches == [
+               {:ok, for(n <- 12..41, do: {:n, n}) ++ [behind]},
+               {:ok, for(n <- 42..71, do: {:n, n}) ++ [behind]},
+               {:ok, for(n <- 72..101, do: {:n, n}) ++ [behind]},
+               {:ok, for(n <- 102..111, do: {:n, n})},
+               {:ok, []}
+             ]
+
+      assert Dispatcher.count(topic) == 1
+      dispatch_range(topic, 112..113)
+      assert run_in(pid, fn -> drain() end) == [{:n, 112}, {:n, 113}]
+      Process.exit(pid, :kill)
+    end
+
     test "what the history no longer holds is told, exactly, in its place" do
       # 64 KiB of history: a joiner may hold a sixteenth of it, so most of what a parked
       # subscriber misses goes, and is told; the newest stay.
@@ -291,6 +335,18 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
         Dispatcher.catch_up(:not_a_binary)
       end
 
+      for bad <- [0, -1, 1.5, :all, nil] do
+        assert_raise ArgumentError, ~r/:max.*got: #{Regex.escape(inspect(bad))}/, fn ->
+          Dispatcher.catch_up("t", max: bad)
+        end
+      end
+
+      for bad <- [[bogus: 1], [max: 1, max: 2], :max, %{max: 1}] do
+        assert_raise ArgumentError, ~r/catch_up\/2 options/, fn ->
+          Dispatcher.catch_up("t", bad)
+        end
+      end
+
       # Without a history there is nothing to catch up from: refused, and said why, with
       # no subscription or watch left behind.
       restart_app(replay: 0)
@@ -377,11 +433,13 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
       :proper_types.range(1, 3),
       :proper_types.oneof([:proper_types.exactly(0), :proper_types.exactly(20)]),
       :proper_types.boolean(),
-      :proper_types.oneof([:proper_types.range(1, 20), :proper_types.exactly(nil)])
+      :proper_types.oneof([:proper_types.range(1, 20), :proper_types.exactly(nil)]),
+      # catch_up/2's :max
+      :proper_types.oneof([:proper_types.range(1, 200), :proper_types.exactly(:infinity)])
     ])
   end
 
-  defp run_case({producers, threshold, stall, episodes, extra, off_heap, burst}) do
+  defp run_case({producers, threshold, stall, episodes, extra, off_heap, burst, max}) do
     topic = unique_topic("catch_up_prop")
     idle = idle_subscribers(topic, extra)
     if off_heap, do: BufferedSignals.enable_internal_state()
@@ -398,7 +456,7 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
         :ok = Dispatcher.subscribe_with_backpressure(topic, opts)
         send(parent, {:subscribed, self()})
         fall_behind(threshold, stall)
-        receive_loop(parent, topic, {threshold, stall}, [])
+        receive_loop(parent, topic, {threshold, stall, max}, [])
       end)
 
     assert_receive {:subscribed, ^subscriber}, 5_000
@@ -438,16 +496,16 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
     end
   end
 
-  defp receive_loop(parent, topic, {threshold, stall} = slow, got) do
+  defp receive_loop(parent, topic, {threshold, stall, max} = slow, got) do
     receive do
       {:ex_atlas_fly_behind, ^topic} ->
-        :ok = Dispatcher.catch_up(topic)
+        :ok = Dispatcher.catch_up(topic, max: max)
         send(parent, {:episode, self()})
         fall_behind(threshold, stall)
         receive_loop(parent, topic, slow, got)
 
       {:collect, from} ->
-        # Whatever is still kept for it comes now; no producer runs any more.
+        # Whatever is still kept for it comes now (all of it); no producer runs any more.
         :ok = Dispatcher.catch_up(topic)
         rest = Enum.reject(drain(), &match?({:ex_atlas_fly_behind, _}, &1))
         send(from, {:got, self(), Enum.reverse(got, rest)})

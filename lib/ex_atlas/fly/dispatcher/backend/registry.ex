@@ -104,39 +104,77 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
   end
 
   @doc """
-  `ExAtlas.Fly.Dispatcher.catch_up/1`: the caller, parked on `topic` by the watchdog
-  (`on_slow: :catch_up`), sends itself what was kept for it, then is back in the registry.
-  It first waits (in a plain `receive`, a millisecond or more at a time) while dispatches
-  from before it was parked are still being sent to it: one of them would otherwise reach
-  it after a later one of the same producer. `:ok` at once when it is not parked.
+  `ExAtlas.Fly.Dispatcher.catch_up/2`: the caller, parked on `topic` by the watchdog
+  (`on_slow: :catch_up`), sends itself what was kept for it, then is back in the registry;
+  with `max` (a positive integer) at most that many messages, and then, if more are kept,
+  it is parked again and sends itself `{:ex_atlas_fly_behind, topic}` after them. It first
+  waits (in a plain `receive`, a millisecond or more at a time) while dispatches from
+  before it was parked are still being sent to it: one of them would otherwise reach it
+  after a later one of the same producer. `:ok` at once when it is not parked.
   """
-  @spec unpark(binary()) :: :ok
-  def unpark(topic) do
+  @spec unpark(binary(), pos_integer() | :infinity) :: :ok
+  def unpark(topic, max \\ :infinity) do
     dispatcher = dispatcher!()
-    unpark(dispatcher, topic, 1)
+    unpark(dispatcher, topic, max, 1)
   end
 
-  defp unpark(dispatcher, topic, pause) do
+  defp unpark(dispatcher, topic, max, pause) do
     case Native.unpark(dispatcher, topic) do
       :ok ->
         # What those sent it is fetched before anything it sends itself.
         fetch_signals()
 
-        case catch_up(dispatcher, topic) do
+        result =
+          if max == :infinity,
+            do: catch_up(dispatcher, topic),
+            else: catch_up_to(dispatcher, topic, max)
+
+        case result do
           :closed -> not_running!(:call)
           :too_many_topics -> raise ArgumentError, "the registry holds too many topics (2^32)"
-          # :ok, or removed or exiting meanwhile, as subscribe_replay/2 answers.
+          # :ok (back in the registry, or parked again with more to come), or removed or
+          # exiting meanwhile, as subscribe_replay/2 answers.
           _ -> :ok
         end
 
       :wait ->
         receive do
         after
-          pause -> unpark(dispatcher, topic, min(pause * 2, 16))
+          pause -> unpark(dispatcher, topic, max, min(pause * 2, 16))
         end
 
       :not_parked ->
         :ok
+    end
+  end
+
+  # catch_up/2 with at most `left` more messages: then parked again, and told to come
+  # back (its notice after what it sent itself).
+  defp catch_up_to(dispatcher, topic, left) when left > 0 do
+    case Native.replay_up_to(dispatcher, topic, min(left, 64)) do
+      {:more, sent} ->
+        fetch_signals()
+        catch_up_to(dispatcher, topic, left - sent)
+
+      {:gap, missed, sent} ->
+        Telemetry.replay_cut(topic, self(), missed)
+        fetch_signals()
+        catch_up_to(dispatcher, topic, left - sent)
+
+      done ->
+        done
+    end
+  end
+
+  defp catch_up_to(dispatcher, topic, _left) do
+    case Native.repark(dispatcher, topic) do
+      :ok ->
+        send(self(), {:ex_atlas_fly_behind, topic})
+        :ok
+
+      # Removed meanwhile (unsubscribed, evicted): nothing more comes.
+      :not_joining ->
+        :removed
     end
   end
 
