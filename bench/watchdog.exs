@@ -311,7 +311,9 @@ defmodule SlowBench do
   @stall_at_ms 500
   @threshold 2_000
   @stall_ms 2_000
-  @policies [:skip, :evict, :none, :catch_up]
+  @policies [:skip, :evict, :none, :catch_up, :catch_up_max]
+  # catch_up/2's :max in the :catch_up_max rounds.
+  @catch_up_max 1_000
   @replay 1_000_000
   @replay_memory 256 * 1024 * 1024
 
@@ -375,7 +377,7 @@ defmodule SlowBench do
   end
 
   # :catch_up needs a history: the registry is restarted with one for its rounds only.
-  defp with_replay(:catch_up, fun) do
+  defp with_replay(policy, fun) when policy in [:catch_up, :catch_up_max] do
     restart(replay: @replay, replay_memory: @replay_memory)
 
     try do
@@ -395,20 +397,23 @@ defmodule SlowBench do
   end
 
   defp policy_name(:none), do: "plain subscribe/1 (no watch)"
+  defp policy_name(:catch_up_max), do: "on_slow: :catch_up, catch_up(t, max: #{@catch_up_max})"
   defp policy_name(policy), do: "on_slow: #{inspect(policy)}"
 
   defp stall(policy) do
     topic = "bench:stall:#{policy}:#{System.unique_integer([:positive])}"
     parent = self()
-    fast = spawn(fn -> sink(topic, parent, &Dispatcher.subscribe/1) end)
-    opts = [on_slow: policy, threshold: @threshold, poll_ms: 50]
+    fast = spawn(fn -> sink(topic, parent, &Dispatcher.subscribe/1, :infinity) end)
+    on_slow = if policy == :catch_up_max, do: :catch_up, else: policy
+    opts = [on_slow: on_slow, threshold: @threshold, poll_ms: 50]
+    max = if policy == :catch_up_max, do: @catch_up_max, else: :infinity
 
     subscribe =
       if policy == :none,
         do: &Dispatcher.subscribe/1,
         else: &Dispatcher.subscribe_with_backpressure(&1, opts)
 
-    slow = spawn(fn -> sink(topic, parent, subscribe) end)
+    slow = spawn(fn -> sink(topic, parent, subscribe, max) end)
     for pid <- [fast, slow], do: receive(do: ({:ready, ^pid} -> :ok))
     :erlang.garbage_collect()
     rss0 = rss()
@@ -480,9 +485,10 @@ defmodule SlowBench do
     true = :erlang.resume_process(pid)
   end
 
-  defp sink(topic, parent, subscribe) do
+  defp sink(topic, parent, subscribe, max) do
     :ok = subscribe.(topic)
     Process.put(:topic, topic)
+    Process.put(:max, max)
     send(parent, {:ready, self()})
     sink_loop(0, 0, false)
   end
@@ -499,7 +505,7 @@ defmodule SlowBench do
         sink_loop(received, missed, true)
 
       {:ex_atlas_fly_behind, topic} ->
-        :ok = Dispatcher.catch_up(topic)
+        :ok = Dispatcher.catch_up(topic, max: Process.get(:max))
         sink_loop(received, missed, evicted)
 
       {:report, to} ->
