@@ -39,10 +39,8 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
     eventually(fn -> RegistryBackend.stats().replay_parked == 1 end)
   end
 
-  # Waits in `pid` for the watchdog's notice, then has it catch up and returns its
-  # mailbox. The watchdog is held meanwhile: what catch_up/1 brings may put the mailbox
-  # past the threshold until it is read, and a poll then would park it again.
-  defp catch_up_on_notice(pid, topic) do
+  # Waits in `pid` for `{:ex_atlas_fly_behind, topic}` (taken out of its mailbox).
+  defp await_notice(pid, topic) do
     notice =
       run_in(pid, fn ->
         receive do
@@ -53,17 +51,32 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
       end)
 
     assert notice == :ok
+  end
+
+  # Runs `fun` with the watchdog held: what catch_up/1 brings may put the mailbox past
+  # the threshold until it is read, and a poll then would park the subscriber again.
+  defp with_watchdog_held(fun) do
     dog = Process.whereis(Watchdog)
     :ok = :sys.suspend(dog)
 
     try do
+      fun.()
+    after
+      :ok = :sys.resume(dog)
+    end
+  end
+
+  # Waits in `pid` for the watchdog's notice, then has it catch up and returns its
+  # mailbox.
+  defp catch_up_on_notice(pid, topic) do
+    await_notice(pid, topic)
+
+    with_watchdog_held(fn ->
       run_in(pid, fn ->
         :ok = Dispatcher.catch_up(topic)
         drain()
       end)
-    after
-      :ok = :sys.resume(dog)
-    end
+    end)
   end
 
   defp figures do
@@ -117,27 +130,17 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
       fill_until_parked(pid, topic, 1..11)
       dispatch_range(topic, 12..111)
       assert length(run_in(pid, fn -> drain() end)) == 11
-      dog = Process.whereis(Watchdog)
 
       # The first notice from the watchdog; then each batch brings the next, until the
-      # last brings none and it is back in the registry. The watchdog is held while it
-      # reads, so that no poll parks it again meanwhile.
-      assert run_in(pid, fn ->
-               receive do
-                 {:ex_atlas_fly_behind, ^topic} -> :ok
-               end
-             end) == :ok
-
-      :ok = :sys.suspend(dog)
+      # last brings none and it is back in the registry.
+      await_notice(pid, topic)
 
       batches =
-        try do
+        with_watchdog_held(fn ->
           Enum.map(1..5, fn _ ->
             run_in(pid, fn -> {Dispatcher.catch_up(topic, max: 30), drain()} end)
           end)
-        after
-          :ok = :sys.resume(dog)
-        end
+        end)
 
       behind = {:ex_atlas_fly_behind, topic}
 
@@ -253,15 +256,8 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
       # The notice comes from the new watchdog (at once: it cannot know whether the old
       # one had parked it). Read first, so that what catch_up/1 brings stays below the
       # threshold and no poll parks it again.
-      read_on_notice = fn ->
-        receive do
-          {:ex_atlas_fly_behind, ^topic} -> drain()
-        after
-          5_000 -> :no_notice
-        end
-      end
-
-      assert run_in(pid, read_on_notice) == for(n <- 1..11, do: {:n, n})
+      await_notice(pid, topic)
+      assert run_in(pid, fn -> drain() end) == for(n <- 1..11, do: {:n, n})
 
       assert run_in(pid, fn -> {Dispatcher.catch_up(topic), drain()} end) ==
                {:ok, for(n <- 12..20, do: {:n, n})}
