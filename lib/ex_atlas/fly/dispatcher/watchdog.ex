@@ -39,6 +39,14 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   # first. The watchdog never sends the notice. A watch that ends (unsubscribe, exit)
   # clears the subscription's entry; a restarted watchdog stops every skip it inherits
   # (the next message brings the notice) and starts again from its polls.
+  #
+  # `on_slow: :catch_up` watches park the subscriber instead (`Backend.Registry.park/2`:
+  # out of the registry, its dispatches kept in the history) and, at the same recovery,
+  # send it `{:ex_atlas_fly_behind, topic}`; it then calls catch_up/2 itself. Each such
+  # watch holds one count of the topic's `:catch_up` watches in the NIF (taken by the
+  # caller before it subscribes, given back here when the watch ends or is replaced),
+  # which makes the topic's dispatches tracked. A restarted watchdog sends the notice to
+  # each `:catch_up` subscriber, since it cannot know which its predecessor parked.
 
   use GenServer
 
