@@ -7,6 +7,17 @@ defmodule ExAtlas.Test.LogForwarder do
       :logger.add_handler(:id, ExAtlas.Test.LogForwarder, %{level: :error, config: %{to: self()}})
   """
 
+  @doc """
+  For the current test: forwards every event at `level` or above, logged by any process
+  of this VM, to the test process; the handler goes when the test exits.
+  """
+  @spec forward_to_test(:logger.level()) :: :ok
+  def forward_to_test(level \\ :all) do
+    id = :"log_forwarder_#{System.unique_integer([:positive])}"
+    :ok = :logger.add_handler(id, __MODULE__, %{level: level, config: %{to: self()}})
+    ExUnit.Callbacks.on_exit(fn -> :logger.remove_handler(id) end)
+  end
+
   @doc false
   @spec log(:logger.log_event(), :logger.handler_config()) :: term()
   def log(event, %{config: %{to: pid}}), do: send(pid, {:log, event})

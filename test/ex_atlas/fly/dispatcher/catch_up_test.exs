@@ -386,9 +386,7 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
 
   describe "in the other modes" do
     test "a plain subscription with the fallback warning, and catch_up/1 does nothing" do
-      id = :"catch_up_test_#{System.unique_integer([:positive])}"
-      :ok = :logger.add_handler(id, LogForwarder, %{config: %{to: self()}})
-      on_exit(fn -> :logger.remove_handler(id) end)
+      :ok = LogForwarder.forward_to_test()
       # The warning comes once per start of the application: forget the ones said so far.
       true = :ets.delete_all_objects(ExAtlas.Fly.Dispatcher.Warnings)
 

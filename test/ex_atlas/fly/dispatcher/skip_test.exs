@@ -297,9 +297,7 @@ defmodule ExAtlas.Fly.Dispatcher.SkipTest do
     end
 
     test "{:mfa, _} and :phoenix_pubsub: a plain subscribe and the warning" do
-      id = :"skip_test_#{System.unique_integer([:positive])}"
-      :ok = :logger.add_handler(id, LogForwarder, %{config: %{to: self()}})
-      on_exit(fn -> :logger.remove_handler(id) end)
+      :ok = LogForwarder.forward_to_test()
 
       # The warning comes once per start of the application: forget the ones said so far.
       true = :ets.delete_all_objects(ExAtlas.Fly.Dispatcher.Warnings)

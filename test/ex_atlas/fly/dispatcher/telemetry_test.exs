@@ -199,11 +199,7 @@ defmodule ExAtlas.Fly.Dispatcher.TelemetryTest do
   end
 
   # Our processes log from themselves: forward their warnings and errors here.
-  defp forward_logs do
-    id = :"telemetry_test_#{System.unique_integer([:positive])}"
-    :ok = :logger.add_handler(id, LogForwarder, %{level: :warning, config: %{to: self()}})
-    on_exit(fn -> :logger.remove_handler(id) end)
-  end
+  defp forward_logs, do: LogForwarder.forward_to_test(:warning)
 
   defp spawn_subscribers(topic) do
     parent = self()

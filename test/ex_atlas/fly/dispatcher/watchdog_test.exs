@@ -21,12 +21,7 @@ defmodule ExAtlas.Fly.Dispatcher.WatchdogTest do
 
   # Forwards warnings logged anywhere in the VM (the watchdog logs from its own process)
   # to the test process as {:log, event}.
-  defp forward_logs(_context) do
-    id = :"watchdog_test_#{System.unique_integer([:positive])}"
-    :ok = :logger.add_handler(id, LogForwarder, %{level: :warning, config: %{to: self()}})
-    on_exit(fn -> :logger.remove_handler(id) end)
-    :ok
-  end
+  defp forward_logs(_context), do: LogForwarder.forward_to_test(:warning)
 
   defp log_text(%{msg: {:string, text}}), do: IO.chardata_to_string(text)
   defp log_text(%{msg: {format, args}}), do: IO.chardata_to_string(:io_lib.format(format, args))
