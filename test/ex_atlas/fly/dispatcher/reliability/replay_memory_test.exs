@@ -134,29 +134,32 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.ReplayMemoryTest do
   # tiny term costs about 260 bytes, so 100 per topic (100 000 of them, about 25 MiB)
   # would stay under it: 1 000 per topic. One log line (about 440 bytes charged: 77 000
   # kept), the 20-line batch (about 3.4 KiB: 9 800) and a term with a reference (a frozen
-  # copy, about 2.9 KiB: 11 700) pass it at 100 per topic.
-  # The bound on resident growth, as a multiple of replay_memory: 1.25 for what is kept
-  # encoded (issue 24's); 1.5 for frozen copies, whose environments and heap fragments
-  # come from the VM's per-scheduler allocators, not from one binary each (seen up to
-  # 1.25 with the segment cache off).
+  # copy, about 4.4 KiB: 7 500) pass it at 100 per topic.
+  # The bound on resident growth is issue 24's, 1.25x replay_memory, for every kind.
+  # Frozen copies are charged 1.6x what they allocate (nif/kept.rs, FROZEN_SPREAD) because
+  # their heap fragments spread over the schedulers' allocator instances: charged at 1x,
+  # this test saw 0.92-1.53x with two schedulers (CI once failed at 1.50 of a 1.5 bound),
+  # 0.88-0.92x with one; charged at 1.6x, 0.62-0.87x in 40 runs.
+  @slack 1.25
+
   @kinds [
-    tick: {"{:tick, n}", 1_000, 1.25},
-    line: {"one log line", 100, 1.25},
-    batch: {"the 20-line batch", 100, 1.25},
-    ref: {"{:r, ref, n} (frozen copy)", 100, 1.5}
+    tick: {"{:tick, n}", 1_000},
+    line: {"one log line", 100},
+    batch: {"the 20-line batch", 100},
+    ref: {"{:r, ref, n} (frozen copy)", 100}
   ]
 
   setup_all do
     :ok = ensure_distribution()
   end
 
-  for {kind, {label, replay, slack}} <- @kinds do
+  for {kind, {label, replay}} <- @kinds do
     test "replay memory of #{label} within the bound, the history turned over twice" do
-      measure(unquote(kind), unquote(label), unquote(replay), unquote(slack))
+      measure(unquote(kind), unquote(label), unquote(replay))
     end
   end
 
-  defp measure(kind, label, replay, slack) do
+  defp measure(kind, label, replay) do
     with_replay = in_peer(kind, [replay: replay, replay_memory: @replay_memory], :turnover)
     {kept_full, full_at} = with_replay.full
     without = in_peer(kind, [replay: 0, replay_memory: @replay_memory], with_replay.dispatched)
@@ -168,7 +171,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.ReplayMemoryTest do
         "(#{without.ms} ms without replay); replay_bytes at most #{mib(with_replay.max_bytes)} " <>
         "of #{mib(@replay_memory)} MiB; resident growth #{mib(with_replay.growth)} MiB with " <>
         "replay, #{mib(without.growth)} MiB without: the difference is #{ratio(extra)} x " <>
-        "replay_memory (bound #{slack})"
+        "replay_memory (bound #{@slack})"
     )
 
     assert kept_full < replay * @topics, "the per-topic count bound, not the bytes, bound"
@@ -176,7 +179,7 @@ defmodule ExAtlas.Fly.Dispatcher.Reliability.ReplayMemoryTest do
     assert with_replay.max_bytes <= @replay_memory
     assert without.max_bytes == 0
 
-    assert with_replay.growth <= slack * @replay_memory + without.growth,
+    assert with_replay.growth <= @slack * @replay_memory + without.growth,
            "resident memory grew #{mib(with_replay.growth)} MiB with replay, " <>
              "#{mib(without.growth)} MiB without"
   end
