@@ -103,6 +103,10 @@ defmodule ExAtlas.Fly.Dispatcher.Native do
           | :too_many_topics
   def replay_up_to(_dispatcher, _topic, _max), do: :erlang.nif_error(:nif_not_loaded)
 
+  @doc "Whether `pid` is parked on `topic` now."
+  @spec is_parked(dispatcher(), binary(), pid()) :: boolean()
+  def is_parked(_dispatcher, _topic, _pid), do: :erlang.nif_error(:nif_not_loaded)
+
   @doc "The caller, catching up on `topic` after `unpark/2`, is parked again where it is."
   @spec repark(dispatcher(), binary()) :: :ok | :not_joining
   def repark(_dispatcher, _topic), do: :erlang.nif_error(:nif_not_loaded)

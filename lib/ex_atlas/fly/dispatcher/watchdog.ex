@@ -46,7 +46,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   # watch holds one count of the topic's `:catch_up` watches in the NIF (taken by the
   # caller before it subscribes, given back here when the watch ends or is replaced),
   # which makes the topic's dispatches tracked. A restarted watchdog sends the notice to
-  # each `:catch_up` subscriber, since it cannot know which its predecessor parked.
+  # each `:catch_up` subscriber that its predecessor left parked (the NIF knows which).
 
   use GenServer
 
@@ -484,9 +484,8 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   end
 
   # Stops (`:stop`) or forgets (`:clear`) the skip of a `:skip` watch, when `now?`. A
-  # `:catch_up` watch that stops while its subscriber may be parked (the watch replaced,
-  # or a restarted watchdog) tells it to catch up, as its recovery would (catch_up/1 does
-  # nothing when it is not parked); one that ends (`:clear`) gives back its count, its
+  # `:catch_up` watch that stops while its subscriber is parked (the watch replaced, or a
+  # restarted watchdog) tells it to catch up, as its recovery would; one that ends (`:clear`) gives back its count, its
   # subscriber's parking having gone with the subscription (unsubscribe/1, exit).
   defp end_skip(:skip, true, action, {pid, topic}) do
     _skipped = skip(action, topic, pid)
@@ -494,7 +493,7 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
   end
 
   defp end_skip(:catch_up, now?, :stop, {pid, topic}) do
-    if now?, do: send(pid, {:ex_atlas_fly_behind, topic})
+    if now? and parked?(topic, pid), do: send(pid, {:ex_atlas_fly_behind, topic})
     :ok
   end
 
@@ -508,6 +507,13 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
     Backend.Registry.park(topic, pid)
   rescue
     # No registry runs (it is being restarted): the subscription went with it.
+    ArgumentError -> false
+  end
+
+  defp parked?(topic, pid) do
+    Backend.Registry.parked?(topic, pid)
+  rescue
+    # A registry being closed: its parking goes with it.
     ArgumentError -> false
   end
 

@@ -91,6 +91,17 @@ fn park(
     answer
 }
 
+/// Whether `pid` is parked on `topic` now. Only the watchdog parks a subscriber (and the
+/// subscriber itself, in `catch_up/2` with `:max`, which then tells itself), so a
+/// restarted watchdog asks this before it tells a subscriber to catch up.
+#[rustler::nif]
+fn is_parked(dispatcher: ResourceArc<Dispatcher>, topic: Binary<'_>, pid: LocalPid) -> bool {
+    dispatcher
+        .history
+        .as_ref()
+        .is_some_and(|history| lock(history).is_parked(topic.as_slice(), pid_to_raw(&pid)))
+}
+
 /// The caller, parked on `topic`, asks to catch up: `:ok` when it may now take its
 /// history with `replay/2` (until that answers `:ok`: it is back in the registry);
 /// `:wait` while dispatches from before it was parked are still being sent to it (ask

@@ -247,23 +247,28 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
     test "a watchdog killed while a subscriber is parked: its successor tells it to catch up" do
       topic = unique_topic("catch_up_dog_killed")
       pid = spawn_slow(topic, on_slow: :catch_up, threshold: 10, poll_ms: 10)
+      # Watched the same way, never behind: not parked, so not told.
+      calm = spawn_slow(topic, on_slow: :catch_up, threshold: 1_000, poll_ms: 10)
       fill_until_parked(pid, topic, 1..11)
       dispatch_range(topic, 12..20)
       dog = Process.whereis(Watchdog)
       Process.exit(dog, :kill)
       eventually(fn -> Process.whereis(Watchdog) not in [nil, dog] end)
 
-      # The notice comes from the new watchdog (at once: it cannot know whether the old
-      # one had parked it). Read first, so that what catch_up/1 brings stays below the
-      # threshold and no poll parks it again.
+      # The notice comes from the new watchdog, at its start. Read first, so that what
+      # catch_up/1 brings stays below the threshold and no poll parks it again.
       await_notice(pid, topic)
       assert run_in(pid, fn -> drain() end) == for(n <- 1..11, do: {:n, n})
+      # The new watchdog has started (and sent every notice it sends at its start).
+      _ = :sys.get_state(Watchdog)
+      assert run_in(calm, fn -> drain() end) == for(n <- 1..20, do: {:n, n})
 
       assert run_in(pid, fn -> {Dispatcher.catch_up(topic), drain()} end) ==
                {:ok, for(n <- 12..20, do: {:n, n})}
 
-      assert Dispatcher.count(topic) == 1
+      assert Dispatcher.count(topic) == 2
       Process.exit(pid, :kill)
+      Process.exit(calm, :kill)
     end
 
     test "the registry closing while a subscriber is parked tells it, as it tells subscribers" do

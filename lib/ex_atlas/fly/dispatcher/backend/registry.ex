@@ -210,6 +210,18 @@ defmodule ExAtlas.Fly.Dispatcher.Backend.Registry do
     Native.park(dispatcher!(), topic, pid, direct) in [:ok, :parked]
   end
 
+  @doc """
+  For the watchdog: whether `pid` is parked on `topic` now (false when no registry runs:
+  its parking went with it).
+  """
+  @spec parked?(binary(), pid()) :: boolean()
+  def parked?(topic, pid) do
+    case Server.lookup() do
+      nil -> false
+      dispatcher -> Native.is_parked(dispatcher, topic, pid)
+    end
+  end
+
   defp fetch_signals do
     ref = make_ref()
 
