@@ -1,8 +1,9 @@
 # Issue 27's scenario, in cluster mode: 3 000 dispatches of 1 KiB to 20 subscribers on a
 # peer node A, this node's link to A killed with :kill right after dispatch 1 000, then
 # 50 more dispatches paced 20 ms apart. Three seconds after the last, it prints what A's
-# subscribers lack, what this node counted as dropped for A, and the last message each
-# subscriber got. Runs against any build with cluster mode (the link is found in
+# subscribers lack, what this node counted as dropped for A, the last message each
+# subscriber got, and how long after the kill the first later dispatch reached them
+# (forwarding resumed; both nodes read the same OS clock). Runs against any build with cluster mode (the link is found in
 # `Cluster.links_table/0`).
 #
 #     MIX_ENV=prod mix run bench/link_kill.exs
@@ -18,17 +19,21 @@ alias ExAtlas.Fly.Dispatcher.Cluster
     def subscriber(parent, topic) do
       :ok = ExAtlas.Fly.Dispatcher.subscribe(topic)
       send(parent, {:subscribed, self()})
-      loop(0, 0)
+      loop(0, 0, nil)
     end
 
-    defp loop(count, last) do
+    # `resumed`: the first message after the kill (number 1 001 on) to arrive, and when.
+    defp loop(count, last, resumed) do
       receive do
         {:report, from} ->
-          send(from, {:report, self(), count, last})
-          loop(count, last)
+          send(from, {:report, self(), count, last, resumed})
+          loop(count, last, resumed)
+
+        {:m, seq, _payload} when seq > 1_000 and resumed == nil ->
+          loop(count + 1, seq, {seq, System.os_time(:microsecond)})
 
         {:m, seq, _payload} ->
-          loop(count + 1, seq)
+          loop(count + 1, seq, resumed)
       end
     end
 
@@ -85,6 +90,7 @@ for seq <- 1..3_000 do
   if seq == 1_000 do
     [{^a, {link, _}}] = :ets.lookup(Cluster.links_table(), a)
     Process.exit(link, :kill)
+    Process.put(:killed_at, System.os_time(:microsecond))
   end
 end
 
@@ -99,16 +105,30 @@ dropped = (Cluster.stats()[a] || %{dropped: 0}).dropped - dropped_before
 reports =
   for pid <- subs do
     send(pid, {:report, self()})
-    receive do: ({:report, ^pid, count, last} -> {count, last})
+    receive do: ({:report, ^pid, count, last, resumed} -> {count, last, resumed})
   end
 
 counts = reports |> Enum.map(&elem(&1, 0)) |> Enum.uniq()
 lasts = reports |> Enum.map(&elem(&1, 1)) |> Enum.uniq()
 missing = Enum.map(counts, &(3_050 - &1))
+killed_at = Process.get(:killed_at)
+
+resumed =
+  case reports |> Enum.map(&elem(&1, 2)) |> Enum.reject(&is_nil/1) do
+    [] ->
+      "never"
+
+    firsts ->
+      {seq, at} = Enum.max_by(firsts, &elem(&1, 1))
+
+      "#{Float.round((at - killed_at) / 1_000, 1)} ms after the kill (the slowest " <>
+        "subscriber's first message after it: number #{seq})"
+  end
 
 IO.puts(
   "dispatched 3050; missing on A (per subscriber, distinct values): #{inspect(missing)}; " <>
-    "counted dropped for A: #{dropped}; last message on A: #{inspect(lasts)} of 3050"
+    "counted dropped for A: #{dropped}; last message on A: #{inspect(lasts)} of 3050; " <>
+    "forwarding resumed #{resumed}"
 )
 
 :peer.stop(peer)
