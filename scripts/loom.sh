@@ -36,12 +36,14 @@ declare -A model=(
   [release_at_first_slice]=a_batch_in_two_slices_keeps_order_and_counts_exactly
   [lost_ignores_cursor]=a_batch_in_two_slices_keeps_order_and_counts_exactly
   [dirty_counts_failed_sends]=a_reclaim_part_way_through_a_dirty_delivery
+  [unpark_ignores_inflight]=a_parked_subscriber_catches_up_in_order_while_a_dispatch_is_out
 )
 seeds=("$@")
 if [ ${#seeds[@]} -eq 0 ]; then
   seeds=(put_back_checks_queue_early try_reserve_ignores_queue shared_producer_key
     hand_finds_any_record credit_back_on_park reclaim_takes_sending take_parked_opens_early
-    release_at_first_slice lost_ignores_cursor dirty_counts_failed_sends)
+    release_at_first_slice lost_ignores_cursor dirty_counts_failed_sends
+    unpark_ignores_inflight)
 fi
 
 # `cargo rustc` passes the seed's --cfg to our crate alone, so each seed rebuilds one

@@ -1,7 +1,8 @@
 //! Loom models of the lane state machines: `fanout::Lanes` (credits and waiting
 //! producers) and `handoff::Handoff` (senders, in-flight and parked batches, the inline
 //! rule), together, the way the glue (`nif::dispatch`, `nif::lanes`, `nif::dispatcher`)
-//! drives them. Loom runs each model under every interleaving of its threads'
+//! drives them; and of `on_slow: :catch_up`'s parking (`history::parked`: the history,
+//! its in-flight set and the dispatches' `Track`s). Loom runs each model under every interleaving of its threads'
 //! synchronisation steps, up to a preemption bound, so a property that holds here holds
 //! for every order those steps can take, not only the ones a stress test happened to meet.
 //!
@@ -742,5 +743,117 @@ fn a_reclaim_part_way_through_a_dirty_delivery() {
             "a batch finished twice, or more than the killed call's went uncounted: {stats:?}"
         );
         world.assert_settled();
+    });
+}
+
+/// `on_slow: :catch_up`'s parking (`history::parked`), driven as `nif::dispatch`,
+/// `nif::parking` and `nif::replay` drive it. Under the history lock a dispatch records
+/// its message, takes its `Track` and reads whether the subscriber is in the registry;
+/// it then hands the message to its lane, whose sender sends it (to the subscriber, if
+/// it was in) and drops the `Track` (taking only the topic's small lock). Meanwhile the
+/// watchdog parks the subscriber (out of the registry, under the history lock), and the
+/// subscriber, told so, unparks (asking again on `Wait`), sends itself what was kept for
+/// it a message at a time outside the lock, and re-enters the registry when it has
+/// caught up, under the lock. It must end with each dispatch once, in order, whichever
+/// way it came: live, or from the history.
+///
+/// Seed `unpark_ignores_inflight`: `unpark` answers `Ready` while a dispatch from before
+/// the park is still in the lane; the subscriber then sends itself the later dispatch
+/// from the history before the sender's send of the earlier one.
+#[test]
+fn a_parked_subscriber_catches_up_in_order_while_a_dispatch_is_out() {
+    use crate::history::{History, Take, Track, Unpark};
+
+    const TOPIC: &[u8] = b"t";
+    const PID: u64 = 1;
+
+    /// What the history lock guards: the history, and (standing for the registry, which
+    /// parking and a dispatch's snapshot use under that lock) whether the subscriber is in.
+    struct Locked {
+        history: History<u32, ()>,
+        subscribed: bool,
+    }
+
+    /// Sends a dispatch as its lane's sender does: to the subscriber if it was in the
+    /// dispatch's snapshot; then its `Track` goes.
+    fn send(mailbox: &Mutex<Vec<u32>>, (seq, live, track): (u32, bool, Option<Track>)) {
+        if live {
+            lock(mailbox).push(seq);
+        }
+        drop(track);
+    }
+
+    model(5, || {
+        let mut history = History::new(100, 1 << 20);
+        history.watch(TOPIC, true);
+        let state = Arc::new(Mutex::new(Locked {
+            history,
+            subscribed: true,
+        }));
+        let mailbox = Arc::new(Mutex::new(Vec::new()));
+
+        let record = |state: &Mutex<Locked>, seq: u32| {
+            let mut locked = lock(state);
+            drop(locked.history.record(TOPIC, seq, 8).expect("open"));
+            (seq, locked.subscribed, locked.history.track(TOPIC))
+        };
+        // The producer's first dispatch goes to a sender, which sends it while the
+        // producer goes on; the second, recorded meanwhile, is sent after it (a lane
+        // keeps one producer's order).
+        let producer = {
+            let (state, mailbox) = (state.clone(), mailbox.clone());
+            thread::spawn(move || {
+                let first = record(&state, 1);
+                let sender = {
+                    let mailbox = mailbox.clone();
+                    thread::spawn(move || send(&mailbox, first))
+                };
+                let second = record(&state, 2);
+                sender.join().expect("sender");
+                send(&mailbox, second);
+            })
+        };
+        let watchdog = {
+            let state = state.clone();
+            thread::spawn(move || {
+                let mut locked = lock(&state);
+                let parked = locked.history.park(TOPIC, PID, ());
+                assert!(parked.is_ok(), "a subscriber in the registry can be parked");
+                drop(parked);
+                locked.subscribed = false;
+            })
+        };
+
+        // The subscriber: catch_up/1 once it is told (after the park).
+        watchdog.join().expect("watchdog");
+        loop {
+            match lock(&state).history.unpark(TOPIC, PID) {
+                Unpark::Ready => break,
+                Unpark::Wait => thread::yield_now(),
+                Unpark::NotParked => panic!("parked, and nobody else unparks it"),
+            }
+        }
+        loop {
+            let mut locked = lock(&state);
+            match locked.history.take(TOPIC, PID, 1, usize::MAX) {
+                Take::Chunk { missed, entries } => {
+                    drop(locked);
+                    assert_eq!(missed, 0, "nothing is cut in this model");
+                    let sent = entries.len();
+                    lock(&mailbox).extend(entries.iter().map(|entry| entry.message));
+                    drop(entries);
+                    let mut locked = lock(&state);
+                    drop(locked.history.give_back(TOPIC, PID, sent, false).ok());
+                }
+                Take::CaughtUp { .. } => {
+                    // Back in the registry, under the same lock (`nif::replay::enter`).
+                    locked.subscribed = true;
+                    break;
+                }
+                Take::Removed | Take::Parked => panic!("a joiner that may take"),
+            }
+        }
+        producer.join().expect("producer");
+        assert_eq!(*lock(&mailbox), vec![1, 2], "lost, doubled or out of order");
     });
 }
