@@ -7,6 +7,11 @@
 //! follows the chunk, never the chunk itself.
 
 use super::{Evicted, History, JoinRefused, NotJoining, Pid, Take, JOIN_SLACK};
+use std::sync::Arc;
+
+/// What [`History::leave`] answers for each topic a gone process was joining: the
+/// topic, and the joiner's data.
+pub type Left<J> = (Arc<[u8]>, J);
 
 /// A chunk a joiner took and is delivering: slots `start..end`, after a gap notice of
 /// `told` when above 0. `cut`: the joiner was cut while it delivered.
@@ -251,9 +256,9 @@ impl<M, J> History<M, J> {
         drop(out);
     }
 
-    /// `pid` is gone: it stops joining every topic. Returns its joiners' data and what
-    /// no one needs any more.
-    pub fn leave(&mut self, pid: Pid) -> (Vec<J>, Evicted<M>) {
+    /// `pid` is gone: it stops joining every topic. Returns its joiners' topics and
+    /// data, and what no one needs any more.
+    pub fn leave(&mut self, pid: Pid) -> (Vec<Left<J>>, Evicted<M>) {
         let mut data = Vec::new();
         let mut out = Vec::new();
         let Some(names) = self.joining.remove(&pid) else {
@@ -264,7 +269,7 @@ impl<M, J> History<M, J> {
                 continue;
             };
             while let Some(at) = log.joiners.iter().position(|j| j.pid == pid) {
-                data.push(log.joiners.swap_remove(at).data);
+                data.push((name.clone(), log.joiners.swap_remove(at).data));
                 self.overhead -= Self::JOINER_BYTES;
             }
             self.trim(&name, &mut out);

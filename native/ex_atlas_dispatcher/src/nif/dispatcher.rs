@@ -93,10 +93,12 @@ impl Resource for Dispatcher {
             // A process that died catching up: it is a joiner no more. Each of its
             // monitors (a joiner's, its subscriptions') fires and counts itself.
             let mut joiner = false;
+            let mut joined = Vec::new();
             if let Some(history) = &self.history {
                 let (left, freed) = lock(history).leave(raw);
-                joiner = left.iter().any(|j| j.monitor == monitor);
-                drop((left, freed));
+                joiner = left.iter().any(|(_, j)| j.monitor == monitor);
+                joined = left.into_iter().map(|(topic, _)| topic).collect();
+                drop(freed);
             }
             let counter = if joiner {
                 &self.joiner_monitors
@@ -105,7 +107,8 @@ impl Resource for Dispatcher {
             };
             counter.fetch_sub(1, Ordering::Relaxed);
             self.registry.remove_subscriber(raw);
-            self.tell_relay(env, raw, None);
+            let joined: Vec<&[u8]> = joined.iter().map(|topic| &**topic).collect();
+            self.tell_relay_and(env, raw, None, &joined);
         }));
     }
 }

@@ -9,6 +9,7 @@ use crate::registry::{ClosedError, Sharded, SubscribeError};
 use crate::sync::lock;
 use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, ResourceArc, Term};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 impl Dispatcher {
     /// Tells the relay (cluster mode) about each topic that `pid`'s last change (to
@@ -16,11 +17,30 @@ impl Dispatcher {
     /// `{:"$ex_atlas_interest", topic}`: a hint, which the relay checks against
     /// `wanted/2`, so hints from several processes may arrive in any order.
     pub(super) fn tell_relay(&self, env: Env<'_>, pid: u64, topic: Option<&[u8]>) {
+        self.tell_relay_and(env, pid, topic, &[]);
+    }
+
+    /// `tell_relay`, and a hint for each of `joined` too: topics where `pid` stopped
+    /// catching up or being parked. The registry did not change for those (it was not
+    /// in it there), but the node may want them no more (`wanted/2`).
+    pub(super) fn tell_relay_and(
+        &self,
+        env: Env<'_>,
+        pid: u64,
+        topic: Option<&[u8]>,
+        joined: &[&[u8]],
+    ) {
         let relay = self.relay.load(Ordering::Acquire);
         if relay == 0 {
             return;
         }
-        for topic in self.registry.take_changed(pid, topic) {
+        let mut topics: Vec<Arc<[u8]>> = self.registry.take_changed(pid, topic);
+        for &topic in joined {
+            if !topics.iter().any(|changed| &**changed == topic) {
+                topics.push(Arc::from(topic));
+            }
+        }
+        for topic in topics {
             let hint = Outgoing::build(|menv| {
                 (atoms::ex_atlas_interest(), binary_term(menv, &topic)).encode(menv)
             });
@@ -115,7 +135,8 @@ fn remove(
             &dispatcher.joiner_monitors,
         );
     }
-    dispatcher.tell_relay(env, raw, Some(topic));
+    let joined: &[&[u8]] = if joining.is_some() { &[topic] } else { &[] };
+    dispatcher.tell_relay_and(env, raw, Some(topic), joined);
     removed.count + usize::from(joining.is_some())
 }
 

@@ -63,7 +63,8 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterReplayTest do
       # A subscriber with `on_slow: :catch_up` whose watchdog never acts on its own (the
       # test parks it): `{ref, :subscribed}`; on `{ref, :park}` it is parked,
       # `{ref, :parked, true}`; on `{ref, :catch_up}` it catches up and sends
-      # `{ref, :got, what it got}`.
+      # `{ref, :got, what it got}`; on `{ref, :unsubscribe}` it unsubscribes and sends
+      # `{ref, :unsubscribed}`.
       @doc false
       def parking_subscriber(parent, ref, topic) do
         opts = [on_slow: :catch_up, threshold: 1_000_000, poll_ms: 3_600_000]
@@ -78,6 +79,11 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterReplayTest do
           {^ref, :catch_up} ->
             :ok = Dispatcher.catch_up(topic)
             send(parent, {ref, :got, Replay.drain()})
+
+          {^ref, :unsubscribe} ->
+            :ok = Dispatcher.unsubscribe(topic)
+            send(parent, {ref, :unsubscribed})
+            Process.sleep(:infinity)
         end
       end
 
@@ -193,6 +199,39 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterReplayTest do
     assert_receive {^ref, :got, got}, 10_000
     assert got == messages(:a, 1..100)
     assert Cluster.stats()[b].dropped == 0
+  end
+
+  # The node's interest went with its last parked subscriber: no registry change told
+  # the relay (the subscriber had left the registry when it was parked), so the history's
+  # does. Before, b stayed in the group until the topic next changed there.
+  for way <- [:unsubscribe, :exit] do
+    test "a subscriber parked on b that leaves (#{way}) takes b out of the topic's group",
+         %{b: b} do
+      topic = unique_topic("replay:parked_#{unquote(way)}")
+      ref = make_ref()
+      sub = Node.spawn(b, OnPeer, :parking_subscriber, [self(), ref, topic])
+      assert_receive {^ref, :subscribed}, 10_000
+      send(sub, {ref, :park})
+      assert_receive {^ref, :parked, true}, 10_000
+      Peers.await_visible(node(), topic, [b])
+
+      case unquote(way) do
+        :unsubscribe ->
+          send(sub, {ref, :unsubscribe})
+          assert_receive {^ref, :unsubscribed}, 10_000
+
+        :exit ->
+          Process.exit(sub, :kill)
+      end
+
+      eventually(
+        fn -> Enum.all?(:pg.get_members(Cluster.scope(), topic), &(node(&1) != b)) end,
+        10_000
+      )
+
+      assert :erpc.call(b, :pg, :get_local_members, [Cluster.scope(), topic]) == []
+      assert :erpc.call(b, Dispatcher, :stats, []).skipping == 0
+    end
   end
 
   test "subscribers joining another node mid-stream get a contiguous run up to the last dispatch",
