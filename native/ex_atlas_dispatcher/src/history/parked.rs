@@ -34,13 +34,9 @@ impl InFlight {
         lock(&self.numbers).first().copied()
     }
 
-    /// How many are out (tests, stats).
-    pub fn len(&self) -> usize {
+    /// How many are out ([`History::in_flight`]).
+    fn len(&self) -> usize {
         lock(&self.numbers).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
