@@ -485,8 +485,9 @@ defmodule ExAtlas.Fly.Dispatcher.Watchdog do
 
   # Stops (`:stop`) or forgets (`:clear`) the skip of a `:skip` watch, when `now?`. A
   # `:catch_up` watch that stops while its subscriber is parked (the watch replaced, or a
-  # restarted watchdog) tells it to catch up, as its recovery would; one that ends (`:clear`) gives back its count, its
-  # subscriber's parking having gone with the subscription (unsubscribe/1, exit).
+  # restarted watchdog) tells it to catch up, as its recovery would; one that ends
+  # (`:clear`) gives back its count, its subscriber's parking having gone with the
+  # subscription (unsubscribe/1, exit).
   defp end_skip(:skip, true, action, {pid, topic}) do
     _skipped = skip(action, topic, pid)
     :ok

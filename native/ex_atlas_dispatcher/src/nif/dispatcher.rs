@@ -107,7 +107,6 @@ impl Resource for Dispatcher {
             };
             counter.fetch_sub(1, Ordering::Relaxed);
             self.registry.remove_subscriber(raw);
-            let joined: Vec<&[u8]> = joined.iter().map(|topic| &**topic).collect();
             self.tell_relay_and(env, raw, None, &joined);
         }));
     }

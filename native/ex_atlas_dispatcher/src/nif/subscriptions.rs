@@ -17,25 +17,25 @@ impl Dispatcher {
     /// `{:"$ex_atlas_interest", topic}`: a hint, which the relay checks against
     /// `wanted/2`, so hints from several processes may arrive in any order.
     pub(super) fn tell_relay(&self, env: Env<'_>, pid: u64, topic: Option<&[u8]>) {
-        self.tell_relay_and(env, pid, topic, &[]);
+        self.tell_relay_and::<&[u8]>(env, pid, topic, &[]);
     }
 
     /// `tell_relay`, and a hint for each of `joined` too: topics where `pid` stopped
     /// catching up or being parked. The registry did not change for those (it was not
     /// in it there), but the node may want them no more (`wanted/2`).
-    pub(super) fn tell_relay_and(
+    pub(super) fn tell_relay_and<T: AsRef<[u8]>>(
         &self,
         env: Env<'_>,
         pid: u64,
         topic: Option<&[u8]>,
-        joined: &[&[u8]],
+        joined: &[T],
     ) {
         let relay = self.relay.load(Ordering::Acquire);
         if relay == 0 {
             return;
         }
         let mut topics: Vec<Arc<[u8]>> = self.registry.take_changed(pid, topic);
-        for &topic in joined {
+        for topic in joined.iter().map(AsRef::as_ref) {
             if !topics.iter().any(|changed| &**changed == topic) {
                 topics.push(Arc::from(topic));
             }
