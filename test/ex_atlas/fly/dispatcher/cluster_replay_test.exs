@@ -231,6 +231,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterReplayTest do
 
       assert :erpc.call(b, :pg, :get_local_members, [Cluster.scope(), topic]) == []
       assert :erpc.call(b, Dispatcher, :stats, []).skipping == 0
+      Process.exit(sub, :kill)
     end
   end
 
