@@ -198,6 +198,34 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
       Process.exit(pid, :kill)
     end
 
+    test "catch_up/1 waiting on a dispatch whose senders are killed goes on; the loss is counted" do
+      # As above, but the senders holding the dispatch from before the park die (:kill,
+      # no terminate): their reclaim lets the dispatch go, so the catch-up is not held
+      # for ever, and what they had not delivered is counted lost, as for any subscriber.
+      topic = unique_topic("catch_up_senders_killed")
+      idle_subscribers(topic, 20)
+      pid = spawn_slow(topic, on_slow: :catch_up, threshold: 1_000, poll_ms: 1_000)
+      senders = Native.senders(RegistryBackend.dispatcher!())
+      for sender <- senders, do: :ok = :sys.suspend(sender)
+      lost_before = RegistryBackend.stats().lost_deliveries
+      :ok = Dispatcher.dispatch(topic, {:n, 1})
+      assert RegistryBackend.park(topic, pid)
+      :ok = Dispatcher.dispatch(topic, {:n, 2})
+
+      send(pid, {:run, fn -> {Dispatcher.catch_up(topic), drain()} end})
+      refute_receive {:ran, ^pid, _}, 200
+      for sender <- senders, do: Process.exit(sender, :kill)
+      assert_receive {:ran, ^pid, {:ok, got}}, 5_000
+
+      # Both dispatches died in the senders' mailboxes: dispatch 1 to 21 subscribers
+      # (this one among them), dispatch 2 to the 20 others. Dispatch 2, kept for this
+      # one, came to it from the history.
+      assert got == [{:n, 2}]
+      eventually(fn -> RegistryBackend.stats().lost_deliveries - lost_before == 21 + 20 end)
+      assert Dispatcher.count(topic) == 21
+      Process.exit(pid, :kill)
+    end
+
     test "unsubscribing or exiting while parked leaves nothing behind" do
       topic = unique_topic("catch_up_leave")
       before = figures()
