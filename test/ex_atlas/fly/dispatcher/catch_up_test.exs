@@ -299,6 +299,37 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
       Process.exit(calm, :kill)
     end
 
+    test "the server killed while a subscriber is parked: it stays parked and misses nothing" do
+      # The registry, and with it the parking, outlives the server (and the senders that
+      # stop with it); the restarted server adopts it.
+      topic = unique_topic("catch_up_server_killed")
+      idle_subscribers(topic, 20)
+      pid = spawn_slow(topic, on_slow: :catch_up, threshold: 10, poll_ms: 10)
+      fill_until_parked(pid, topic, 1..11)
+      server = Process.whereis(Dispatcher.registry_name())
+      Process.exit(server, :kill)
+
+      eventually(fn ->
+        Process.whereis(Dispatcher.registry_name()) not in [nil, server] and
+          RegistryBackend.parked?(topic, pid)
+      end)
+
+      # Through the new server's senders (21 subscribers: lanes), while it is parked.
+      dispatch_range(topic, 12..40)
+      assert run_in(pid, fn -> drain() end) == for(n <- 1..11, do: {:n, n})
+      # Recovered (its mailbox read), it is told by the watchdog's next poll.
+      await_notice(pid, topic)
+
+      caught_up =
+        with_watchdog_held(fn ->
+          run_in(pid, fn -> {Dispatcher.catch_up(topic), drain()} end)
+        end)
+
+      assert caught_up == {:ok, for(n <- 12..40, do: {:n, n})}
+      assert Dispatcher.count(topic) == 21
+      Process.exit(pid, :kill)
+    end
+
     test "the registry closing while a subscriber is parked tells it, as it tells subscribers" do
       topic = unique_topic("catch_up_closed")
       pid = spawn_slow(topic, on_slow: :catch_up, threshold: 10, poll_ms: 10)
