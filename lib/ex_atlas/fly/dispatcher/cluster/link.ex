@@ -137,8 +137,9 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
       warned: false
     }
 
-    state = watch_scope(state)
-    {:ok, run(state, {presence, greet})}
+    # Greets first, with `presence` as it starts, then mirrors the scope into it: the
+    # snapshot's changes to it must not be written over by the start's.
+    {:ok, state |> run({presence, greet}) |> watch_scope()}
   end
 
   # Takes the node's row in the links table, and the place of the link before (dead by
