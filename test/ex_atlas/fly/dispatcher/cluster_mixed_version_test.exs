@@ -1,8 +1,9 @@
 defmodule ExAtlas.Fly.Dispatcher.ClusterMixedVersionTest do
   # A rolling deploy across issue 27's protocol change (soak: it builds the earlier
   # version): this node runs this build, a peer runs the build of main before it
-  # (@earlier), compiled from git in a temporary directory with its own _build (the NIF is
-  # the same, so it reuses this build's library). They exchange dispatches both ways; a
+  # (@earlier), compiled from git in a temporary directory with its own _build, and its
+  # own NIF (built with cargo in target/mixed_version, kept between runs: the VM loads a
+  # library only into the module whose functions it has, and this build's has more). They exchange dispatches both ways; a
   # link here killed mid-flood settles against the earlier relay (what it cannot tell is
   # counted as dropped, up to its window of 256 of which some arrived) and warns once;
   # nothing crashes there.
@@ -34,10 +35,20 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterMixedVersionTest do
         stderr_to_stdout: true
       )
 
+    target = Path.expand("target/mixed_version")
+
+    {out, status} =
+      System.cmd("cargo", ["build", "--release", "--locked", "-p", "ex_atlas_dispatcher"],
+        cd: dir,
+        env: [{"CARGO_TARGET_DIR", target}],
+        stderr_to_stdout: true
+      )
+
+    assert status == 0, out
     File.mkdir_p!(Path.join(dir, "priv/native"))
 
     File.cp!(
-      "priv/native/ex_atlas_dispatcher.so",
+      Path.join(target, "release/libex_atlas_dispatcher.so"),
       Path.join(dir, "priv/native/ex_atlas_dispatcher.so")
     )
 
