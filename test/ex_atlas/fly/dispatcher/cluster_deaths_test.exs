@@ -38,11 +38,13 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDeathsTest do
     {:b, :link},
     {:b, :relay},
     {:b, :scope},
+    {:b, :watch},
     {:b, :switch},
     {:b, :link_supervisor},
     {:b, :cluster_supervisor},
     {:c, :relay},
-    {:c, :scope}
+    {:c, :scope},
+    {:c, :watch}
   ]
 
   for {where, target} <- targets, how <- [:kill, :crash] do

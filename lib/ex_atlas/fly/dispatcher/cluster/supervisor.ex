@@ -6,7 +6,9 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Supervisor do
   #     turns it off, so nothing is skipped uncounted meanwhile;
   #   * the links' supervisor: one `Link` per other node, which outlives restarts of
   #     the scope and of the relay, so that what it holds is never lost uncounted;
-  #   * the `:pg` scope, and the relay (a new scope needs a relay that joins again).
+  #   * the `:pg` scope, the relay (a new scope needs a relay that joins again), and
+  #     `Watch`, the node's one watch of the scope, which the links follow (a new scope
+  #     needs a new watch; a new watch needs nothing else restarted).
   #
   # The ETS tables of cluster mode (described in `Cluster`) belong to the dispatcher's
   # supervisor, above this one (`Cluster.create_tables/0`), so that a restarted child,
@@ -16,7 +18,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Supervisor do
   use Supervisor
 
   alias ExAtlas.Fly.Dispatcher.Cluster
-  alias ExAtlas.Fly.Dispatcher.Cluster.{Relay, Switch}
+  alias ExAtlas.Fly.Dispatcher.Cluster.{Relay, Switch, Watch}
 
   @doc """
   Starts cluster mode; `opts`: `cluster_queue` (messages queued per node at most) and
@@ -29,13 +31,14 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Supervisor do
   def init(opts) do
     # A supervisor before this one that was killed leaves its named children stopping
     # (they trap exits): their names are free once they are gone.
-    Enum.each([Relay, Cluster.scope(), Cluster.link_supervisor()], &await_gone/1)
+    Enum.each([Relay, Watch, Cluster.scope(), Cluster.link_supervisor()], &await_gone/1)
 
     children = [
       {Switch, opts},
       {DynamicSupervisor, name: Cluster.link_supervisor(), strategy: :one_for_one},
       %{id: :pg, start: {:pg, :start_link, [Cluster.scope()]}},
-      {Relay, opts}
+      {Relay, opts},
+      Watch
     ]
 
     Supervisor.init(children, strategy: :rest_for_one)
