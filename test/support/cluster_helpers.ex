@@ -492,10 +492,9 @@ defmodule ExAtlas.Test.Cluster do
 
   @doc """
   On this node: kills the cluster-mode process `target` (`{:link, node}`: the link to
-  `node`; `:relay`, `:scope`, `:watch`, `:switch`, `:link_supervisor`,
-  `:cluster_supervisor`) with `how`: `:kill` (no terminate runs) or `:crash` (it stops
-  with reason `:crash`, as after an exception; `:sys.terminate/3`, which returns once it
-  is gone). Returns its pid.
+  `node`; `:relay`, `:scope`, `:switch`, `:link_supervisor`, `:cluster_supervisor`) with
+  `how`: `:kill` (no terminate runs) or `:crash` (it stops with reason `:crash`, as after
+  an exception; `:sys.terminate/3`, which returns once it is gone). Returns its pid.
   """
   @spec kill_cluster_process(term(), :kill | :crash) :: pid()
   def kill_cluster_process(target, how) do
@@ -519,7 +518,6 @@ defmodule ExAtlas.Test.Cluster do
 
   def cluster_process(:relay), do: Process.whereis(Dispatcher.Cluster.Relay)
   def cluster_process(:scope), do: Process.whereis(Dispatcher.Cluster.scope())
-  def cluster_process(:watch), do: Process.whereis(Dispatcher.Cluster.Watch)
   def cluster_process(:link_supervisor), do: Process.whereis(Dispatcher.Cluster.link_supervisor())
   def cluster_process(:cluster_supervisor), do: Process.whereis(Dispatcher.Cluster.Supervisor)
 

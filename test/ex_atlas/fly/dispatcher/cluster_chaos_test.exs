@@ -157,8 +157,8 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterChaosTest do
   end
 
   # One of our processes on a node that has had none die for @kill_every_ms: a link to
-  # another node, the relay, the scope or its watch, killed or crashed. The fault lasts
-  # until its successor runs.
+  # another node, the relay or the scope, killed or crashed. The fault lasts until its
+  # successor runs.
   defp kill(nodes, producers, killed) do
     now = System.monotonic_time(:millisecond)
 
@@ -168,7 +168,7 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterChaosTest do
 
       ready ->
         x = Enum.random(ready)
-        target = Enum.random([{:link, Enum.random(nodes -- [x])}, :relay, :scope, :watch])
+        target = Enum.random([{:link, Enum.random(nodes -- [x])}, :relay, :scope])
         how = Enum.random([:kill, :crash])
 
         during =

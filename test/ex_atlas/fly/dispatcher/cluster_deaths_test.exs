@@ -38,13 +38,11 @@ defmodule ExAtlas.Fly.Dispatcher.ClusterDeathsTest do
     {:b, :link},
     {:b, :relay},
     {:b, :scope},
-    {:b, :watch},
     {:b, :switch},
     {:b, :link_supervisor},
     {:b, :cluster_supervisor},
     {:c, :relay},
-    {:c, :scope},
-    {:c, :watch}
+    {:c, :scope}
   ]
 
   for {where, target} <- targets, how <- [:kill, :crash] do

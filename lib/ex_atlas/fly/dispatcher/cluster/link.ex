@@ -9,7 +9,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
   #     had) or not back in time, as plain data: this process hands it every event and
   #     carries out the actions it answers (`run/2`).
   #
-  # Here: the mirroring of the node's `:pg` groups (through `Cluster.Watch`) into events
+  # Here: the mirroring of the node's `:pg` groups (`:pg.monitor_scope/1`) into events
   # for `Presence`, whose actions write the interest table that `Cluster.forward/2`
   # reads; greeting, pinging and monitoring the relay; and drop reporting. Every dispatch
   # handed to a link is delivered to the node's relay or counted as dropped for the node
@@ -130,8 +130,9 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
       presence: presence,
       # The monitor of the relay that welcomed us.
       monitor: nil,
-      # The monitor of `Cluster.Watch`, which also tags what it sends us (see it).
+      # `:pg.monitor_scope/1`'s reference, and the scope process's monitor.
       scope: nil,
+      scope_monitor: nil,
       # Warned that the node's relay runs an earlier protocol.
       warned: false
     }
@@ -236,17 +237,13 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
     {:noreply, run(state, Presence.departed(state.presence))}
   end
 
-  def handle_info({:DOWN, ref, :process, _watch, _reason}, %{scope: ref} = state) do
-    # The watch restarts (with the scope, and the relay); the interest kept meanwhile is
-    # as it was.
+  def handle_info({:DOWN, ref, :process, _scope, _reason}, %{scope_monitor: ref} = state) do
+    # The scope restarts (with the relay); the interest kept meanwhile is as it was.
     Process.send_after(self(), :watch_scope, @retry_ms)
-    {:noreply, %{state | scope: nil}}
+    {:noreply, %{state | scope: nil, scope_monitor: nil}}
   end
 
   def handle_info(:watch_scope, state), do: {:noreply, watch_scope(state)}
-
-  def handle_info({ref, :groups, groups}, %{scope: ref} = state),
-    do: {:noreply, run(state, Presence.snapshot(state.presence, groups))}
 
   def handle_info({ref, :join, group, pids}, %{scope: ref} = state) do
     if Enum.any?(pids, &(node(&1) == state.node)),
@@ -332,18 +329,21 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Link do
 
   ## Interest
 
-  # Follows the node's members in the scope through `Cluster.Watch`: its answer
-  # (`{ref, :groups, groups}`) and the joins and leaves after it come as messages.
   defp watch_scope(state) do
-    case Process.whereis(Cluster.Watch) do
+    case Process.whereis(Cluster.scope()) do
       nil ->
         Process.send_after(self(), :watch_scope, @retry_ms)
         state
 
-      watch ->
-        ref = Process.monitor(watch)
-        send(watch, {:follow, state.node, self(), ref})
-        %{state | scope: ref}
+      scope ->
+        monitor = Process.monitor(scope)
+        {ref, groups} = :pg.monitor_scope(Cluster.scope())
+
+        topics =
+          for {group, pids} <- groups, Enum.any?(pids, &(node(&1) == state.node)), do: group
+
+        state = %{state | scope: ref, scope_monitor: monitor}
+        run(state, Presence.snapshot(state.presence, topics))
     end
   end
 

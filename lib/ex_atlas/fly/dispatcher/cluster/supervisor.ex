@@ -6,9 +6,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Supervisor do
   #     turns it off, so nothing is skipped uncounted meanwhile;
   #   * the links' supervisor: one `Link` per other node, which outlives restarts of
   #     the scope and of the relay, so that what it holds is never lost uncounted;
-  #   * the `:pg` scope, the relay (a new scope needs a relay that joins again), and
-  #     `Watch`, the node's one watch of the scope, which the links follow (a new scope
-  #     needs a new watch; a new watch needs nothing else restarted).
+  #   * the `:pg` scope, and the relay (a new scope needs a relay that joins again).
   #
   # The ETS tables of cluster mode (described in `Cluster`) belong to the dispatcher's
   # supervisor, above this one (`Cluster.create_tables/0`), so that a restarted child,
@@ -18,7 +16,7 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Supervisor do
   use Supervisor
 
   alias ExAtlas.Fly.Dispatcher.Cluster
-  alias ExAtlas.Fly.Dispatcher.Cluster.{Relay, Switch, Watch}
+  alias ExAtlas.Fly.Dispatcher.Cluster.{Relay, Switch}
 
   @doc """
   Starts cluster mode; `opts`: `cluster_queue` (messages queued per node at most) and
@@ -31,14 +29,13 @@ defmodule ExAtlas.Fly.Dispatcher.Cluster.Supervisor do
   def init(opts) do
     # A supervisor before this one that was killed leaves its named children stopping
     # (they trap exits): their names are free once they are gone.
-    Enum.each([Relay, Watch, Cluster.scope(), Cluster.link_supervisor()], &await_gone/1)
+    Enum.each([Relay, Cluster.scope(), Cluster.link_supervisor()], &await_gone/1)
 
     children = [
       {Switch, opts},
       {DynamicSupervisor, name: Cluster.link_supervisor(), strategy: :one_for_one},
       %{id: :pg, start: {:pg, :start_link, [Cluster.scope()]}},
-      {Relay, opts},
-      Watch
+      {Relay, opts}
     ]
 
     Supervisor.init(children, strategy: :rest_for_one)
