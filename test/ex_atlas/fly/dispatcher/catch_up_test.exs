@@ -53,6 +53,24 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
     assert notice == :ok
   end
 
+  # A `:catch_up` subscriber of `topic` (beside 20 idle ones, so dispatches go through
+  # the lanes), parked between dispatch 1 and dispatch 2 while the lanes' senders are
+  # suspended with dispatch 1 in hand, and told to catch up: still waiting for
+  # dispatch 1 200 ms later. Returns it and the suspended senders.
+  defp catching_up_behind_held_senders(topic) do
+    idle_subscribers(topic, 20)
+    pid = spawn_slow(topic, on_slow: :catch_up, threshold: 1_000, poll_ms: 1_000)
+    senders = Native.senders(RegistryBackend.dispatcher!())
+    for sender <- senders, do: :ok = :sys.suspend(sender)
+    :ok = Dispatcher.dispatch(topic, {:n, 1})
+    assert RegistryBackend.park(topic, pid)
+    :ok = Dispatcher.dispatch(topic, {:n, 2})
+
+    send(pid, {:run, fn -> {Dispatcher.catch_up(topic), drain()} end})
+    refute_receive {:ran, ^pid, _}, 200
+    {pid, senders}
+  end
+
   # Runs `fun` with the watchdog held: what catch_up/1 brings may put the mailbox past
   # the threshold until it is read, and a poll then would park the subscriber again.
   defp with_watchdog_held(fun) do
@@ -183,16 +201,7 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
       # subscriber asks to catch up meanwhile: it must not send itself the later dispatch
       # first, as that would put one producer's messages out of order.
       topic = unique_topic("catch_up_barrier")
-      idle_subscribers(topic, 20)
-      pid = spawn_slow(topic, on_slow: :catch_up, threshold: 1_000, poll_ms: 1_000)
-      senders = Native.senders(RegistryBackend.dispatcher!())
-      for sender <- senders, do: :ok = :sys.suspend(sender)
-      :ok = Dispatcher.dispatch(topic, {:n, 1})
-      assert RegistryBackend.park(topic, pid)
-      :ok = Dispatcher.dispatch(topic, {:n, 2})
-
-      send(pid, {:run, fn -> {Dispatcher.catch_up(topic), drain()} end})
-      refute_receive {:ran, ^pid, _}, 200
+      {pid, senders} = catching_up_behind_held_senders(topic)
       for sender <- senders, do: :ok = :sys.resume(sender)
       assert_receive {:ran, ^pid, {:ok, [{:n, 1}, {:n, 2}]}}, 5_000
       Process.exit(pid, :kill)
@@ -203,17 +212,8 @@ defmodule ExAtlas.Fly.Dispatcher.CatchUpTest do
       # no terminate): their reclaim lets the dispatch go, so the catch-up is not held
       # for ever, and what they had not delivered is counted lost, as for any subscriber.
       topic = unique_topic("catch_up_senders_killed")
-      idle_subscribers(topic, 20)
-      pid = spawn_slow(topic, on_slow: :catch_up, threshold: 1_000, poll_ms: 1_000)
-      senders = Native.senders(RegistryBackend.dispatcher!())
-      for sender <- senders, do: :ok = :sys.suspend(sender)
       lost_before = RegistryBackend.stats().lost_deliveries
-      :ok = Dispatcher.dispatch(topic, {:n, 1})
-      assert RegistryBackend.park(topic, pid)
-      :ok = Dispatcher.dispatch(topic, {:n, 2})
-
-      send(pid, {:run, fn -> {Dispatcher.catch_up(topic), drain()} end})
-      refute_receive {:ran, ^pid, _}, 200
+      {pid, senders} = catching_up_behind_held_senders(topic)
       for sender <- senders, do: Process.exit(sender, :kill)
       assert_receive {:ran, ^pid, {:ok, got}}, 5_000
 
